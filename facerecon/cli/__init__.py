@@ -1,0 +1,33 @@
+"""The ``facerecon`` command line. This layer parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import click
+
+from facerecon import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="facerecon")
+def main() -> None:
+    """Turn folders of ordinary face photos into textured 3D face meshes.
+
+    \b
+    Typical session:
+      facerecon model list                   # face models available
+      facerecon detect photos/ --out det.h5  # faces, landmarks, crops, masks
+
+    Exit codes: 0 success (at least one input processed), 1 nothing could be
+    processed, 2 usage error (bad option or argument).
+    """
+
+
+def _register() -> None:
+    # Commands are imported here so each lives in its own module.
+    from facerecon.cli.model import model
+
+    main.add_command(model)
+    from facerecon.cli.detect import detect; main.add_command(detect)  # noqa: E702
+
+
+_register()

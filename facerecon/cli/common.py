@@ -1,0 +1,188 @@
+"""Helpers shared by the batch commands: consoles, progress bars, summaries, exit codes.
+
+Conventions for every command:
+
+* human output (progress, tables, warnings, errors) goes to **stderr**; stdout carries only
+  machine-readable output (``--json``), so ``facerecon detect ... --json > summary.json``
+  works with a progress bar on the terminal;
+* exit codes: :data:`EXIT_OK` (0) at least one input succeeded, :data:`EXIT_NOTHING_DONE`
+  (1) nothing succeeded or the command could not start its work, :data:`EXIT_USAGE` (2) bad
+  option or argument (click's own convention), :data:`EXIT_INTERRUPTED` (130) stopped by
+  Ctrl-C or SIGTERM after saving the completed work (:func:`graceful_stop`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import sys
+import threading
+from typing import Any, Iterable, Iterator, NoReturn, Sequence
+
+import click
+
+EXIT_OK = 0
+EXIT_NOTHING_DONE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def exit_code_for(succeeded: int, interrupted: bool = False) -> int:
+    """The documented exit code for a batch with ``succeeded`` successful inputs."""
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if succeeded > 0 else EXIT_NOTHING_DONE
+
+
+def stderr_console(quiet: bool = False):
+    """A rich console on stderr (``quiet`` silences everything but errors printed via :func:`fail`)."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, quiet=quiet)
+
+
+def fail(message: str, code: int = EXIT_NOTHING_DONE) -> NoReturn:
+    """Print ``error: message`` on stderr and exit with ``code``."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def print_json(data: Any) -> None:
+    """Write ``data`` as JSON (UTF-8, indented) to stdout."""
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def _rate_column(unit: str):
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        """Items per second, e.g. ``23.4 img/s``."""
+
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            if speed is None:
+                return Text(f"-- {unit}/s", style="progress.data.speed")
+            return Text(f"{speed:.1f} {unit}/s", style="progress.data.speed")
+
+    return RateColumn()
+
+
+def make_progress(console, unit: str = "img"):
+    """A rich progress bar: description, bar, done/total, rate, elapsed, remaining."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    _rate_column(unit), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                    console=console, transient=False)
+
+
+class ProgressReporter:
+    """Drives a rich progress bar from ``start(total)`` / ``advance(...)`` callbacks.
+
+    Use as a context manager; disabled (no output) when ``enabled`` is False.
+    """
+
+    def __init__(self, console, description: str, unit: str = "img", enabled: bool = True):
+        self.console = console
+        self.description = description
+        self.enabled = enabled
+        self._progress = make_progress(console, unit) if enabled else None
+        self._task = None
+
+    def __enter__(self) -> "ProgressReporter":
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def start(self, total: int) -> None:
+        if self._progress is not None:
+            self._task = self._progress.add_task(self.description, total=total)
+
+    def advance(self, *_args: Any, **_kwargs: Any) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.advance(self._task)
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summary_table(title: str, rows: Iterable[tuple[str, Any]]):
+    """A two-column rich table of (label, value) rows."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("count", justify="right")
+    for label, value in rows:
+        table.add_row(label, str(value))
+    return table
+
+
+def problems_table(title: str, rows: Sequence[tuple[str, str]], headers: tuple[str, str] = ("input", "reason")):
+    """A rich table with one row per problem (input, reason)."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column(headers[0], overflow="fold")
+    table.add_column(headers[1], overflow="fold")
+    for item, reason in rows:
+        table.add_row(item, reason)
+    return table
+
+
+# --------------------------------------------------------------------------- signals
+
+
+class StopRequest:
+    """A stop asked for by a signal; calling the object says whether one was asked for.
+
+    Batch loops poll it between items and finish cleanly (saving their work), which is
+    more reliable than an exception raised at an arbitrary point inside the handler.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.signal_name = ""
+
+    def __call__(self) -> bool:
+        return self._event.is_set()
+
+    def request(self, signal_name: str = "") -> None:
+        self.signal_name = signal_name
+        self._event.set()
+
+
+@contextlib.contextmanager
+def graceful_stop() -> Iterator[StopRequest]:
+    """While active, the first Ctrl-C (SIGINT) or SIGTERM only requests a stop (see
+    :class:`StopRequest`); a second Ctrl-C raises KeyboardInterrupt as usual. Handlers are
+    installed only in the main thread and restored afterwards."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        if stop() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.request(signal.Signals(signum).name)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, OSError):
+            previous[sig] = signal.signal(sig, on_signal)
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,173 @@
+"""``facerecon model``: import, fetch, list and describe face models."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from facerecon.facemodel.model import FaceModelError
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group()
+def model() -> None:
+    """Manage face models (3D morphable models) used for reconstruction.
+
+    \b
+    Models are stored as HDF5 files in the data directory
+    (FACERECON_HOME overrides it). Commands that need a model take
+    --face-model NAME|PATH, then FACERECON_FACE_MODEL, then the default 'ict'.
+
+    \b
+    Examples:
+      facerecon model fetch ict
+      facerecon model import ict ~/src/ICT-FaceKit
+      facerecon model import bfm BFM_model_front.mat --name bfm
+      facerecon model list
+      facerecon model info ict --json
+    """
+
+
+@model.command("import")
+@click.argument("kind", type=click.Choice(["ict", "bfm"]))
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--name", default=None, help="Name to install the model under (default: the KIND).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the converted model to this file instead of the data directory.")
+@click.option("--include-head", is_flag=True, help="ICT: keep head and neck vertices, not only the face area.")
+@click.option("--embed/--no-embed", default=True, show_default=True,
+              help="Compute the dense (468-point) landmark embedding with the detector.")
+@click.option("--force", is_flag=True, help="Replace an installed model of the same name.")
+def import_cmd(kind: str, sources: tuple[Path, ...], name: str | None, out_path: Path | None,
+               include_head: bool, embed: bool, force: bool) -> None:
+    """Convert face-model files you own into facerecon's format.
+
+    \b
+    ict SOURCE   an ICT-FaceKit checkout (FaceXModel/*.obj + vertex_indices.json)
+                 or the packed ict_face_light.npz
+    bfm SOURCE.. BFM_model_front.mat, or 01_MorphableModel.mat + Exp_Pca.bin
+                 (see docs/bfm.md for the optional index files)
+    """
+    from facerecon.facemodel.install import add_dense_embedding, import_model
+    from facerecon.facemodel.model import save_face_model
+    from facerecon.facemodel.resolve import install_model
+
+    if kind == "ict" and len(sources) != 1:
+        raise click.UsageError("ict takes exactly one SOURCE (a checkout folder or .npz)")
+    try:
+        converted = import_model(kind, sources, include_head=include_head)
+        if embed:
+            converted = add_dense_embedding(converted, log=lambda msg: click.echo(f"warning: {msg}", err=True))
+        if out_path is not None:
+            if out_path.exists() and not force:
+                _fail(f"{out_path} exists; pass --force to replace it")
+            path = save_face_model(converted, out_path)
+        else:
+            path = install_model(converted, name or kind, overwrite=force)
+    except FaceModelError as exc:
+        _fail(str(exc))
+    summary = converted.summary()
+    click.echo(
+        f"imported {summary['model_id']}: {summary['vertices']} vertices, {summary['triangles']} triangles, "
+        f"{summary['identity_coefficients']} identity / {summary['expression_coefficients']} expression / "
+        f"{summary['albedo_coefficients']} albedo coefficients -> {path}"
+    )
+
+
+@model.command("fetch")
+@click.argument("kind", type=click.Choice(["ict"]))
+@click.option("--name", default="ict", show_default=True, help="Name to install the model under.")
+@click.option("--url", default=None, help="Archive address (default: the public ICT-FaceKit repository).")
+@click.option("--sha256", default=None, help="Expected SHA-256 of the archive (verified before use).")
+@click.option("--embed/--no-embed", default=True, show_default=True,
+              help="Compute the dense (468-point) landmark embedding after import.")
+def fetch_cmd(kind: str, name: str, url: str | None, sha256: str | None, embed: bool) -> None:
+    """Download a freely licensed face model and install it.
+
+    The download resumes where it stopped if interrupted; run the command again.
+    """
+    from facerecon.facemodel.install import fetch_and_install_ict
+
+    try:
+        path = fetch_and_install_ict(name=name, url=url, sha256=sha256, embed=embed)
+    except FaceModelError as exc:
+        _fail(str(exc))
+    click.echo(f"installed {kind} as {name!r} -> {path}")
+
+
+def _load(reference: str | None):
+    from facerecon.facemodel.model import load_face_model
+    from facerecon.facemodel.resolve import resolve_face_model_path
+
+    path = resolve_face_model_path(reference, allow_download=False)
+    return path, load_face_model(path)
+
+
+@model.command("info")
+@click.argument("reference", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def info_cmd(reference: str | None, as_json: bool) -> None:
+    """Describe a face model (NAME or PATH; default: the model commands would use)."""
+    try:
+        path, face_model = _load(reference)
+    except FaceModelError as exc:
+        _fail(str(exc))
+    summary = face_model.summary() | {"path": str(path)}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"face model {summary['model_id']}", show_header=False)
+    for key, value in summary.items():
+        if key == "regions":
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        table.add_row(key.replace("_", " "), str(value))
+    Console().print(table)
+
+
+@model.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def list_cmd(as_json: bool) -> None:
+    """List the face models installed in the data directory."""
+    from facerecon.facemodel.model import load_face_model
+    from facerecon.facemodel.resolve import installed_models
+    from facerecon.paths import models_dir
+
+    rows = []
+    for path in installed_models():
+        try:
+            s = load_face_model(path).summary()
+            rows.append({"name": path.stem, "path": str(path), **{k: s[k] for k in (
+                "model_id", "vertices", "triangles", "identity_coefficients", "expression_coefficients",
+                "albedo", "dense_landmarks")}})
+        except FaceModelError as exc:
+            rows.append({"name": path.stem, "path": str(path), "error": str(exc)})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no face models in {models_dir()}; run `facerecon model fetch ict` or `facerecon model import`")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"face models in {models_dir()}")
+    for column in ("name", "model id", "vertices", "triangles", "identity", "expression", "albedo", "dense lmk"):
+        table.add_column(column)
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["name"], f"[red]{r['error']}[/red]", "", "", "", "", "", "")
+        else:
+            table.add_row(r["name"], r["model_id"], str(r["vertices"]), str(r["triangles"]),
+                          str(r["identity_coefficients"]), str(r["expression_coefficients"]),
+                          "yes" if r["albedo"] else "no", str(r["dense_landmarks"]))
+    Console().print(table)

@@ -1,0 +1,1 @@
+"""Writing reconstructions: mesh files, UV textures, overlays and contact sheets."""

@@ -1,0 +1,129 @@
+"""UV texture and vertex colours unwrapped from the photo, filled from the fitted model.
+
+Texels whose surface point the fitting camera sees (z-buffer test, facing the camera)
+take the photo's colour, sampled from the full-resolution image through the alignment
+transform; the rest take the fitted shaded albedo, blended across a soft border so no
+seam shows.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+
+from facerecon.render.camera import project_points
+from facerecon.render.rasterize import rasterize
+from facerecon.render.shading import vertex_normals
+
+DEPTH_TOLERANCE_MM = 3.0
+MIN_FACING = 0.15
+
+
+def _sample(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Bilinear samples (P, 3) float [0, 1] of an RGB uint8 image at pixel coords (P, 2)."""
+    n = len(xy)
+    width = 1024  # remap needs both map sides below 32767
+    padded = np.zeros((-(-n // width) * width, 2), np.float32)
+    padded[:n] = xy
+    maps = padded.reshape(-1, width, 2)
+    out = cv2.remap(image, maps[..., 0], maps[..., 1], interpolation=cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_REPLICATE)
+    return out.reshape(-1, 3)[:n].astype(np.float32) / 255.0
+
+
+def _to_photo(points_crop: np.ndarray, crop_to_photo: np.ndarray) -> np.ndarray:
+    return points_crop @ crop_to_photo[:, :2].T + crop_to_photo[:, 2]
+
+
+def _visible(points_cam: torch.Tensor, normals_cam: torch.Tensor, pixels: torch.Tensor, depth: torch.Tensor,
+             mask: torch.Tensor) -> torch.Tensor:
+    """(P,) visibility of camera-frame points given the crop's z-buffer (S, S)."""
+    s = depth.shape[0]
+    col = pixels[:, 0].round().long().clamp(0, s - 1)
+    row = pixels[:, 1].round().long().clamp(0, s - 1)
+    inside = (pixels[:, 0] >= 0) & (pixels[:, 0] <= s - 1) & (pixels[:, 1] >= 0) & (pixels[:, 1] <= s - 1)
+    zbuf = depth[row, col]
+    covered = mask[row, col]
+    view = -points_cam / points_cam.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    facing = (normals_cam * view).sum(-1)
+    return inside & covered & (points_cam[:, 2] <= zbuf + DEPTH_TOLERANCE_MM) & (facing > MIN_FACING)
+
+
+def unwrap_texture(
+    vertices_cam: torch.Tensor,
+    triangles: torch.Tensor,
+    uv: torch.Tensor,
+    triangle_uv: torch.Tensor,
+    intrinsics: torch.Tensor,
+    crop_depth: torch.Tensor,
+    crop_mask: torch.Tensor,
+    photo: np.ndarray,
+    crop_to_photo: np.ndarray,
+    fill_colors: torch.Tensor,
+    texture_size: int = 1024,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Texture (T, T, 3) uint8, vertex colours (N, 3) uint8 and vertex visibility (N,) bool.
+
+    Args:
+        vertices_cam: (N, 3) fitted vertices in the fitting camera frame (mm).
+        triangles: (F, 3); uv: (U, 2) origin bottom-left; triangle_uv: (F, 3).
+        intrinsics: (3, 3) crop camera; crop_depth / crop_mask: (S, S) z-buffer of the fit.
+        photo: (H, W, 3) uint8 RGB image the crop came from.
+        crop_to_photo: (2, 3) affine mapping crop pixels to photo pixels.
+        fill_colors: (N, 3) float [0, 1] colours where the photo does not see the surface.
+    """
+    t = texture_size
+    device = vertices_cam.device
+    normals = vertex_normals(vertices_cam[None], triangles)[0]
+    # -- per-vertex colours
+    vpix = project_points(vertices_cam[None], intrinsics[None])[0][:, :2]
+    vvis = _visible(vertices_cam, normals, vpix, crop_depth, crop_mask)
+    photo_v = _sample(photo, _to_photo(vpix.cpu().numpy(), crop_to_photo))
+    fill_v = fill_colors.clamp(0, 1).cpu().numpy()
+    vcol = np.where(vvis.cpu().numpy()[:, None], photo_v, fill_v)
+    # -- UV raster: texel -> triangle, barycentrics
+    screen = torch.stack([uv[:, 0] * t - 0.5, (1.0 - uv[:, 1]) * t - 0.5, torch.ones_like(uv[:, 0])], dim=-1)
+    frags = rasterize(screen[None].to(vertices_cam.dtype), triangle_uv.to(device), (t, t), cull_backfaces=False)
+    tid = frags.triangle_id[0]
+    covered = tid >= 0
+    texel_tri = triangles[tid[covered]]  # (P, 3)
+    bary = frags.barycentric[0][covered].detach()  # (P, 3)
+    pos = (vertices_cam[texel_tri] * bary[..., None]).sum(1)
+    nrm = torch.nn.functional.normalize((normals[texel_tri] * bary[..., None]).sum(1), dim=-1)
+    fill = (fill_colors.clamp(0, 1)[texel_tri] * bary[..., None]).sum(1)
+    pix = project_points(pos[None], intrinsics[None])[0][:, :2]
+    vis = _visible(pos, nrm, pix, crop_depth, crop_mask).cpu().numpy()
+    photo_t = _sample(photo, _to_photo(pix.cpu().numpy(), crop_to_photo))
+    cov = covered.cpu().numpy()
+    photo_img = np.zeros((t, t, 3), np.float32)
+    fill_img = np.zeros((t, t, 3), np.float32)
+    weight = np.zeros((t, t), np.float32)
+    photo_img[cov] = photo_t
+    fill_img[cov] = fill.cpu().numpy()
+    weight[cov] = vis.astype(np.float32)
+    # soft border between photo and fill, confined to what the photo saw
+    radius = max(3, t // 128) | 1
+    weight = cv2.GaussianBlur(weight, (2 * radius + 1, 2 * radius + 1), 0) * weight
+    texture = weight[..., None] * photo_img + (1.0 - weight[..., None]) * fill_img
+    texture = fill_holes(texture, cov)
+    texture_u8 = np.clip(texture * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return texture_u8, np.clip(vcol * 255.0 + 0.5, 0, 255).astype(np.uint8), vvis.cpu().numpy()
+
+
+def fill_holes(image: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Fill pixels outside ``known`` (H, W) with averages of growing neighbourhoods.
+
+    Bleeds colours past the UV islands so texture filtering shows no dark seams.
+    """
+    image = image.copy()
+    known = known.astype(np.float32)
+    size = 3
+    while known.min() == 0 and size < 2 * max(image.shape[:2]):
+        weight = cv2.boxFilter(known, -1, (size, size), normalize=False)
+        total = cv2.boxFilter(image * known[..., None], -1, (size, size), normalize=False)
+        fillable = (known == 0) & (weight > 0)
+        image[fillable] = total[fillable] / weight[fillable][:, None]
+        known = np.maximum(known, fillable.astype(np.float32))
+        size = size * 3
+    return image

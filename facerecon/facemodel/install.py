@@ -1,0 +1,90 @@
+"""Import/fetch orchestration: source files -> converted model in the data directory."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from facerecon.facemodel.model import FaceModel
+from facerecon.facemodel.resolve import DEFAULT_MODEL_NAME, install_model, model_path_for_name
+
+ProgressCallback = Callable[[int, int | None], None]
+
+
+def add_dense_embedding(model: FaceModel, log: Callable[[str], None] | None = None) -> FaceModel:
+    """Attach the mediapipe dense-landmark embedding (see :mod:`facerecon.facemodel.embedding`).
+
+    A model without the embedding still works (fitting then uses the 68 landmarks only),
+    so a failure here is reported, not raised.
+    """
+    try:
+        from facerecon.facemodel.embedding import embed_dense_landmarks
+    except ImportError:  # embedding module not available in this build
+        return model
+    try:
+        return embed_dense_landmarks(model)
+    except Exception as exc:  # noqa: BLE001 - report and keep the usable model
+        if log:
+            log(f"dense landmark embedding skipped: {exc}")
+        return model
+
+
+def import_model(kind: str, sources: Sequence[str | Path], include_head: bool = False) -> FaceModel:
+    """Convert user-owned model files of ``kind`` ('ict' or 'bfm') into a FaceModel."""
+    if kind == "ict":
+        from facerecon.facemodel.ict import import_ict
+
+        return import_ict(sources[0], include_head=include_head)
+    if kind == "bfm":
+        from facerecon.facemodel.bfm import import_bfm
+
+        return import_bfm(list(sources))
+    raise ValueError(f"unknown face-model kind {kind!r}")
+
+
+def _stderr_progress() -> ProgressCallback:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn, TimeRemainingColumn
+
+    progress = Progress(
+        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(), transient=False,
+    )
+    progress.start()
+    task = progress.add_task("downloading ICT-FaceKit", total=None)
+
+    def update(done: int, total: int | None) -> None:
+        progress.update(task, completed=done, total=total)
+        if total is not None and done >= total:
+            progress.stop()
+
+    return update
+
+
+def fetch_and_install_ict(
+    name: str = DEFAULT_MODEL_NAME,
+    progress: ProgressCallback | None = None,
+    url: str | None = None,
+    sha256: str | None = None,
+    embed: bool = True,
+    overwrite: bool = True,
+    opener=None,
+) -> Path:
+    """Download ICT-FaceKit (resumable), convert it and install it as ``name``."""
+    from facerecon.facemodel import fetch
+    from facerecon.facemodel.ict import import_ict
+
+    if progress is None:
+        progress = _stderr_progress()
+    facex, digest = fetch.fetch_ict_checkout(
+        url=url or fetch.ICT_ARCHIVE_URL, expected_sha256=sha256 or fetch.ICT_ARCHIVE_SHA256, progress=progress,
+        opener=opener or fetch.open_url_range,
+    )
+    model = import_ict(facex)
+    model.provenance += f"; archive sha256 {digest}"
+    if embed:
+        model = add_dense_embedding(model, log=lambda msg: print(msg, file=sys.stderr))
+    return install_model(model, name, overwrite=overwrite)
+
+
+__all__ = ["add_dense_embedding", "fetch_and_install_ict", "import_model", "model_path_for_name"]

@@ -1,0 +1,1 @@
+"""Analysis-by-synthesis fitting of face-model parameters to detected faces."""

@@ -1,0 +1,348 @@
+"""Method ``optimize``: per-face analysis-by-synthesis with the hybrid loss of paper 000.
+
+Unknowns per face: identity, expression, albedo coefficients, 27 coloured SH light
+coefficients, head rotation (pitch, yaw, roll) and translation. Schedule (coarse to fine):
+
+1. *landmarks*: pose, identity and expression from the 68 (and dense 468) landmarks with
+   the coefficient prior;
+2. *photometric*: everything, with the skin-attention photometric loss added, rendered at
+   a reduced size first (``coarse_size``) and then at the crop size.
+
+Each stage stops early when the batch's loss stops improving. A face whose loss or
+parameters become non-finite is reset to its starting point and retried with a smaller
+step; after ``max_retries`` it is marked failed and frozen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from facerecon.facemodel.tensors import FaceModelTensors
+from facerecon.fitting.camera import crop_intrinsics, model_to_camera, pose_from_landmarks
+from facerecon.losses.hybrid import (
+    PAPER000_WEIGHTS,
+    coefficient_regularizer,
+    landmark_weights_68,
+    photometric_loss,
+    texture_flatness,
+)
+from facerecon.render.camera import project_points
+from facerecon.render.renderer import MeshRenderer
+from facerecon.render.shading import SH_CONSTANTS, sh_basis, vertex_normals
+
+#: Landmarks on the face contour slide along the silhouette: weighted by visibility.
+JAW_68 = np.arange(0, 17)
+PARAMETER_NAMES = ("identity", "expression", "albedo", "sh", "angles", "translation")
+
+
+@dataclass
+class FitSettings:
+    """Options of the ``optimize`` method (defaults: paper 000 weights)."""
+
+    landmark_steps: int = 120
+    coarse_steps: int = 60
+    fine_steps: int = 25
+    coarse_size: int = 112
+    learning_rate: float = 0.03
+    tolerance: float = 2e-4
+    patience: int = 8
+    use_dense_landmarks: bool = True
+    dense_weight: float = 1.0
+    max_retries: int = 1
+    weights: dict[str, float] = field(default_factory=lambda: dict(PAPER000_WEIGHTS))
+
+    def to_dict(self) -> dict:
+        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class FaceTargets:
+    """What one batch of faces is fitted to (all on the aligned crop of size S).
+
+    crops: (B, S, S, 3) float in [0, 1]; landmarks68: (B, 68, 2) px; dense: (B, 468, 2) px or
+    None; attention: (B, S, S) in [0, 1].
+    """
+
+    crops: torch.Tensor
+    landmarks68: torch.Tensor
+    dense: torch.Tensor | None
+    attention: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.crops.shape[1])
+
+    def to(self, device) -> "FaceTargets":
+        return FaceTargets(self.crops.to(device), self.landmarks68.to(device),
+                           None if self.dense is None else self.dense.to(device), self.attention.to(device))
+
+
+@dataclass
+class FitResult:
+    """Per-face results, arrays with a leading batch dimension B."""
+
+    parameters: dict[str, np.ndarray]
+    losses: dict[str, np.ndarray]
+    landmark_error_px: np.ndarray
+    failed: np.ndarray
+    reasons: list[str]
+    steps: dict[str, int]
+
+
+def initial_parameters(model: FaceModelTensors, targets: FaceTargets) -> dict[str, torch.Tensor]:
+    """Safe starting point: mean face, neutral expression, white light, PnP pose."""
+    b, device = targets.crops.shape[0], targets.crops.device
+    k = crop_intrinsics(targets.size)[0].numpy()
+    points = model.mean_shape[model.landmarks68].detach().cpu().numpy()
+    angles, translation = pose_from_landmarks(points, targets.landmarks68.detach().cpu().numpy(), k)
+    sh = torch.zeros(b, 27, device=device)
+    sh[:, [0, 9, 18]] = 1.0 / SH_CONSTANTS[0]  # unit ambient irradiance
+    return {
+        "identity": torch.zeros(b, model.n_identity, device=device),
+        "expression": torch.zeros(b, model.n_expression, device=device),
+        "albedo": torch.zeros(b, model.n_albedo, device=device),
+        "sh": sh,
+        "angles": torch.as_tensor(angles, device=device),
+        "translation": torch.as_tensor(translation, device=device),
+    }
+
+
+def _scaled_intrinsics(crop_size: int, size: int, batch: int, device) -> torch.Tensor:
+    """Intrinsics for rendering the crop at ``size`` px (pixel centres stay consistent)."""
+    k = crop_intrinsics(crop_size, batch, device=device)
+    s = size / crop_size
+    k[:, 0, 0] *= s
+    k[:, 1, 1] *= s
+    k[:, :2, 2] = (k[:, :2, 2] + 0.5) * s - 0.5
+    return k
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, S, S, C) -> (B, size, size, C) with area averaging."""
+    if images.shape[1] == size:
+        return images
+    return F.interpolate(images.permute(0, 3, 1, 2), size=(size, size), mode="area").permute(0, 2, 3, 1)
+
+
+class FaceFitter:
+    """Fits batches of faces with one face model on one device."""
+
+    def __init__(self, model: FaceModelTensors, regions: dict[str, np.ndarray], settings: FitSettings | None = None,
+                 oval_indices: np.ndarray | None = None, perceptual=None):
+        self.model = model
+        self.settings = settings or FitSettings()
+        device = model.mean_shape.device
+        in_region = np.zeros(model.n_vertices, bool)
+        in_region[regions["photometric"]] = True
+        tris = model.triangles.cpu().numpy()
+        self.photo_triangles = torch.as_tensor(tris[in_region[tris].all(axis=1)], device=device)
+        self.skin = torch.as_tensor(regions["skin"], dtype=torch.int64, device=device)
+        self.lm_weights = landmark_weights_68(device=device)
+        self.contour68 = torch.zeros(68, dtype=torch.bool, device=device)
+        self.contour68[JAW_68] = True
+        self.use_dense = self.settings.use_dense_landmarks and model.dense_triangle is not None
+        self.contour_dense = torch.zeros(468, dtype=torch.bool, device=device)
+        if oval_indices is not None:
+            self.contour_dense[torch.as_tensor(oval_indices, dtype=torch.int64)] = True
+        self.perceptual = perceptual
+        self.renderers: dict[int, MeshRenderer] = {}
+
+    # ------------------------------------------------------------------ model terms
+    def _renderer(self, size: int) -> MeshRenderer:
+        if size not in self.renderers:
+            self.renderers[size] = MeshRenderer(image_size=(size, size), backend="auto")
+        return self.renderers[size]
+
+    def _contour_visibility(self, cam_points: torch.Tensor, cam_normals: torch.Tensor) -> torch.Tensor:
+        """(B, L) weight in [0, 1]: how much a contour point faces the camera (detached)."""
+        view = -cam_points / cam_points.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        facing = (cam_normals * view).sum(dim=-1)
+        return (facing * 4.0).clamp(0.0, 1.0).detach()
+
+    def losses(self, p: dict[str, torch.Tensor], targets: FaceTargets, render_size: int | None
+               ) -> dict[str, torch.Tensor]:
+        """All loss terms (B,) for parameters ``p``; photometric terms only when ``render_size``."""
+        m, s, w = self.model, targets.size, self.settings.weights
+        b = targets.crops.shape[0]
+        expression = p["expression"]
+        verts = m.shape(p["identity"], expression)
+        cam = model_to_camera(verts, p["angles"], p["translation"])
+        k = crop_intrinsics(s, b, device=cam.device)
+        normals = vertex_normals(cam, m.triangles)
+
+        lm_cam = cam[:, m.landmarks68]
+        proj68 = project_points(lm_cam, k)[..., :2]
+        weights68 = self.lm_weights.expand(b, 68).clone()
+        vis68 = self._contour_visibility(lm_cam, normals[:, m.landmarks68])
+        weights68 = torch.where(self.contour68, weights68 * vis68, weights68)
+        sq = ((proj68 - targets.landmarks68) ** 2).sum(-1) * weights68
+        terms = {"landmark68": sq.mean(dim=1)}
+        lan = terms["landmark68"]
+        if self.use_dense and targets.dense is not None:
+            dense_cam = m.dense_points(cam)
+            corner_normals = normals[:, m.triangles[m.dense_triangle]]
+            dense_normals = (corner_normals * m.dense_barycentric[None, :, :, None]).sum(2)
+            vis = self._contour_visibility(dense_cam, dense_normals)
+            dense_w = torch.where(self.contour_dense, vis, torch.ones_like(vis))
+            dense_proj = project_points(dense_cam, k)[..., :2]
+            terms["landmark_dense"] = (((dense_proj - targets.dense) ** 2).sum(-1) * dense_w).sum(1) / (
+                dense_w.sum(1).clamp_min(1.0))
+            lan = lan + self.settings.dense_weight * terms["landmark_dense"]
+        terms["landmark"] = lan
+        terms["coefficients"] = coefficient_regularizer(p["identity"], expression, p["albedo"], w)
+        total = w["landmark"] * lan + w["coefficients"] * terms["coefficients"]
+        if render_size is not None:
+            albedo = m.albedo(p["albedo"])
+            terms["texture"] = texture_flatness(albedo, self.skin)
+            out = self._renderer(render_size).render(
+                cam, self.photo_triangles, _scaled_intrinsics(s, render_size, b, cam.device), albedo, p["sh"])
+            target = _resize(targets.crops, render_size)
+            attention = _resize(targets.attention[..., None], render_size)[..., 0]
+            terms["photometric"] = photometric_loss(out.image, target, out.mask, attention)
+            total = total + w["photo"] * terms["photometric"] + w["texture"] * terms["texture"]
+            if self.perceptual is not None:
+                terms["perceptual"] = self.perceptual(out.image, target, out.mask)
+                total = total + w["perceptual"] * terms["perceptual"]
+        terms["total"] = total
+        return terms
+
+    def solve_light(self, p: dict[str, torch.Tensor], targets: FaceTargets, size: int,
+                    ridge: float = 1e-2) -> torch.Tensor:
+        """Least-squares coloured SH (B, 27) for the current geometry and albedo.
+
+        The shaded colour is linear in the SH coefficients (albedo_c * Y(n) . gamma_c), so
+        light has a closed-form ridge solution per face and channel, weighted by the skin
+        attention; the ridge pulls towards the current estimate.
+        """
+        m, b = self.model, targets.crops.shape[0]
+        with torch.no_grad():
+            verts = m.shape(p["identity"], p["expression"])
+            cam = model_to_camera(verts, p["angles"], p["translation"])
+            albedo = m.albedo(p["albedo"])
+            out = self._renderer(size).render(cam, self.photo_triangles,
+                                              _scaled_intrinsics(targets.size, size, b, cam.device), albedo, None)
+            basis = sh_basis(out.normals).flatten(1, 2)  # (B, P, 9)
+            colour = out.image.flatten(1, 2)  # (B, P, 3) interpolated albedo
+            target = _resize(targets.crops, size).flatten(1, 2)
+            weight = (out.mask.to(colour.dtype) * _resize(targets.attention[..., None], size)[..., 0]).flatten(1)
+            design = colour.transpose(1, 2)[..., None] * basis[:, None]  # (B, 3, P, 9)
+            wd = design * weight[:, None, :, None]
+            normal_matrix = wd.transpose(2, 3) @ design  # (B, 3, 9, 9)
+            rhs = (wd * target.transpose(1, 2)[..., None]).sum(dim=2)  # (B, 3, 9)
+            current = p["sh"].reshape(b, 3, 9)
+            scale = weight.sum(dim=1).clamp_min(1.0)[:, None, None, None] * ridge
+            eye = torch.eye(9, dtype=colour.dtype, device=colour.device)
+            solved = torch.linalg.solve(normal_matrix + scale * eye, rhs + (scale[..., 0] * current))
+            ok = torch.isfinite(solved).all(dim=2, keepdim=True)
+            return torch.where(ok, solved, current).reshape(b, 27)
+
+    # ------------------------------------------------------------------ optimisation
+    def _run_stage(self, params: dict[str, torch.Tensor], start: dict[str, torch.Tensor], targets: FaceTargets,
+                   names: tuple[str, ...], steps: int, render_size: int | None, state: dict) -> int:
+        if steps <= 0:
+            return 0
+        cfg = self.settings
+        scale = {"translation": 50.0, "angles": 1.0, "sh": 1.0, "identity": 3.0, "expression": 1.0, "albedo": 3.0}
+        tensors = {n: params[n].detach().clone().requires_grad_(True) for n in names}
+        optimizer = torch.optim.Adam(
+            [{"params": [tensors[n]], "lr": cfg.learning_rate * scale[n] * state["lr_factor"]} for n in names])
+        # cosine decay to 5 % of the step size: large moves first, then settle
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda i: 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(i, steps) / steps)))
+        best, stale, done = math.inf, 0, 0
+        for step in range(steps):
+            current = {**params, **tensors}
+            terms = self.losses(current, targets, render_size)
+            total = terms["total"]
+            bad = ~torch.isfinite(total)
+            for t in tensors.values():
+                bad |= ~torch.isfinite(t.detach()).all(dim=1)
+            if bad.any():
+                self._reset_faces(bad, tensors, start, optimizer, state)
+                total = torch.where(bad, torch.zeros_like(total), total)
+            active = (~state["failed"]).to(total.dtype)
+            optimizer.zero_grad(set_to_none=True)
+            (total * active).sum().backward()
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                if self.model.expression_kind == "blendshape" and "expression" in tensors:
+                    tensors["expression"].clamp_(0.0, 1.0)
+                value = float((total.detach() * active).sum() / active.sum().clamp_min(1.0))
+            done = step + 1
+            if value < best * (1.0 - cfg.tolerance):
+                best, stale = value, 0
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    break
+        for n in names:
+            params[n] = tensors[n].detach()
+        return done
+
+    def _reset_faces(self, bad: torch.Tensor, tensors: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
+                     optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Restart diverged faces from the safe start; freeze those out of retries."""
+        with torch.no_grad():
+            for n, t in tensors.items():
+                t[bad] = start[n][bad]
+                opt_state = optimizer.state.get(t, {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in opt_state:
+                        opt_state[key][bad] = 0.0
+            state["retries"][bad] += 1
+            newly_failed = bad & (state["retries"] > self.settings.max_retries)
+            state["failed"] |= newly_failed
+            for group in optimizer.param_groups:
+                group["lr"] *= 0.5
+            state["lr_factor"] *= 0.5
+
+    def fit(self, targets: FaceTargets) -> FitResult:
+        """Fit every face of ``targets``; returns per-face parameters and diagnostics."""
+        cfg = self.settings
+        start = initial_parameters(self.model, targets)
+        params = {n: t.clone() for n, t in start.items()}
+        b = targets.crops.shape[0]
+        state = {"retries": torch.zeros(b, dtype=torch.int64, device=targets.crops.device),
+                 "failed": torch.zeros(b, dtype=torch.bool, device=targets.crops.device), "lr_factor": 1.0}
+        steps = {
+            "landmarks": self._run_stage(params, start, targets, ("angles", "translation", "identity", "expression"),
+                                         cfg.landmark_steps, None, state),
+        }
+        coarse = min(cfg.coarse_size, targets.size)
+        if cfg.coarse_steps > 0 or cfg.fine_steps > 0:
+            params["sh"] = self.solve_light(params, targets, coarse)
+        steps |= {
+            "coarse": self._run_stage(params, start, targets, PARAMETER_NAMES, cfg.coarse_steps, coarse, state),
+            "fine": self._run_stage(params, start, targets, PARAMETER_NAMES, cfg.fine_steps, targets.size, state),
+        }
+        with torch.no_grad():
+            terms = self.losses(params, targets, targets.size)
+            verts = self.model.shape(params["identity"], params["expression"])
+            cam = model_to_camera(verts, params["angles"], params["translation"])
+            proj = project_points(cam[:, self.model.landmarks68], crop_intrinsics(targets.size, b, device=cam.device))
+            error = (proj[..., :2] - targets.landmarks68).norm(dim=-1).mean(dim=1)
+            finite = torch.isfinite(terms["total"]) & torch.isfinite(verts).flatten(1).all(dim=1)
+            finite &= cam[..., 2].min(dim=1).values > 0
+        failed = state["failed"] | ~finite
+        reasons = []
+        for i in range(b):
+            if not bool(finite[i]):
+                reasons.append("optimisation diverged (non-finite result or face behind the camera)")
+            elif bool(state["failed"][i]):
+                reasons.append(f"optimisation diverged {int(state['retries'][i])} times")
+            else:
+                reasons.append("")
+        return FitResult(
+            parameters={n: t.detach().cpu().numpy() for n, t in params.items()},
+            losses={n: t.detach().cpu().numpy() for n, t in terms.items()},
+            landmark_error_px=error.cpu().numpy(),
+            failed=failed.cpu().numpy(),
+            reasons=reasons,
+            steps=steps,
+        )

@@ -1,0 +1,1 @@
+"""Input/output helpers: atomic writes, image loading, HDF5 stores."""

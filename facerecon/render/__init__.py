@@ -1,0 +1,42 @@
+"""Differentiable batched mesh rendering (pure PyTorch, CPU and CUDA).
+
+See docs/rendering.md for the conventions. Public API:
+
+* camera: :func:`euler_to_matrix`, :func:`matrix_to_euler`, :func:`transform_points`,
+  :func:`project_points`, :func:`intrinsics_from_fov`;
+* rasterization: :class:`Fragments`, :func:`rasterize`, :func:`interpolate`;
+* shading: :func:`vertex_normals`, :func:`sh_basis`, :func:`sh_irradiance`,
+  :func:`shade_lambertian`;
+* renderer: :class:`MeshRenderer`, :class:`RenderOutput`, :func:`available_backends`.
+"""
+
+from .camera import (
+    euler_to_matrix,
+    intrinsics_from_fov,
+    matrix_to_euler,
+    project_points,
+    transform_points,
+)
+from .pytorch3d_backend import BackendUnavailableError
+from .rasterize import Fragments, interpolate, rasterize
+from .renderer import MeshRenderer, RenderOutput, available_backends
+from .shading import sh_basis, sh_irradiance, shade_lambertian, vertex_normals
+
+__all__ = [
+    "euler_to_matrix",
+    "matrix_to_euler",
+    "transform_points",
+    "project_points",
+    "intrinsics_from_fov",
+    "Fragments",
+    "rasterize",
+    "interpolate",
+    "vertex_normals",
+    "sh_basis",
+    "sh_irradiance",
+    "shade_lambertian",
+    "MeshRenderer",
+    "RenderOutput",
+    "available_backends",
+    "BackendUnavailableError",
+]

@@ -1,0 +1,1 @@
+"""Batch stages (detect, fit, ...): thin orchestration over the library modules."""

@@ -1,0 +1,533 @@
+"""The ``fit`` stage: detections in, fitted face-model parameters and textured meshes out.
+
+:func:`run_fit` takes images/folders (detected first into ``DIR/detections.h5``) or an
+existing detections file, fits every face in batches with :class:`FaceFitter`, and for
+each image stores the results at once in the crash-safe store ``DIR/fits.h5`` (layout in
+docs/formats.md) and writes mesh files, overlays and, at the end, a contact sheet.
+Rerunning resumes: images already fitted with the same settings and source are skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import h5py
+import numpy as np
+import torch
+
+from facerecon import __version__
+from facerecon.detection.align import invert_affine, similarity_scale
+from facerecon.export.meshio import TexturedMesh, write_mesh, write_png
+from facerecon.export.overlay import blend, contact_sheet, draw_landmarks
+from facerecon.export.texture import unwrap_texture
+from facerecon.facemodel.model import FaceModel
+from facerecon.facemodel.resolve import resolve_face_model
+from facerecon.facemodel.tensors import FaceModelTensors
+from facerecon.fitting.camera import crop_intrinsics, model_to_camera
+from facerecon.fitting.optimize import FaceFitter, FaceTargets, FitSettings
+from facerecon.io.images import ImageLoadError, load_image
+from facerecon.io.store import ResultStore, attrs_dict, open_results
+from facerecon.render.camera import project_points
+from facerecon.render.renderer import MeshRenderer
+from facerecon.stages import detect as detect_stage
+
+KIND = "fits"
+ITEMS_GROUP = "images"
+MODEL_KEY = "@model"
+FORMAT_VERSION = 1
+STATUS_OK, STATUS_NO_FACE, STATUS_FAILED, STATUS_SKIPPED = "ok", "no_face", "failed", "skipped"
+OVERLAY_SIZE = 512
+
+
+@dataclass
+class FitOptions:
+    """Settings of a fit run."""
+
+    face_model: str | None = None
+    allow_download: bool | None = None
+    device: str = "auto"
+    batch_size: int = 16
+    formats: list[str] = field(default_factory=lambda: ["obj", "ply"])
+    pose: str = "canonical"
+    texture_size: int = 1024
+    overlays: bool = True
+    largest: bool = False
+    overwrite: bool = False
+    seed: int = 0
+    settings: FitSettings = field(default_factory=FitSettings)
+
+
+@dataclass
+class FaceOutcome:
+    key: str
+    face: int
+    status: str
+    reason: str = ""
+    landmark_error_px: float = float("nan")
+    landmark_error_iod: float = float("nan")
+    files: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FitSummary:
+    output: str
+    faces: list[FaceOutcome] = field(default_factory=list)
+    images: dict[str, str] = field(default_factory=dict)
+    image_reasons: dict[str, str] = field(default_factory=dict)
+    elapsed: float = 0.0
+    fit_seconds: float = 0.0
+    interrupted: bool = False
+    notes: list[str] = field(default_factory=list)
+    device: str = "cpu"
+
+    @property
+    def fitted(self) -> list[FaceOutcome]:
+        return [f for f in self.faces if f.status == STATUS_OK]
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        done = [s for s in self.images.values() if s in (STATUS_OK, STATUS_SKIPPED)]
+        return 0 if done else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        fitted = self.fitted
+        errors = [f.landmark_error_px for f in fitted]
+        rel = [f.landmark_error_iod for f in fitted]
+        count = lambda s: sum(1 for v in self.images.values() if v == s)  # noqa: E731
+        return {
+            "output": self.output, "device": self.device, "images": len(self.images),
+            "images_fitted": count(STATUS_OK), "images_skipped": count(STATUS_SKIPPED),
+            "images_no_face": count(STATUS_NO_FACE), "images_failed": count(STATUS_FAILED),
+            "faces_fitted": len(fitted), "faces_failed": sum(1 for f in self.faces if f.status == STATUS_FAILED),
+            "median_landmark_error_px": float(np.median(errors)) if errors else None,
+            "median_landmark_error_iod": float(np.median(rel)) if rel else None,
+            "seconds_per_face": round(self.elapsed / len(self.faces), 3) if self.faces else None,
+            "fit_seconds_per_face": round(self.fit_seconds / len(self.faces), 3) if self.faces else None,
+            "elapsed_seconds": round(self.elapsed, 3), "interrupted": self.interrupted, "notes": self.notes,
+            "exit_code": self.exit_code,
+            "failures": [{"key": k, "reason": self.image_reasons.get(k, "")} for k, v in self.images.items()
+                         if v == STATUS_FAILED] + [
+                {"key": f"{f.key}#{f.face}", "reason": f.reason} for f in self.faces if f.status == STATUS_FAILED],
+            "faces": [asdict(f) for f in self.faces],
+        }
+
+
+class Progress:
+    """Callbacks of :func:`run_fit` (the default does nothing)."""
+
+    def stage(self, name: str, total: int) -> None:
+        pass
+
+    def advance(self, count: int) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no CUDA GPU is available")
+    return device
+
+
+def _settings(options: FitOptions, model: FaceModel) -> dict[str, Any]:
+    return {"method": "optimize", "model_id": model.model_id, "fit": options.settings.to_dict(),
+            "texture_size": options.texture_size, "format_version": FORMAT_VERSION}
+
+
+def _digest(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def output_base(out_dir: Path, key: str, face: int, folder: str) -> Path:
+    """``DIR/<folder>/<relative folder of the image>/<image stem>_face<i>`` (no suffix)."""
+    rel = Path(key)
+    return out_dir / folder / rel.parent / f"{rel.stem}_face{face}"
+
+
+# --------------------------------------------------------------------------- batching
+
+
+@dataclass
+class _PendingFace:
+    key: str
+    attrs: dict[str, Any]
+    face: detect_stage.StoredFace
+
+
+def _iter_faces(detections: Path, summary: FitSummary, done: set[str]) -> Iterator[list[_PendingFace]]:
+    """Yield the faces of each image still to fit (one list per image)."""
+    for key, attrs, faces in detect_stage.iter_detections(detections):
+        status = attrs.get("status", "")
+        if key in done:
+            summary.images[key] = STATUS_SKIPPED
+            continue
+        if status == detect_stage.STATUS_NO_FACE or (status == detect_stage.STATUS_OK and not faces):
+            summary.images[key] = STATUS_NO_FACE
+            yield [_PendingFace(key, attrs, None)]  # type: ignore[arg-type]
+            continue
+        if status != detect_stage.STATUS_OK:
+            summary.images[key] = STATUS_FAILED
+            summary.image_reasons[key] = attrs.get("error", "detection failed")
+            continue
+        yield [_PendingFace(key, attrs, f) for f in faces]
+
+
+def _targets(faces: list[_PendingFace], device: torch.device) -> FaceTargets:
+    crops = np.stack([f.face.crop for f in faces]).astype(np.float32) / 255.0
+    lm68 = np.stack([f.face.crop_landmarks68 for f in faces]).astype(np.float32)
+    dense = np.stack([f.face.crop_landmarks478[:468, :2] for f in faces]).astype(np.float32)
+    attention = np.stack([f.face.skin_attention for f in faces]).astype(np.float32) / 255.0
+    return FaceTargets(torch.from_numpy(crops), torch.from_numpy(lm68), torch.from_numpy(dense),
+                       torch.from_numpy(attention)).to(device)
+
+
+class _PhotoCache:
+    """Full-resolution source photos for texture unwrapping (one image kept at a time)."""
+
+    def __init__(self):
+        self.key, self.image = None, None
+
+    def get(self, key: str, attrs: dict[str, Any]) -> np.ndarray | None:
+        if key != self.key:
+            self.key, self.image = key, None
+            path = attrs.get("source_path")
+            try:
+                if path and os.path.exists(path):
+                    loaded = load_image(path)
+                    if loaded.sha256 == attrs.get("sha256"):
+                        self.image = loaded.rgb
+            except ImageLoadError:
+                self.image = None
+        return self.image
+
+
+# --------------------------------------------------------------------------- per face
+
+
+class _FaceWriter:
+    """Turns one fitted face into stored arrays, mesh files and an overlay."""
+
+    def __init__(self, model: FaceModel, tensors: FaceModelTensors, options: FitOptions, out_dir: Path):
+        self.model, self.tensors, self.options, self.out_dir = model, tensors, options, out_dir
+        self.photos = _PhotoCache()
+        self.renderers: dict[int, MeshRenderer] = {}
+        dev = tensors.mean_shape.device
+        self.uv = torch.as_tensor(model.uv, device=dev)
+        self.triangle_uv = torch.as_tensor(model.triangle_uv, dtype=torch.int64, device=dev)
+        self.overlay_tiles: list[tuple[np.ndarray, str]] = []
+
+    def renderer(self, size: int) -> MeshRenderer:
+        if size not in self.renderers:
+            self.renderers[size] = MeshRenderer(image_size=(size, size), backend="auto")
+        return self.renderers[size]
+
+    def build(self, pending: _PendingFace, params: dict[str, np.ndarray], crop_size: int) -> dict[str, Any]:
+        """Arrays to store for one face (vertices, colours, texture, camera)."""
+        t = self.tensors
+        dev = t.mean_shape.device
+        p = {k: torch.as_tensor(v, device=dev)[None] for k, v in params.items()}
+        verts = t.shape(p["identity"], p["expression"])
+        neutral = t.shape(p["identity"], torch.zeros_like(p["expression"]))
+        cam = model_to_camera(verts, p["angles"], p["translation"])
+        k = crop_intrinsics(crop_size, 1, device=dev)
+        albedo = t.albedo(p["albedo"]).clamp(0, 1)
+        out = self.renderer(crop_size).render(cam, t.triangles, k, albedo, p["sh"])
+        face = pending.face
+        photo = self.photos.get(pending.key, pending.attrs)
+        crop_to_photo = invert_affine(face.align_matrix)
+        if photo is None:  # source moved or changed: unwrap from the stored crop
+            photo, crop_to_photo = face.crop, np.array([[1.0, 0, 0], [0, 1.0, 0]])
+        texture, vertex_colors, visible = unwrap_texture(
+            cam[0], t.triangles, self.uv, self.triangle_uv, k[0], out.depth[0], out.mask[0], photo, crop_to_photo,
+            out.vertex_colors[0], self.options.texture_size)
+        return {
+            "vertices": verts[0].cpu().numpy().astype(np.float32),
+            "vertices_neutral": neutral[0].cpu().numpy().astype(np.float32),
+            "vertices_camera": cam[0].cpu().numpy().astype(np.float32),
+            "vertex_colors": vertex_colors, "vertex_visible": visible, "texture": texture,
+            "intrinsics": k[0].cpu().numpy().astype(np.float64),
+            "albedo_colors": np.clip(albedo[0].cpu().numpy() * 255 + 0.5, 0, 255).astype(np.uint8),
+        }
+
+    def overlay(self, pending: _PendingFace, params: dict[str, np.ndarray], crop_size: int) -> np.ndarray:
+        """The shaded fit blended over the face region of the photo, with landmarks."""
+        import cv2
+
+        t = self.tensors
+        dev = t.mean_shape.device
+        face = pending.face
+        size = OVERLAY_SIZE
+        s = size / crop_size
+        scale = np.array([[s, 0, (s - 1) / 2], [0, s, (s - 1) / 2]])  # crop px -> overlay px (centres kept)
+        photo = self.photos.get(pending.key, pending.attrs)
+        to_overlay = scale @ np.vstack([face.align_matrix, [0, 0, 1]])
+        if photo is None:
+            background = cv2.resize(face.crop, (size, size), interpolation=cv2.INTER_LINEAR)
+        else:
+            background = cv2.warpAffine(photo, to_overlay, (size, size), flags=cv2.INTER_AREA,
+                                        borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+        p = {k: torch.as_tensor(v, device=dev)[None] for k, v in params.items()}
+        verts = t.shape(p["identity"], p["expression"])
+        cam = model_to_camera(verts, p["angles"], p["translation"])
+        k = crop_intrinsics(crop_size, 1, device=dev)
+        k[:, 0, 0] *= s
+        k[:, 1, 1] *= s
+        k[:, :2, 2] = (k[:, :2, 2] + 0.5) * s - 0.5
+        gray = torch.full_like(verts, 0.75)
+        out = self.renderer(size).render(cam, t.triangles, k, gray, p["sh"].reshape(1, 3, 9).mean(1))
+        image = blend(background, out.image[0].cpu().numpy(), out.mask[0].cpu().numpy())
+        projected = project_points(cam[:, t.landmarks68], k)[0, :, :2].cpu().numpy()
+        detected = face.crop_landmarks68 * s + (s - 1) / 2
+        return draw_landmarks(image, detected, projected)
+
+
+def _mesh(model: FaceModel, stored: dict[str, Any], neutral: bool, pose: str, params: dict | None = None
+          ) -> TexturedMesh:
+    if pose == "camera":
+        vertices = stored["vertices_camera"]
+        if neutral:  # camera pose of the neutral shape: same rigid transform
+            from facerecon.fitting.camera import camera_rotation
+
+            rot = camera_rotation(torch.as_tensor(params["angles"])[None])[0].numpy()
+            vertices = stored["vertices_neutral"] @ rot.T + params["translation"]
+    else:
+        vertices = stored["vertices_neutral"] if neutral else stored["vertices"]
+    return TexturedMesh(vertices.astype(np.float32), model.triangles, model.uv, model.triangle_uv,
+                        stored["vertex_colors"], stored["texture"])
+
+
+def write_face_files(model: FaceModel, stored: dict[str, Any], params: dict[str, np.ndarray], base: Path,
+                     formats: list[str], pose: str, neutral: bool = False) -> list[Path]:
+    """Mesh files for one stored face (shared by fit and export)."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    return write_mesh(_mesh(model, stored, neutral, pose, params), base, formats)
+
+
+# --------------------------------------------------------------------------- store I/O
+
+
+def _write_model_item(store: ResultStore, model: FaceModel) -> None:
+    def write(group: h5py.Group) -> None:
+        group.create_dataset("triangles", data=model.triangles)
+        group.create_dataset("uv", data=model.uv)
+        group.create_dataset("triangle_uv", data=model.triangle_uv)
+        group.create_dataset("landmarks68", data=model.landmarks68)
+        group.create_dataset("expression_names", data=np.array(model.expression_names, dtype=object),
+                             dtype=h5py.string_dtype("utf-8"))
+
+    store.write_item(MODEL_KEY, write, {"status": "model", "model_id": model.model_id,
+                                        "expression_kind": model.expression_kind, "provenance": model.provenance})
+
+
+def _write_image_item(store: ResultStore, key: str, det_attrs: dict, faces: list[dict], status: str,
+                      settings: dict, digest: str, reason: str = "") -> None:
+    def write(group: h5py.Group) -> None:
+        container = group.create_group("faces")
+        for face in faces:
+            g = container.create_group(str(face["index"]))
+            for name, value in face["arrays"].items():
+                if name == "texture":
+                    g.create_dataset(name, data=value, chunks=(256, 256, 3), compression="gzip", compression_opts=4)
+                elif isinstance(value, np.ndarray) and value.size > 1000:
+                    g.create_dataset(name, data=value, compression="gzip", compression_opts=1)
+                else:
+                    g.create_dataset(name, data=value)
+            for name, value in face["attrs"].items():
+                g.attrs[name] = value
+
+    store.write_item(key, write, {
+        "status": status, "error": reason, "sha256": det_attrs.get("sha256", ""),
+        "source_path": det_attrs.get("source_path", ""), "n_faces": len(faces), "method": "optimize",
+        "model_id": settings["model_id"], "settings": settings, "settings_digest": digest,
+        "tool": "facerecon", "tool_version": __version__,
+    })
+
+
+def read_fits(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
+    """Yield ``(image key, image attributes, faces)``; each face is a dict of arrays + ``attrs``."""
+    with open_results(path, ITEMS_GROUP) as results:
+        for key, group in results.items():
+            if key == MODEL_KEY:
+                continue
+            faces = []
+            for name in sorted(group.get("faces", {}), key=int):
+                g = group["faces"][name]
+                face = {k: g[k][()] for k in g}
+                face["attrs"] = attrs_dict(g)
+                faces.append(face)
+            yield key, attrs_dict(group), faces
+
+
+def read_model_item(path: str | os.PathLike) -> dict[str, Any]:
+    """Topology and model attributes stored with the fits (``@model`` item)."""
+    with open_results(path, ITEMS_GROUP) as results:
+        if MODEL_KEY not in results:
+            raise KeyError(f"{path} has no face-model topology")
+        g = results[MODEL_KEY]
+        data = {k: g[k][()] for k in g}
+        data["expression_names"] = [s.decode() if isinstance(s, bytes) else str(s) for s in data["expression_names"]]
+        data["attrs"] = attrs_dict(g)
+        return data
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, options: FitOptions | None = None,
+            progress: Progress | None = None, detect_progress: detect_stage.Progress | None = None) -> FitSummary:
+    """Detect (when given images) and fit every face; see the module docstring."""
+    options = options or FitOptions()
+    progress = progress or Progress()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    summary = FitSummary(output=str(out_dir / "fits.h5"))
+    inputs = [str(i) for i in inputs]
+    torch.manual_seed(options.seed)
+
+    if len(inputs) == 1 and inputs[0].endswith((".h5", ".hdf5")) and Path(inputs[0]).is_file():
+        detections = Path(inputs[0])
+    else:
+        detections = out_dir / "detections.h5"
+        det_options = detect_stage.DetectOptions(max_faces=1 if options.largest else None)
+        det_summary = detect_stage.run_detect(inputs, detections, det_options, detect_progress)
+        for outcome in det_summary.outcomes:
+            if outcome.status == detect_stage.STATUS_FAILED:
+                summary.images[outcome.key] = STATUS_FAILED
+                summary.image_reasons[outcome.key] = outcome.reason
+        if det_summary.interrupted:
+            summary.interrupted = True
+            summary.elapsed = time.perf_counter() - started
+            return summary
+
+    model = resolve_face_model(options.face_model, options.allow_download)
+    device = pick_device(options.device)
+    summary.device = str(device)
+    tensors = FaceModelTensors(model).to(device)
+    oval = None
+    if model.dense_triangle is not None:
+        from facerecon.facemodel.embedding import face_oval_indices
+
+        oval = face_oval_indices()
+    fitter = FaceFitter(tensors, model.regions, options.settings, oval_indices=oval)
+    summary.notes.append("perceptual loss off: no face-recognition weights given")
+    if model.dense_triangle is None and options.settings.use_dense_landmarks:
+        summary.notes.append("face model has no dense landmark embedding: fitting with the 68 landmarks only")
+    settings = _settings(options, model)
+    digest = _digest(settings)
+    writer = _FaceWriter(model, tensors, options, out_dir)
+    file_attrs = {"tool": "facerecon", "tool_version": __version__, "format_version": FORMAT_VERSION,
+                  "model_id": model.model_id, "settings": settings, "detections": str(detections.resolve())}
+
+    with ResultStore(out_dir / "fits.h5", kind=KIND, items_group=ITEMS_GROUP, file_attrs=file_attrs) as store:
+        if not store.is_done(MODEL_KEY) or store.item_attrs(MODEL_KEY).get("model_id") != model.model_id:
+            _write_model_item(store, model)
+        done = set()
+        if not options.overwrite:
+            done = {k for k, a in store.index.items()
+                    if k != MODEL_KEY and a.get("settings_digest") == digest and a.get("status") in
+                    (STATUS_OK, STATUS_NO_FACE)}
+        total = sum(1 for _ in _count_faces(detections, done))
+        progress.stage("fitting", total)
+        batch: list[list[_PendingFace]] = []
+        try:
+            for image_faces in _iter_faces(detections, summary, done):
+                if image_faces[0].face is None:
+                    _write_image_item(store, image_faces[0].key, image_faces[0].attrs, [], STATUS_NO_FACE, settings,
+                                      digest)
+                    continue
+                batch.append(image_faces)
+                if sum(len(b) for b in batch) >= options.batch_size:
+                    _process_batch(batch, fitter, writer, store, options, summary, settings, digest, progress)
+                    batch = []
+                    store.maybe_pack()
+            if batch:
+                _process_batch(batch, fitter, writer, store, options, summary, settings, digest, progress)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+    if options.overlays and writer.overlay_tiles:
+        write_png(out_dir / "contact_sheet.png", contact_sheet(writer.overlay_tiles))
+    summary.elapsed = time.perf_counter() - started
+    return summary
+
+
+def _count_faces(detections: Path, done: set[str]) -> Iterator[int]:
+    with open_results(detections, detect_stage.ITEMS_GROUP) as results:
+        for key in results.keys():
+            if key in done:
+                continue
+            attrs = attrs_dict(results[key])
+            for _ in range(int(attrs.get("n_faces", 0)) if attrs.get("status") == detect_stage.STATUS_OK else 0):
+                yield 1
+
+
+def _process_batch(batch: list[list[_PendingFace]], fitter: FaceFitter, writer: _FaceWriter, store: ResultStore,
+                   options: FitOptions, summary: FitSummary, settings: dict, digest: str, progress: Progress) -> None:
+    flat = [f for image in batch for f in image]
+    targets = _targets(flat, fitter.model.mean_shape.device)
+    t0 = time.perf_counter()
+    result = fitter.fit(targets)
+    summary.fit_seconds += time.perf_counter() - t0
+    crop_size = targets.size
+    row = 0
+    for image in batch:
+        stored_faces, statuses = [], []
+        for pending in image:
+            i = row
+            row += 1
+            face = pending.face
+            params = {k: v[i] for k, v in result.parameters.items()}
+            scale = similarity_scale(face.align_matrix)
+            error_px = float(result.landmark_error_px[i]) / scale
+            lm = face.landmarks68
+            iod = float(np.linalg.norm(lm[36:42].mean(0) - lm[42:48].mean(0)))
+            outcome = FaceOutcome(pending.key, face.index, STATUS_OK, landmark_error_px=error_px,
+                                  landmark_error_iod=error_px / max(iod, 1e-6))
+            attrs = {"index": face.index, "status": STATUS_OK, "reason": "", "landmark_error_px": error_px,
+                     "landmark_error_iod": outcome.landmark_error_iod, "steps": json.dumps(result.steps),
+                     "losses": json.dumps({k: float(v[i]) for k, v in result.losses.items()}),
+                     "crop_size": crop_size}
+            arrays: dict[str, Any] = {"align_matrix": face.align_matrix.astype(np.float64)}
+            arrays.update({k: v.astype(np.float32) for k, v in params.items()})
+            if result.failed[i] or not all(np.all(np.isfinite(v)) for v in params.values()):
+                outcome.status, outcome.reason = STATUS_FAILED, result.reasons[i] or "optimisation failed"
+                attrs.update({"status": STATUS_FAILED, "reason": outcome.reason})
+                arrays = {"align_matrix": arrays["align_matrix"]}  # a NaN mesh is never written
+            else:
+                built = writer.build(pending, params, crop_size)
+                arrays.update(built)
+                base = output_base(writer.out_dir, pending.key, face.index, "meshes")
+                files = write_face_files(writer.model, built, params, base, options.formats, options.pose)
+                if options.overlays:
+                    overlay = writer.overlay(pending, params, crop_size)
+                    overlay_path = output_base(writer.out_dir, pending.key, face.index, "overlays").with_suffix(".png")
+                    overlay_path.parent.mkdir(parents=True, exist_ok=True)
+                    write_png(overlay_path, overlay)
+                    files.append(overlay_path)
+                    writer.overlay_tiles.append((overlay, f"{Path(pending.key).stem}#{face.index} "
+                                                          f"{error_px:.1f}px"))
+                outcome.files = [str(f) for f in files]
+            stored_faces.append({"index": face.index, "arrays": arrays, "attrs": attrs})
+            statuses.append(outcome.status)
+            summary.faces.append(outcome)
+        image_status = STATUS_OK if STATUS_OK in statuses else STATUS_FAILED
+        reason = "" if image_status == STATUS_OK else "; ".join(sorted({f.reason for f in summary.faces[-len(image):]}))
+        _write_image_item(store, image[0].key, image[0].attrs, stored_faces, image_status, settings, digest, reason)
+        summary.images[image[0].key] = image_status
+        if reason:
+            summary.image_reasons[image[0].key] = reason
+        progress.advance(len(image))
