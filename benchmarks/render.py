@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 
 import torch
@@ -125,6 +126,14 @@ def main() -> None:
         f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
         f"mesh: {v.shape[1]} vertices, {f.shape[0]} triangles, coverage {cov:.1%} of 224x224"
     )
+    if device.type == "cpu" and hasattr(os, "getloadavg"):
+        load1 = os.getloadavg()[0]
+        if load1 > 0.5 * (os.cpu_count() or 1):
+            print(
+                f"warning: 1-min load average {load1:.1f} on {os.cpu_count()} CPUs - other processes "
+                "compete for the cores and timings will be slow and noisy (OpenMP threads spin "
+                "while descheduled; OMP_WAIT_POLICY=PASSIVE softens this)"
+            )
     renderer = MeshRenderer((224, 224), backend="torch")
     print(
         f"{'batch':>5} | {'forward img/s':>13} | {'ms/batch':>9} | {'best ms':>8} |"

@@ -59,3 +59,23 @@ def ict_model_file(ict_model, tmp_path_factory) -> Path:
     from facerecon.facemodel.model import save_face_model
 
     return save_face_model(ict_model, tmp_path_factory.mktemp("models") / "ict.h5")
+
+
+@pytest.fixture(scope="session")
+def ict_embedded_model(ict_model):
+    """The ICT model with its dense landmark embedding (detector on rendered mean faces)."""
+    from facerecon.facemodel.embedding import embed_dense_landmarks
+
+    return embed_dense_landmarks(ict_model)
+
+
+@pytest.fixture(scope="session")
+def ict_embedded_model_file(ict_embedded_model, tmp_path_factory) -> Path:
+    from facerecon.facemodel.model import save_face_model
+
+    return save_face_model(ict_embedded_model, tmp_path_factory.mktemp("models") / "ict_dense.h5")
+
+
+@pytest.fixture(scope="session")
+def astronaut_path() -> Path:
+    return REPO_ROOT / "examples" / "astronaut.png"

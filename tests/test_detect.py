@@ -292,16 +292,16 @@ def test_cli_batch_outcomes(cli_batch):
     assert result.exit_code == 0, result.output
     data = _json(result)
     status = {item["key"]: item for item in data["results"]}
-    assert status["in/astronaut.png"]["status"] == "ok" and status["in/astronaut.png"]["faces"] == 1
-    assert status["in/ünï cödé/my photo ✓.png"]["status"] == "ok"
-    assert status["in/group.png"]["faces"] == 2
-    assert status["in/blank.jpg"]["status"] == "no_face"
-    assert status["bad/huge.png"]["status"] in ("no_face", "failed")  # works, or fails cleanly
+    assert status["astronaut.png"]["status"] == "ok" and status["astronaut.png"]["faces"] == 1
+    assert status["ünï cödé/my photo ✓.png"]["status"] == "ok"
+    assert status["group.png"]["faces"] == 2
+    assert status["blank.jpg"]["status"] == "no_face"
+    assert status["huge.png"]["status"] in ("no_face", "failed")  # works, or fails cleanly
     reasons = {f["key"]: f["reason"] for f in data["failures"]}
-    expected = {"bad/zero.jpg": "empty file", "bad/text.jpg": "not an image", "bad/truncated.jpg": "truncated",
+    expected = {"zero.jpg": "empty file", "text.jpg": "not an image", "truncated.jpg": "truncated",
                 "missing.png": "no such file"}
     if cli_batch["unreadable_checked"]:
-        expected["bad/unreadable.png"] = "permission denied"
+        expected["unreadable.png"] = "permission denied"
     for key, reason in expected.items():
         assert reason in reasons[key], (key, reasons.get(key))
         assert reasons[key] in result.stderr  # one line in the summary table
@@ -316,9 +316,9 @@ def test_cli_output_layout(cli_batch):
     assert out.is_file() and not parts_dir(out).exists() and not lock_path(out).exists()
     with h5py.File(out, "r") as f:
         assert f.attrs["kind"] == "detections" and "settings" in f.attrs
-        group = f["images"]["in%2Fastronaut.png"]
+        group = f["images"]["astronaut.png"]
         attrs = group.attrs
-        assert attrs["key"] == "in/astronaut.png" and attrs["status"] == "ok" and attrs["n_faces"] == 1
+        assert attrs["key"] == "astronaut.png" and attrs["status"] == "ok" and attrs["n_faces"] == 1
         assert attrs["image_width"] == 512 and len(attrs["sha256"]) == 64
         assert attrs["source_path"] == str(cli_batch["root"] / "in" / "astronaut.png")
         assert json.loads(attrs["settings"])["crop_size"] == 224
@@ -327,20 +327,20 @@ def test_cli_output_layout(cli_batch):
         assert face["landmarks478"].shape == (478, 3) and face["align_matrix"].shape == (2, 3)
         for name in ("face", "eyes", "brows", "lips", "inner_mouth", "valid"):
             assert face["masks"][name].shape == (224, 224)
-        assert f["images"]["bad%2Ftext.jpg"].attrs["status"] == "failed"
+        assert f["images"]["text.jpg"].attrs["status"] == "failed"
 
 
 def test_exif_rotated_copies_give_the_upright_landmarks(cli_batch):
     records = {key: faces for key, _attrs, faces in iter_detections(cli_batch["root"] / "out" / "det.h5")}
-    upright = records["in/astronaut.png"][0].landmarks478
-    for key in ("in/rotated6.png", "in/rotated8.png"):
+    upright = records["astronaut.png"][0].landmarks478
+    for key in ("rotated6.png", "rotated8.png"):
         assert len(records[key]) == 1
         assert np.abs(records[key][0].landmarks478[:, :2] - upright[:, :2]).max() < 0.5, key
 
 
 def test_group_photo_faces_are_ordered_by_size(cli_batch):
     records = {key: faces for key, _attrs, faces in iter_detections(cli_batch["root"] / "out" / "det.h5")}
-    faces = records["in/group.png"]
+    faces = records["group.png"]
     assert [f.index for f in faces] == [0, 1]
     area = [(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]) for f in faces]
     assert area[0] > 1.5 * area[1]
@@ -378,8 +378,8 @@ def test_resume_skips_done_images_and_overwrite_redoes_them(cli_batch):
         data = _json(redo)
         assert data["processed"] == 2 and data["skipped"] == 0
         after = {k: a["processed_at"] for k, a, _f in iter_detections(out)}
-        assert after["in/astronaut.png"] != before["in/astronaut.png"]
-        assert after["in/group.png"] == before["in/group.png"]
+        assert after["astronaut.png"] != before["astronaut.png"]
+        assert after["group.png"] == before["group.png"]
         # a changed setting is not "done": the image is processed again
         changed = _run(["detect", "in/blank.jpg", "--out", "out/det.h5", "--json", "--crop-size", "128"])
         assert _json(changed)["processed"] == 1

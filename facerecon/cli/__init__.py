@@ -14,8 +14,10 @@ def main() -> None:
 
     \b
     Typical session:
+      facerecon fit photos/ --out meshes/    # detect + fit + textured meshes
+      facerecon detect photos/ --out det.h5  # faces, landmarks, crops, masks only
+      facerecon export meshes/fits.h5 --out glb/ --format glb --neutral
       facerecon model list                   # face models available
-      facerecon detect photos/ --out det.h5  # faces, landmarks, crops, masks
 
     Exit codes: 0 success (at least one input processed), 1 nothing could be
     processed, 2 usage error (bad option or argument).
@@ -23,11 +25,14 @@ def main() -> None:
 
 
 def _register() -> None:
-    # Commands are imported here so each lives in its own module.
+    # Each command lives in its own module.
+    from facerecon.cli.detect import detect
+    from facerecon.cli.export import export
+    from facerecon.cli.fit import fit
     from facerecon.cli.model import model
 
-    main.add_command(model)
-    from facerecon.cli.detect import detect; main.add_command(detect)  # noqa: E702
+    for command in (model, detect, fit, export):
+        main.add_command(command)
 
 
 _register()

@@ -68,10 +68,18 @@ class DetectedFace:
 
 
 @dataclass
-class _Detection:
-    box: np.ndarray          # (4,) float64 x0 y0 x1 y1, in the frame it was found in
+class Detection:
+    """A detector box before meshing.
+
+    Attributes:
+        box: (4,) float64 x0, y0, x1, y1 in pixels of the image it refers to.
+        score: detector confidence.
+        keypoints: (6, 2) float64 the detector's points, same frame.
+    """
+
+    box: np.ndarray
     score: float
-    keypoints: np.ndarray    # (6, 2) float64
+    keypoints: np.ndarray
 
 
 @contextlib.contextmanager
@@ -109,17 +117,17 @@ def _box_iou_and_cover(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return (inter / union if union > 0 else 0.0), (inter / smaller if smaller > 0 else 0.0)
 
 
-def non_max_suppression(detections: list[_Detection], iou: float = 0.3, cover: float = 0.7) -> list[_Detection]:
+def non_max_suppression(detections: list[Detection], iou: float = 0.3, cover: float = 0.7) -> list[Detection]:
     """Keep the best-scoring of overlapping detections (IoU above ``iou``, or the smaller box
     covered more than ``cover`` by the other)."""
-    kept: list[_Detection] = []
+    kept: list[Detection] = []
     for det in sorted(detections, key=lambda d: -d.score):
         if not any(_overlaps(det, k, iou, cover) for k in kept):
             kept.append(det)
     return kept
 
 
-def _overlaps(a: _Detection, b: _Detection, iou: float, cover: float) -> bool:
+def _overlaps(a: Detection, b: Detection, iou: float, cover: float) -> bool:
     i, c = _box_iou_and_cover(a.box, b.box)
     return i > iou or c > cover
 
@@ -250,7 +258,7 @@ class FaceAnalyzer:
                 break
         return faces
 
-    def detect(self, image: np.ndarray) -> list[_Detection]:
+    def detect(self, image: np.ndarray) -> list[Detection]:
         """Face boxes in original pixels, largest first (no mesh)."""
         import cv2
 
@@ -274,12 +282,12 @@ class FaceAnalyzer:
             box = np.array([max(box[0], 0.0), max(box[1], 0.0), min(box[2], float(w)), min(box[3], float(h))])
             if box[2] - box[0] < 2 or box[3] - box[1] < 2:
                 continue
-            out.append(_Detection(box, det.score, det.keypoints / scale))
+            out.append(Detection(box, det.score, det.keypoints / scale))
         out.sort(key=lambda d: -(d.box[2] - d.box[0]) * (d.box[3] - d.box[1]))
         return out
 
     def _run_detector(self, image: np.ndarray, x0: int, y0: int, full_w: int, full_h: int,
-                      whole: bool) -> list[_Detection]:
+                      whole: bool) -> list[Detection]:
         th, tw = image.shape[:2]
         result = self._detector.process(np.ascontiguousarray(image))
         dets = []
@@ -302,10 +310,10 @@ class FaceAnalyzer:
                            dtype=np.float64).reshape(-1, 2)
             if kps.shape[0] != 6:
                 kps = np.resize(kps, (6, 2)) if kps.size else np.zeros((6, 2))
-            dets.append(_Detection(np.array([bx0 + x0, by0 + y0, bx1 + x0, by1 + y0]), score, kps))
+            dets.append(Detection(np.array([bx0 + x0, by0 + y0, bx1 + x0, by1 + y0]), score, kps))
         return dets
 
-    def _mesh_face(self, image: np.ndarray, det: _Detection) -> DetectedFace | None:
+    def _mesh_face(self, image: np.ndarray, det: Detection) -> DetectedFace | None:
         box = det.box
         cx, cy = (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
         side = max(box[2] - box[0], box[3] - box[1])

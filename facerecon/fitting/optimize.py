@@ -50,9 +50,9 @@ class FitSettings:
     coarse_size: int = 112
     learning_rate: float = 0.03
     tolerance: float = 2e-4
-    patience: int = 8
+    patience: int = 15
     use_dense_landmarks: bool = True
-    dense_weight: float = 1.0
+    dense_weight: float = 20.0
     max_retries: int = 1
     weights: dict[str, float] = field(default_factory=lambda: dict(PAPER000_WEIGHTS))
 
@@ -89,9 +89,33 @@ class FitResult:
     parameters: dict[str, np.ndarray]
     losses: dict[str, np.ndarray]
     landmark_error_px: np.ndarray
+    dense_error_px: np.ndarray
     failed: np.ndarray
     reasons: list[str]
     steps: dict[str, int]
+
+
+def _sanitize(targets: FaceTargets) -> tuple[FaceTargets, torch.Tensor]:
+    """Replace faces with non-finite inputs by a harmless copy of a valid face; (B,) invalid mask.
+
+    Keeps the batch's arithmetic finite: one NaN face would otherwise poison the shared
+    L-BFGS direction of every face in the batch.
+    """
+    def finite(x):
+        return torch.isfinite(x.flatten(1)).all(dim=1)
+
+    valid = finite(targets.crops) & finite(targets.landmarks68) & finite(targets.attention)
+    if targets.dense is not None:
+        valid &= finite(targets.dense)
+    invalid = ~valid
+    if not invalid.any() or not valid.any():
+        return targets, invalid
+    donor = int(torch.nonzero(valid)[0])
+
+    def fix(x):
+        return None if x is None else torch.where(invalid.view(-1, *[1] * (x.dim() - 1)), x[donor:donor + 1], x)
+
+    return FaceTargets(fix(targets.crops), fix(targets.landmarks68), fix(targets.dense), fix(targets.attention)), invalid
 
 
 def initial_parameters(model: FaceModelTensors, targets: FaceTargets) -> dict[str, torch.Tensor]:
@@ -248,6 +272,9 @@ class FaceFitter:
             return 0
         cfg = self.settings
         scale = {"translation": 50.0, "angles": 1.0, "sh": 1.0, "identity": 3.0, "expression": 1.0, "albedo": 3.0}
+        if render_size is not None:
+            # landmarks already fixed the pose: photometric stages only refine it
+            scale["translation"], scale["angles"] = 10.0, 0.2
         tensors = {n: params[n].detach().clone().requires_grad_(True) for n in names}
         optimizer = torch.optim.Adam(
             [{"params": [tensors[n]], "lr": cfg.learning_rate * scale[n] * state["lr_factor"]} for n in names])
@@ -259,12 +286,13 @@ class FaceFitter:
             current = {**params, **tensors}
             terms = self.losses(current, targets, render_size)
             total = terms["total"]
-            bad = ~torch.isfinite(total)
+            bad = ~torch.isfinite(total) & ~state["failed"]
             for t in tensors.values():
                 bad |= ~torch.isfinite(t.detach()).all(dim=1)
             if bad.any():
                 self._reset_faces(bad, tensors, start, optimizer, state)
-                total = torch.where(bad, torch.zeros_like(total), total)
+                continue
+            total = torch.where(state["failed"], torch.zeros_like(total), total)
             active = (~state["failed"]).to(total.dtype)
             optimizer.zero_grad(set_to_none=True)
             (total * active).sum().backward()
@@ -284,6 +312,45 @@ class FaceFitter:
         for n in names:
             params[n] = tensors[n].detach()
         return done
+
+    def _run_landmark_stage(self, params: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
+                            targets: FaceTargets, steps: int, state: dict) -> int:
+        """Pose, identity and expression from landmarks with L-BFGS.
+
+        Landmark fitting is small and badly conditioned (pitch trades against identity
+        modes), where a quasi-Newton method converges in a few dozen evaluations and Adam
+        needs hundreds. Variables are scaled so one unit is comparable for all of them.
+        """
+        if steps <= 0:
+            return 0
+        names = ("angles", "translation", "identity", "expression")
+        unit = {"angles": 0.1, "translation": 10.0, "identity": 1.0, "expression": 0.1}
+        scaled = {n: (params[n] / unit[n]).detach().clone().requires_grad_(True) for n in names}
+        optimizer = torch.optim.LBFGS(list(scaled.values()), lr=1.0, max_iter=steps, history_size=30,
+                                      tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+        evaluations = [0]
+
+        def closure():
+            optimizer.zero_grad(set_to_none=True)
+            current = {**params, **{n: scaled[n] * unit[n] for n in names}}
+            if self.model.expression_kind == "blendshape":
+                current["expression"] = current["expression"].clamp(0.0, 1.0)
+            total = self.losses(current, targets, None)["total"]
+            total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+            loss = (total * (~state["failed"]).to(total.dtype)).sum()
+            loss.backward()
+            evaluations[0] += 1
+            return loss
+
+        optimizer.step(closure)
+        with torch.no_grad():
+            for n in names:
+                value = scaled[n] * unit[n]
+                if n == "expression" and self.model.expression_kind == "blendshape":
+                    value = value.clamp(0.0, 1.0)
+                bad = ~torch.isfinite(value).all(dim=1)
+                params[n] = torch.where(bad[:, None], start[n], value).detach()
+        return evaluations[0]
 
     def _reset_faces(self, bad: torch.Tensor, tensors: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
                      optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -305,14 +372,14 @@ class FaceFitter:
     def fit(self, targets: FaceTargets) -> FitResult:
         """Fit every face of ``targets``; returns per-face parameters and diagnostics."""
         cfg = self.settings
+        targets, invalid = _sanitize(targets)
         start = initial_parameters(self.model, targets)
         params = {n: t.clone() for n, t in start.items()}
         b = targets.crops.shape[0]
         state = {"retries": torch.zeros(b, dtype=torch.int64, device=targets.crops.device),
-                 "failed": torch.zeros(b, dtype=torch.bool, device=targets.crops.device), "lr_factor": 1.0}
+                 "failed": invalid.clone(), "lr_factor": 1.0}
         steps = {
-            "landmarks": self._run_stage(params, start, targets, ("angles", "translation", "identity", "expression"),
-                                         cfg.landmark_steps, None, state),
+            "landmarks": self._run_landmark_stage(params, start, targets, cfg.landmark_steps, state),
         }
         coarse = min(cfg.coarse_size, targets.size)
         if cfg.coarse_steps > 0 or cfg.fine_steps > 0:
@@ -327,12 +394,19 @@ class FaceFitter:
             cam = model_to_camera(verts, params["angles"], params["translation"])
             proj = project_points(cam[:, self.model.landmarks68], crop_intrinsics(targets.size, b, device=cam.device))
             error = (proj[..., :2] - targets.landmarks68).norm(dim=-1).mean(dim=1)
+            dense_error = torch.full_like(error, float("nan"))
+            if self.model.dense_triangle is not None and targets.dense is not None:
+                dense_proj = project_points(self.model.dense_points(cam),
+                                            crop_intrinsics(targets.size, b, device=cam.device))
+                dense_error = (dense_proj[..., :2] - targets.dense).norm(dim=-1).mean(dim=1)
             finite = torch.isfinite(terms["total"]) & torch.isfinite(verts).flatten(1).all(dim=1)
             finite &= cam[..., 2].min(dim=1).values > 0
-        failed = state["failed"] | ~finite
+        failed = state["failed"] | ~finite | invalid
         reasons = []
         for i in range(b):
-            if not bool(finite[i]):
+            if bool(invalid[i]):
+                reasons.append("invalid detection (non-finite landmarks or crop)")
+            elif not bool(finite[i]):
                 reasons.append("optimisation diverged (non-finite result or face behind the camera)")
             elif bool(state["failed"][i]):
                 reasons.append(f"optimisation diverged {int(state['retries'][i])} times")
@@ -342,6 +416,7 @@ class FaceFitter:
             parameters={n: t.detach().cpu().numpy() for n, t in params.items()},
             losses={n: t.detach().cpu().numpy() for n, t in terms.items()},
             landmark_error_px=error.cpu().numpy(),
+            dense_error_px=dense_error.cpu().numpy(),
             failed=failed.cpu().numpy(),
             reasons=reasons,
             steps=steps,

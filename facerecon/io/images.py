@@ -318,17 +318,26 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], base: str | os.PathLike 
     * duplicates (the same file reached twice) are dropped, first occurrence wins;
     * order: arguments in the order given, files within a folder sorted by path.
 
-    Keys come from :func:`input_key` relative to ``base`` (default: current directory).
+    Keys are relative to the argument that named the file, so they do not depend on the
+    current directory: a file argument gives its name, a folder argument the path below
+    the folder, a glob the path below the pattern's fixed leading folder. When two
+    arguments would give the same key to different files, the later file gets its path
+    relative to ``base`` (default: current directory, see :func:`input_key`) instead.
     """
     result = CollectedInputs()
     seen: set[str] = set()
+    keys: set[str] = set()
 
-    def add(path: Path) -> None:
+    def add(path: Path, root: Path | None) -> None:
         real = os.path.realpath(path)
         if real in seen:
             return
         seen.add(real)
-        result.append((path, input_key(path, base)))
+        key = input_key(path, root) if root is not None else path.name
+        if key in keys:
+            key = input_key(path, base)
+        keys.add(key)
+        result.append((path, key))
 
     for raw in inputs:
         text = os.fspath(raw)
@@ -338,11 +347,19 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], base: str | os.PathLike 
             if not files:
                 result.problems.append((text, "folder contains no image files"))
             for file in files:
-                add(file)
+                add(file, path)
         elif path.exists() or path.is_symlink():
-            add(path)
+            add(path, None)
         elif glob.has_magic(text):
-            matches = [Path(m) for m in sorted(glob.glob(os.path.expanduser(text), recursive=True))]
+            expanded = os.path.expanduser(text)
+            fixed = [part for part in Path(expanded).parts]
+            prefix = []
+            for part in fixed:
+                if glob.has_magic(part):
+                    break
+                prefix.append(part)
+            root = Path(*prefix) if prefix else Path(".")
+            matches = [Path(m) for m in sorted(glob.glob(expanded, recursive=True))]
             files = []
             for match in matches:
                 if match.is_dir():
@@ -352,7 +369,7 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], base: str | os.PathLike 
             if not files:
                 result.problems.append((text, "pattern matches no image files"))
             for file in files:
-                add(file)
+                add(file, root)
         else:
             result.problems.append((text, "no such file or directory"))
     return result

@@ -20,6 +20,7 @@ PyTorch3D is imported lazily; :func:`is_available` says whether it can be.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -33,8 +34,9 @@ class BackendUnavailableError(RuntimeError):
     """The requested rendering backend cannot be imported."""
 
 
+@functools.lru_cache(maxsize=1)
 def is_available() -> bool:
-    """True when ``import pytorch3d`` (with its rasterizer) works."""
+    """True when ``import pytorch3d`` (with its rasterizer) works (cached)."""
     try:
         import pytorch3d.renderer.mesh.rasterize_meshes  # noqa: F401
         import pytorch3d.structures  # noqa: F401

@@ -57,8 +57,8 @@ DEFAULT_NEAR = 1e-6
 #: then exact (integer-valued float64) for coordinates within +-4096 px of the centre.
 SUBPIXEL = 256
 
-#: Upper bound on candidate pixels processed at once (bounds peak memory, roughly
-#: 60 bytes per candidate).
+#: Upper bound on candidate pixels processed at once (bounds peak memory, a few tens
+#: of bytes per candidate).
 MAX_CANDIDATES_PER_CHUNK = 1 << 22
 
 _KEY_EMPTY = torch.iinfo(torch.int64).max
@@ -121,14 +121,19 @@ def _gather_corners(screen_vertices: torch.Tensor, tris: torch.Tensor) -> torch.
 
 
 def _validity(tv: torch.Tensor, cull_backfaces: bool, near: float) -> tuple[torch.Tensor, torch.Tensor]:
-    u, v, z = tv[..., 0], tv[..., 1], tv[..., 2]
+    # Same rules as rasterize_triangle_ids: orientation and degeneracy are decided on
+    # the snapped 1/SUBPIXEL grid (snapping commutes with the integer centre shift).
+    tv = tv.to(torch.float64)
+    u = torch.round(tv[..., 0] * SUBPIXEL)
+    v = torch.round(tv[..., 1] * SUBPIXEL)
+    z = tv[..., 2]
     cross = (u[..., 1] - u[..., 0]) * (v[..., 2] - v[..., 0]) - (u[..., 2] - u[..., 0]) * (
         v[..., 1] - v[..., 0]
     )
     valid = (z > near).all(-1) & torch.isfinite(cross) & (cross != 0)
     if cull_backfaces:
         valid &= cross < 0
-    return valid, cross
+    return valid, cross / (SUBPIXEL * SUBPIXEL)
 
 
 def triangle_validity(
@@ -146,8 +151,9 @@ def triangle_validity(
         near: drop triangles with any vertex at ``z <= near``.
 
     Returns:
-        valid (B, F) bool and the twice-signed screen area (B, F) ``cross`` (negative
-        for front-facing triangles). Not differentiable.
+        valid (B, F) bool and the twice-signed screen area (B, F) ``cross`` in pixels²
+        (negative for front-facing triangles), both computed on the 1/SUBPIXEL snapped
+        vertex positions like the rasterizer. Not differentiable.
     """
     with torch.no_grad():
         tris = triangles.to(device=screen_vertices.device, dtype=torch.long)
@@ -226,7 +232,13 @@ def rasterize_triangle_ids(
         M = sum(counts)
         if M == 0:
             return torch.full((B, H, W), -1, dtype=torch.long, device=device)
-        sel = torch.sort(combo).indices[:M]  # (M,) flat index b * F + f, bucket order
+        class_list = [int(c) for c in classes.tolist()]
+        remap = _merge_small_buckets(counts, class_list)
+        if remap is not None:  # fewer, slightly larger buckets: fewer kernel launches
+            lut = torch.tensor(remap + [nclass2], device=device)
+            combo = lut.index_select(0, combo)
+            counts = torch.bincount(combo, minlength=nclass2 + 1)[:nclass2].tolist()
+        sel = torch.sort(combo, stable=True).indices[:M]  # (M,) b * F + f, bucket order
 
         # A 1-D index_select per row is much faster on CPU than gathering a 2-D table.
         u0, u1, u2, v0, v1, v2, z0, z1, z2, cr, x0, y0, x1, y1 = (
@@ -273,19 +285,15 @@ def rasterize_triangle_ids(
             pz = ce * g if pz is None else pz + ce * g
             qz = ae * g if qz is None else qz + ae * g
             rz = be * g if rz is None else rz + be * g
-        # Per-triangle rows (each (M,)): edge coefficients C, A, B for the three edges
-        # and the 1/z plane (index 3); integer box / key / pixel-base data.
+        # Per-triangle tables: edge coefficients C, A, B of the three edges, the 1/z
+        # plane, top-left flags, integer box / key / pixel-base rows.
         # The 1/z plane is re-based at the box corner pixel and expressed per pixel, so
         # it can be evaluated in float32 without cancellation: p0 + q * dx + r * dy.
         p0 = pz + qz * ((xmin - ox) * SUBPIXEL).to(f64) + rz * ((ymin - oy) * SUBPIXEL).to(f64)
-        frows = [
-            c_rows + [p0.float()],
-            a_rows + [(qz * SUBPIXEL).float()],
-            b_rows + [(rz * SUBPIXEL).float()],
-        ]
-        irows = [xmin, ymin, nx, ny, face | _KEY_HI_BASE, bidx * (H * W)] + tl_rows
-
-        class_list = [int(c) for c in classes.tolist()]
+        edges = torch.stack(c_rows + a_rows + b_rows)  # (9, M) float64: C0-2, A0-2, B0-2
+        zplane = torch.stack([p0, qz * SUBPIXEL, rz * SUBPIXEL]).float()  # (3, M)
+        tl3 = torch.stack(tl_rows)  # (3, M) bool
+        irows = [xmin, ymin, nx, ny, face | _KEY_HI_BASE, bidx * (H * W)]
 
         zbuf = torch.full((B * H * W,), _KEY_EMPTY, dtype=torch.long, device=device)
         start = 0
@@ -300,9 +308,7 @@ def rasterize_triangle_ids(
             for s0 in range(start, start + cnt, step):
                 sl = slice(s0, min(s0 + step, start + cnt))
                 _raster_bucket(
-                    zbuf,
-                    [[r[sl] for r in group] for group in frows],
-                    [r[sl] for r in irows],
+                    zbuf, edges[:, sl], zplane[:, sl], tl3[:, sl], [r[sl] for r in irows],
                     ar_x, ar_y, ox, oy, W,
                 )
             start += cnt
@@ -311,31 +317,68 @@ def rasterize_triangle_ids(
     return tid.view(B, H, W)
 
 
-def _raster_bucket(zbuf, frows, irows, ar_x, ar_y, ox, oy, W):
+def _merge_small_buckets(counts: list[int], class_list: list[int], min_share: float = 0.02):
+    """Remap bucket ids so that buckets with few candidates join a larger one.
+
+    Bucket id ``iy * ncls + ix`` has size (class_list[iy], class_list[ix]). Buckets
+    holding less than ``min_share`` of all candidate pixels move to the smallest large
+    bucket that contains them; the remaining small ones are merged into one bucket of
+    their maximal size when that at most triples their work. Returns a list mapping old
+    to new ids, or None when nothing changes.
+    """
+    ncls = len(class_list)
+
+    def area(cid):
+        return class_list[cid // ncls] * class_list[cid % ncls]
+
+    work = {cid: cnt * area(cid) for cid, cnt in enumerate(counts) if cnt}
+    total = sum(work.values())
+    big = [cid for cid, w in work.items() if w >= min_share * total]
+    remap = list(range(len(counts)))
+    leftovers = []
+    for cid in work:
+        if cid in big:
+            continue
+        iy, ix = divmod(cid, ncls)
+        targets = [t for t in big if t // ncls >= iy and t % ncls >= ix]
+        if targets:
+            remap[cid] = min(targets, key=area)
+        else:
+            leftovers.append(cid)
+    if len(leftovers) > 1:
+        union = max(c // ncls for c in leftovers) * ncls + max(c % ncls for c in leftovers)
+        if sum(counts[c] for c in leftovers) * area(union) <= 3 * sum(work[c] for c in leftovers):
+            for c in leftovers:
+                remap[c] = union
+    return None if remap == list(range(len(counts))) else remap
+
+
+def _raster_bucket(zbuf, edges, zplane, tl3, irows, ar_x, ar_y, ox, oy, W):
     """Test the (Ky, Kx) candidate pixels of a bucket of M triangles, update zbuf.
 
-    frows: [C, A, B] lists of four (M,) rows: three float64 edges on the snapped grid,
-    then the float32 1/z plane relative to the box corner, per pixel;
-    irows: (M,) rows xmin, ymin, nx, ny, key base, pixel base, tl0, tl1, tl2;
-    ar_x (Kx, 1) and ar_y (Ky, 1) offsets. Candidates are laid out (Ky, Kx, M) so the
-    long triangle axis is innermost (vectorised broadcasting).
+    edges: (9, M) float64 rows C0-2, A0-2, B0-2 of the three (sign-adjusted) edge
+    functions on the snapped grid; zplane: (3, M) float32 1/z plane (value at the box
+    corner, per-pixel x and y slopes); tl3: (3, M) bool top-left flags; irows: (M,)
+    rows xmin, ymin, nx, ny, key base, pixel base; ar_x (Kx, 1), ar_y (Ky, 1) offsets.
+    Candidates are laid out (Ky, Kx, M) so that the long triangle axis is innermost
+    (vectorised broadcasting).
     """
-    xm, ym, nxs, nys, keybase, pixbase = irows[:6]
-    xs = xm + torch.minimum(ar_x, nxs - 1)  # (Kx, M) pixel columns, clamped into the box
-    ys = ym + torch.minimum(ar_y, nys - 1)  # (Ky, M)
+    xm, ym, nxs, nys, keybase, pixbase = irows
+    dx = torch.minimum(ar_x, nxs - 1)  # (Kx, M) offsets clamped into the box
+    dy = torch.minimum(ar_y, nys - 1)  # (Ky, M)
+    xs, ys = xm + dx, ym + dy
     # Pixel centres on the snapped grid. Padding candidates (beyond the box) get NaN:
     # every edge test on them fails, and every triangle has an edge that must pass.
     xf = torch.where(ar_x < nxs, ((xs - ox) * SUBPIXEL).to(torch.float64), float("nan"))
     yf = torch.where(ar_y < nys, ((ys - oy) * SUBPIXEL).to(torch.float64), float("nan"))
-    cr, ar, br = frows
-    inside = None
-    for k in range(3):
-        # (C + B y) + A x: exact (integer-valued float64 well below 2**53).
-        e = (cr[k] + br[k] * yf)[:, None, :] + (ar[k] * xf)[None, :, :]  # (Ky, Kx, M)
-        ok = (e >= 0) == irows[6 + k]
-        inside = ok if inside is None else inside.logical_and_(ok)
-    dxf, dyf = (xs - xm).to(torch.float32), (ys - ym).to(torch.float32)
-    invz = (cr[3] + br[3] * dyf)[:, None, :] + (ar[3] * dxf)[None, :, :]
+    c, a, b = edges[0:3, None, :], edges[3:6, None, :], edges[6:9, None, :]
+    # (C + B y) + A x for the three edges at once: exact (integer-valued float64).
+    e = (c + b * yf)[:, :, None, :] + (a * xf)[:, None, :, :]  # (3, Ky, Kx, M)
+    inside = ((e >= 0) == tl3[:, None, None, :]).all(0)  # (Ky, Kx, M)
+    del e
+    invz = (zplane[0] + zplane[2] * dy.to(torch.float32))[:, None, :] + (
+        zplane[1] * dx.to(torch.float32)
+    )[None, :, :]
     bits = invz.clamp_min_(0.0).view(torch.int32).to(torch.long)
     key = torch.where(inside, keybase - (bits << 32), _KEY_EMPTY)
     pix = (pixbase + ys * W)[:, None, :] + xs[None, :, :]  # (Ky, Kx, M)

@@ -123,7 +123,7 @@ class MeshRenderer:
                 front faces (i.e. counter-clockwise seen from outside).
             intrinsics: (B, 3, 3) pinhole intrinsics.
             albedo: (B, N, 3) per-vertex reflectance.
-            sh: (B, 9) or (B, 27) SH coefficients (see :mod:`.shading`), or None for
+            sh: (B, 9), (B, 27) or (B, 3, 9) SH coefficients (see :mod:`.shading`), or None for
                 unlit rendering (image = interpolated albedo).
             background: (B, H, W, 3) used where no triangle covers the pixel; None = 0.
 
@@ -151,8 +151,8 @@ class MeshRenderer:
         mask = frags.mask
         if background is not None and background.shape != (B, H, W, 3):
             raise ValueError(f"background must be {(B, H, W, 3)}, got {tuple(background.shape)}")
-        image = scatter_to_pixels(pix, vals[:3], B * H * W, background).view(B, H, W, 3)
-        n_pix = vals[3:]
+        c_pix, n_pix = vals.split([3, 3], dim=0)  # split: backward is one cat, no zero fill
+        image = scatter_to_pixels(pix, c_pix, B * H * W, background).view(B, H, W, 3)
         n_pix = n_pix / (n_pix * n_pix).sum(0).sqrt().clamp_min(1e-12)
         n_img = scatter_to_pixels(pix, n_pix, B * H * W).view(B, H, W, 3)
 

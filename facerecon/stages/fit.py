@@ -71,6 +71,8 @@ class FaceOutcome:
     reason: str = ""
     landmark_error_px: float = float("nan")
     landmark_error_iod: float = float("nan")
+    dense_error_px: float = float("nan")
+    dense_error_iod: float = float("nan")
     files: list[str] = field(default_factory=list)
 
 
@@ -101,6 +103,7 @@ class FitSummary:
         fitted = self.fitted
         errors = [f.landmark_error_px for f in fitted]
         rel = [f.landmark_error_iod for f in fitted]
+        dense_rel = [f.dense_error_iod for f in fitted if np.isfinite(f.dense_error_iod)]
         count = lambda s: sum(1 for v in self.images.values() if v == s)  # noqa: E731
         return {
             "output": self.output, "device": self.device, "images": len(self.images),
@@ -109,6 +112,7 @@ class FitSummary:
             "faces_fitted": len(fitted), "faces_failed": sum(1 for f in self.faces if f.status == STATUS_FAILED),
             "median_landmark_error_px": float(np.median(errors)) if errors else None,
             "median_landmark_error_iod": float(np.median(rel)) if rel else None,
+            "median_dense_landmark_error_iod": float(np.median(dense_rel)) if dense_rel else None,
             "seconds_per_face": round(self.elapsed / len(self.faces), 3) if self.faces else None,
             "fit_seconds_per_face": round(self.fit_seconds / len(self.faces), 3) if self.faces else None,
             "elapsed_seconds": round(self.elapsed, 3), "interrupted": self.interrupted, "notes": self.notes,
@@ -121,15 +125,12 @@ class FitSummary:
 
 
 class Progress:
-    """Callbacks of :func:`run_fit` (the default does nothing)."""
+    """Callbacks of :func:`run_fit`: ``start(faces)`` then ``advance()`` per face (default: nothing)."""
 
-    def stage(self, name: str, total: int) -> None:
+    def start(self, total: int) -> None:
         pass
 
-    def advance(self, count: int) -> None:
-        pass
-
-    def note(self, message: str) -> None:
+    def advance(self, *args: Any) -> None:
         pass
 
 
@@ -341,7 +342,8 @@ def _write_image_item(store: ResultStore, key: str, det_attrs: dict, faces: list
             g = container.create_group(str(face["index"]))
             for name, value in face["arrays"].items():
                 if name == "texture":
-                    g.create_dataset(name, data=value, chunks=(256, 256, 3), compression="gzip", compression_opts=4)
+                    side = min(256, value.shape[0])
+                    g.create_dataset(name, data=value, chunks=(side, side, 3), compression="gzip", compression_opts=4)
                 elif isinstance(value, np.ndarray) and value.size > 1000:
                     g.create_dataset(name, data=value, compression="gzip", compression_opts=1)
                 else:
@@ -388,8 +390,13 @@ def read_model_item(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, options: FitOptions | None = None,
-            progress: Progress | None = None, detect_progress: detect_stage.Progress | None = None) -> FitSummary:
-    """Detect (when given images) and fit every face; see the module docstring."""
+            progress: Progress | None = None, detect_progress: detect_stage.Progress | None = None,
+            should_stop=None) -> FitSummary:
+    """Detect (when given images) and fit every face; see the module docstring.
+
+    ``should_stop()`` is polled between batches (Ctrl-C handling of the CLI); a stop or a
+    KeyboardInterrupt keeps every image already stored and sets ``interrupted``.
+    """
     options = options or FitOptions()
     progress = progress or Progress()
     out_dir = Path(out_dir)
@@ -404,7 +411,8 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
     else:
         detections = out_dir / "detections.h5"
         det_options = detect_stage.DetectOptions(max_faces=1 if options.largest else None)
-        det_summary = detect_stage.run_detect(inputs, detections, det_options, detect_progress)
+        det_summary = detect_stage.run_detect(inputs, detections, det_options, detect_progress,
+                                              should_stop=should_stop)
         for outcome in det_summary.outcomes:
             if outcome.status == detect_stage.STATUS_FAILED:
                 summary.images[outcome.key] = STATUS_FAILED
@@ -442,7 +450,7 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
                     if k != MODEL_KEY and a.get("settings_digest") == digest and a.get("status") in
                     (STATUS_OK, STATUS_NO_FACE)}
         total = sum(1 for _ in _count_faces(detections, done))
-        progress.stage("fitting", total)
+        progress.start(total)
         batch: list[list[_PendingFace]] = []
         try:
             for image_faces in _iter_faces(detections, summary, done):
@@ -455,7 +463,10 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
                     _process_batch(batch, fitter, writer, store, options, summary, settings, digest, progress)
                     batch = []
                     store.maybe_pack()
-            if batch:
+                    if should_stop is not None and should_stop():
+                        summary.interrupted = True
+                        break
+            if batch and not summary.interrupted:
                 _process_batch(batch, fitter, writer, store, options, summary, settings, digest, progress)
         except KeyboardInterrupt:
             summary.interrupted = True
@@ -495,10 +506,13 @@ def _process_batch(batch: list[list[_PendingFace]], fitter: FaceFitter, writer: 
             error_px = float(result.landmark_error_px[i]) / scale
             lm = face.landmarks68
             iod = float(np.linalg.norm(lm[36:42].mean(0) - lm[42:48].mean(0)))
+            dense_px = float(result.dense_error_px[i]) / scale
             outcome = FaceOutcome(pending.key, face.index, STATUS_OK, landmark_error_px=error_px,
-                                  landmark_error_iod=error_px / max(iod, 1e-6))
+                                  landmark_error_iod=error_px / max(iod, 1e-6), dense_error_px=dense_px,
+                                  dense_error_iod=dense_px / max(iod, 1e-6))
             attrs = {"index": face.index, "status": STATUS_OK, "reason": "", "landmark_error_px": error_px,
-                     "landmark_error_iod": outcome.landmark_error_iod, "steps": json.dumps(result.steps),
+                     "landmark_error_iod": outcome.landmark_error_iod, "dense_error_px": dense_px,
+                     "dense_error_iod": outcome.dense_error_iod, "steps": json.dumps(result.steps),
                      "losses": json.dumps({k: float(v[i]) for k, v in result.losses.items()}),
                      "crop_size": crop_size}
             arrays: dict[str, Any] = {"align_matrix": face.align_matrix.astype(np.float64)}
@@ -530,4 +544,5 @@ def _process_batch(batch: list[list[_PendingFace]], fitter: FaceFitter, writer: 
         summary.images[image[0].key] = image_status
         if reason:
             summary.image_reasons[image[0].key] = reason
-        progress.advance(len(image))
+        for _ in image:
+            progress.advance()

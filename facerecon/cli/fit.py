@@ -1,0 +1,136 @@
+"""``facerecon fit``: photos (or a detections file) in, textured 3D face meshes out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from facerecon.cli.common import (EXIT_NOTHING_DONE, ProgressReporter, graceful_stop, print_json,
+                                  problems_table, stderr_console, summary_table)
+
+
+def face_model_options(function):
+    """--face-model / --no-download, shared by the commands that need a face model."""
+    function = click.option("--no-download", is_flag=True,
+                            help="Never download the default face model (also FACERECON_NO_DOWNLOAD=1).")(function)
+    function = click.option("--face-model", default=None, metavar="NAME|PATH",
+                            help="Face model to use [default: FACERECON_FACE_MODEL, then the installed 'ict'].")(
+        function)
+    return function
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: fits.h5, detections.h5, meshes/, overlays/, contact_sheet.png.")
+@face_model_options
+@click.option("--format", "formats", default="obj,ply", show_default=True,
+              help="Mesh formats, comma-separated: obj (with MTL + texture PNG), ply (vertex colours), glb.")
+@click.option("--pose", type=click.Choice(["canonical", "camera"]), default="canonical", show_default=True,
+              help="Mesh frame: canonical head frame (mm, +y up, +z out of the face) or the fitting camera's.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True,
+              help="Faces fitted together.")
+@click.option("--largest", is_flag=True, help="Fit only the largest face of each photo.")
+@click.option("--texture-size", type=click.IntRange(64, 8192), default=1024, show_default=True,
+              help="Side of the UV texture PNG.")
+@click.option("--no-overlays", is_flag=True, help="Skip overlay PNGs and the contact sheet.")
+@click.option("--steps", type=(click.IntRange(0), click.IntRange(0), click.IntRange(0)), default=(120, 60, 25),
+              show_default=True, metavar="LANDMARK COARSE FINE",
+              help="Iterations of the three stages (landmarks; photometric at 112 px; at crop size).")
+@click.option("--no-dense", is_flag=True, help="Use the 68 landmarks only, not the 468-point dense embedding.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (runs are deterministic).")
+@click.option("--overwrite", is_flag=True, help="Refit images already in fits.h5 (default: skip them).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary table.")
+def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_download: bool, formats: str, pose: str,
+        device: str, batch_size: int, largest: bool, texture_size: int, no_overlays: bool,
+        steps: tuple[int, int, int], no_dense: bool, seed: int, overwrite: bool, as_json: bool, quiet: bool
+        ) -> None:
+    """Reconstruct a textured 3D mesh for every face in the photos.
+
+    \b
+    INPUTS are image files, folders and globs (faces are detected first into
+    OUT/detections.h5), or one detections .h5 written by `facerecon detect`.
+    Method: analysis-by-synthesis with the hybrid loss of Deng et al. 2019
+    (skin-attention photometric, landmark, coefficient and texture-flatness
+    terms, paper weights), coarse to fine, batched, on CPU or CUDA.
+
+    \b
+    Outputs in OUT: fits.h5 (all parameters; crash-safe and resumable),
+    meshes/<image>_face<i>.obj|.mtl|_texture.png|.ply|.glb (millimetres),
+    overlays/<image>_face<i>.png and contact_sheet.png.
+
+    \b
+    Exit codes: 0 at least one image fitted (or already done); 1 nothing
+    could be fitted or no face model is available; 2 usage error;
+    130 interrupted (finished images are kept; rerun to resume).
+
+    \b
+    Examples:
+      facerecon fit photos/ --out meshes/
+      facerecon fit det.h5 --out out/ --format obj,glb --largest --json
+    """
+    from facerecon.export.meshio import parse_formats
+    from facerecon.facemodel.model import FaceModelError
+    from facerecon.fitting.optimize import FitSettings
+    from facerecon.io.store import StoreError
+    from facerecon.stages.fit import FitOptions, run_fit
+
+    try:
+        format_list = parse_formats(formats)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--format") from None
+    settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2],
+                           use_dense_landmarks=not no_dense)
+    options = FitOptions(face_model=face_model, allow_download=False if no_download else None, device=device,
+                         batch_size=batch_size, formats=format_list, pose=pose, texture_size=texture_size,
+                         overlays=not no_overlays, largest=largest, overwrite=overwrite, seed=seed,
+                         settings=settings)
+    console = stderr_console(quiet=quiet)
+    try:
+        with graceful_stop() as stop, ProgressReporter(console, "detect", enabled=not quiet) as det_progress, \
+                ProgressReporter(console, "fit", unit="face", enabled=not quiet) as fit_progress:
+            summary = run_fit(inputs, out_dir, options, progress=fit_progress, detect_progress=det_progress,
+                              should_stop=stop)
+    except (FaceModelError, StoreError, ValueError, OSError) as exc:
+        if as_json:
+            print_json({"output": str(out_dir), "error": str(exc), "exit_code": EXIT_NOTHING_DONE})
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(EXIT_NOTHING_DONE) from None
+    data = summary.to_dict()
+    if not quiet:
+        for note in data["notes"]:
+            console.print(f"note: {note}")
+        _print_summary(console, data)
+    if summary.interrupted:
+        click.echo(f"interrupted: finished images are saved in {data['output']}; run the same command to resume",
+                   err=True)
+    if as_json:
+        print_json(data)
+    code = summary.exit_code
+    if code:
+        raise SystemExit(code)
+
+
+def _fmt(value, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def _print_summary(console, data: dict) -> None:
+    rows = [
+        ("images", data["images"]), ("  fitted", data["images_fitted"]),
+        ("  skipped (already done)", data["images_skipped"]), ("  no face", data["images_no_face"]),
+        ("  failed", data["images_failed"]), ("faces fitted", data["faces_fitted"]),
+        ("faces failed", data["faces_failed"]),
+        ("median landmark error (68 pt)", _fmt(data["median_landmark_error_px"], "{:.2f} px")
+         + _fmt(data["median_landmark_error_iod"], " ({:.1%} of eye distance)")),
+        ("median landmark error (dense)", _fmt(data["median_dense_landmark_error_iod"], "{:.1%} of eye distance")),
+        ("time per face", _fmt(data["seconds_per_face"], "{:.2f} s") + _fmt(data["fit_seconds_per_face"],
+                                                                           " (fit {:.2f} s)")),
+        ("device", data["device"]), ("output", data["output"]),
+    ]
+    console.print(summary_table("fit summary", rows))
+    if data["failures"]:
+        console.print(problems_table("failures", [(f["key"], f["reason"]) for f in data["failures"]]))

@@ -1,0 +1,173 @@
+"""Fitting (method optimize), its outputs and the fit / export commands."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import trimesh
+from click.testing import CliRunner
+
+from facerecon.cli import main
+from facerecon.facemodel.embedding import face_oval_indices
+from facerecon.facemodel.tensors import FaceModelTensors
+from facerecon.fitting.optimize import FaceFitter, FaceTargets, FitSettings
+from facerecon.stages.fit import FitOptions, read_fits, run_fit
+from facerecon.synthetic import random_parameters, render_faces, textured_backgrounds
+
+
+@pytest.fixture(scope="module")
+def synthetic_fit(ict_embedded_model):
+    tensors = FaceModelTensors(ict_embedded_model)
+    generator = torch.Generator().manual_seed(3)
+    params = random_parameters(tensors, 2, generator, pitch_degrees=0.0)
+    params["angles"][:, 1] = torch.deg2rad(torch.tensor([0.0, 30.0]))
+    batch = render_faces(tensors, params, 224, textured_backgrounds(2, 224, generator))
+    targets = FaceTargets(batch.images, batch.landmarks68, batch.dense, torch.ones(2, 224, 224))
+    fitter = FaceFitter(tensors, ict_embedded_model.regions, FitSettings(), oval_indices=face_oval_indices())
+    return params, batch, fitter, fitter.fit(targets), targets
+
+
+def test_fit_recovers_pose_and_landmarks(synthetic_fit):
+    params, batch, fitter, result, _ = synthetic_fit
+    assert not result.failed.any()
+    angle_error = np.rad2deg(np.abs(result.parameters["angles"] - params["angles"].numpy()))
+    assert angle_error.max() < 2.0, angle_error
+    assert result.landmark_error_px.max() < 1.0, result.landmark_error_px
+    assert result.losses["photometric"].max() < 0.05
+
+
+def test_fit_beats_the_mean_face(synthetic_fit, ict_embedded_model):
+    params, batch, fitter, result, _ = synthetic_fit
+    tensors = fitter.model
+    fitted = tensors.shape(torch.as_tensor(result.parameters["identity"]),
+                           torch.as_tensor(result.parameters["expression"])).numpy()
+    truth = batch.vertices.numpy()
+    region = ict_embedded_model.regions["photometric"]
+
+    def aligned_error(a, b):
+        a, b = a[region] - a[region].mean(0), b[region] - b[region].mean(0)
+        u, s, vt = np.linalg.svd(a.T @ b)
+        d = np.diag([1, 1, np.sign(np.linalg.det(u @ vt))])
+        r = (u @ d @ vt).T
+        scale = (s * np.diag(d)).sum() / (a**2).sum()
+        return np.median(np.linalg.norm(scale * a @ r.T - b, axis=1))
+
+    for i in range(2):
+        baseline = aligned_error(ict_embedded_model.mean_shape, truth[i])
+        assert aligned_error(fitted[i], truth[i]) < 0.75 * baseline
+
+
+def test_diverging_face_is_marked_failed(synthetic_fit):
+    params, batch, fitter, _, targets = synthetic_fit
+    broken = FaceTargets(targets.crops.clone(), targets.landmarks68.clone(), targets.dense.clone(),
+                         targets.attention)
+    broken.landmarks68[1] = float("nan")
+    fast = FaceFitter(fitter.model, {"photometric": np.arange(fitter.model.n_vertices),
+                                     "skin": np.arange(100)}, FitSettings(landmark_steps=5, coarse_steps=3,
+                                                                          fine_steps=0))
+    result = fast.fit(broken)
+    assert not result.failed[0] and result.failed[1]
+    assert "invalid" in result.reasons[1]
+    assert np.isfinite(result.parameters["identity"][0]).all()
+    # a face whose optimisation explodes is reset, retried, then marked failed
+    exploding = FitSettings(landmark_steps=3, coarse_steps=4, fine_steps=0, learning_rate=1e6, max_retries=1)
+    regions = {"photometric": np.arange(fitter.model.n_vertices), "skin": np.arange(100)}
+    result = FaceFitter(fitter.model, regions, exploding).fit(targets)
+    for identity, failed in zip(result.parameters["identity"], result.failed):
+        assert failed or np.isfinite(identity).all()
+
+
+@pytest.fixture(scope="module")
+def fitted_photo(ict_embedded_model_file, astronaut_path, tmp_path_factory):
+    photos = tmp_path_factory.mktemp("photos")
+    shutil.copy(astronaut_path, photos / "astronaut.png")
+    (photos / "notes.jpg").write_text("not an image")
+    out = tmp_path_factory.mktemp("fit")
+    result = CliRunner().invoke(main, ["fit", str(photos), "--out", str(out), "--face-model",
+                                       str(ict_embedded_model_file), "--format", "obj,ply,glb",
+                                       "--texture-size", "256", "--json", "--quiet"])
+    return photos, out, result
+
+
+def test_fit_command_on_a_real_photo(fitted_photo):
+    photos, out, result = fitted_photo
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{"):])
+    assert data["faces_fitted"] == 1 and data["images_failed"] == 1
+    assert any("notes.jpg" in f["key"] for f in data["failures"])
+    assert data["median_landmark_error_iod"] < 0.08
+    meshes = sorted((out / "meshes").rglob("astronaut_face0.*"))
+    suffixes = {p.suffix for p in meshes}
+    assert {".obj", ".mtl", ".ply", ".glb"} <= suffixes
+    for path in meshes:
+        if path.suffix in (".obj", ".ply", ".glb"):
+            loaded = trimesh.load(path, force="mesh")
+            assert len(loaded.faces) == 18460 and np.isfinite(loaded.vertices).all()
+    obj = trimesh.load(next(p for p in meshes if p.suffix == ".obj"), force="mesh")
+    extent = obj.vertices.max(0) - obj.vertices.min(0)
+    assert 120 < extent[0] < 260  # millimetres: a head is ~15-20 cm wide
+    assert (out / "contact_sheet.png").is_file()
+    assert next((out / "overlays").rglob("astronaut_face0.png")).is_file()
+
+
+def test_fits_file_holds_parameters_and_is_resumable(fitted_photo, ict_embedded_model_file):
+    photos, out, _ = fitted_photo
+    entries = {key: (attrs, faces) for key, attrs, faces in read_fits(out / "fits.h5")}
+    key = next(k for k in entries if k.endswith("astronaut.png"))
+    attrs, faces = entries[key]
+    assert attrs["status"] == "ok" and attrs["model_id"] == "ict-face-light"
+    face = faces[0]
+    assert face["identity"].shape == (100,) and face["sh"].shape == (27,)
+    assert face["vertices"].shape == (9409, 3) and np.isfinite(face["vertices"]).all()
+    assert face["texture"].shape == (256, 256, 3)
+    rerun = run_fit([str(photos)], out, FitOptions(face_model=str(ict_embedded_model_file), texture_size=256))
+    assert rerun.images[key] == "skipped" and not rerun.faces
+
+
+def test_interrupted_fit_keeps_finished_images(ict_embedded_model_file, astronaut_path, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.png", "b.png"):
+        shutil.copy(astronaut_path, photos / name)
+    options = FitOptions(face_model=str(ict_embedded_model_file), batch_size=1, texture_size=128, overlays=False,
+                         settings=FitSettings(landmark_steps=20, coarse_steps=5, fine_steps=0))
+    calls = []
+    first = run_fit([str(photos)], tmp_path / "out", options, should_stop=lambda: calls.append(1) or len(calls) > 2)
+    assert first.interrupted and first.exit_code == 130
+    assert [s for s in first.images.values()].count("ok") == 1
+    with h5py.File(tmp_path / "out" / "fits.h5") as f:
+        assert len([k for k in f["images"] if not k.startswith("@")]) == 1
+    second = run_fit([str(photos)], tmp_path / "out", options)
+    assert sorted(second.images.values()) == ["ok", "skipped"]
+
+
+def test_export_recreates_meshes_and_blendshapes(fitted_photo, tmp_path):
+    _, out, _ = fitted_photo
+    result = CliRunner().invoke(main, ["export", str(out / "fits.h5"), "--out", str(tmp_path), "--format", "ply",
+                                       "--neutral", "--json"])
+    assert result.exit_code == 0, result.output
+    ply = next(tmp_path.rglob("astronaut_face0.ply"))
+    neutral = trimesh.load(ply, force="mesh").vertices
+    fits = {k: faces for k, _, faces in read_fits(out / "fits.h5")}
+    face = next(f for k, f in fits.items() if k.endswith("astronaut.png"))[0]
+    np.testing.assert_allclose(neutral, face["vertices_neutral"], atol=1e-3)
+    weights = json.loads(next(tmp_path.rglob("*.blendshapes.json")).read_text())
+    assert len(weights) == 53 and all(0.0 <= w <= 1.0 for w in weights.values())
+    header, row = next(tmp_path.rglob("*.arkit.csv")).read_text().splitlines()
+    assert header.startswith("Timecode,BlendShapeCount,EyeBlinkLeft") and len(row.split(",")) == 54
+
+
+def test_fit_without_face_model_exits_cleanly(astronaut_path, tmp_path):
+    result = CliRunner().invoke(main, ["fit", str(astronaut_path), "--out", str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code == 1
+    assert "model fetch ict" in result.output and "Traceback" not in result.output
+
+
+def test_fit_rejects_unknown_format(astronaut_path, tmp_path):
+    result = CliRunner().invoke(main, ["fit", str(astronaut_path), "--out", str(tmp_path), "--format", "stl"])
+    assert result.exit_code == 2 and "stl" in result.output
