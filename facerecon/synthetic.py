@@ -52,7 +52,8 @@ def random_parameters(model: FaceModelTensors, batch: int, generator: torch.Gene
         else uniform(-15, 15, batch)
     angles = torch.stack([torch.deg2rad(pitch), torch.deg2rad(yaw), torch.deg2rad(uniform(-8, 8, batch))], dim=1)
     sh = torch.zeros(batch, 27)
-    ambient = uniform(0.7, 1.1, batch, 3) / SH_CONSTANTS[0]
+    # white-ish light: a common level with a slight per-channel tint
+    ambient = uniform(0.7, 1.1, batch, 1) * uniform(0.92, 1.08, batch, 3) / SH_CONSTANTS[0]
     sh[:, [0, 9, 18]] = ambient
     direction = normal(batch, 3) * 0.12
     for c in range(3):
@@ -82,17 +83,70 @@ def textured_backgrounds(batch: int, size: int, generator: torch.Generator) -> t
     return (field * 0.8 + 0.1 + stripes).clamp(0, 1).permute(0, 2, 3, 1)
 
 
+def _sphere(rings: int = 12, segments: int = 18) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit UV sphere around +z: vertices (V, 3), outward counter-clockwise triangles (T, 3)."""
+    theta = torch.linspace(0, torch.pi, rings + 1)[1:-1]  # polar angle from +z
+    phi = torch.linspace(0, 2 * torch.pi, segments + 1)[:-1]
+    t, p = torch.meshgrid(theta, phi, indexing="ij")
+    ring = torch.stack([torch.sin(t) * torch.cos(p), torch.sin(t) * torch.sin(p), torch.cos(t)], -1).reshape(-1, 3)
+    vertices = torch.cat([torch.tensor([[0.0, 0.0, 1.0]]), ring, torch.tensor([[0.0, 0.0, -1.0]])])
+    idx = torch.arange(len(ring)).reshape(rings - 1, segments) + 1
+    nxt = torch.roll(idx, -1, dims=1)
+    tris = [torch.stack([torch.zeros(segments, dtype=torch.long), idx[0], nxt[0]], 1)]
+    for r in range(rings - 2):
+        tris += [torch.stack([idx[r], idx[r + 1], nxt[r + 1]], 1), torch.stack([idx[r], nxt[r + 1], nxt[r]], 1)]
+    tris.append(torch.stack([torch.full((segments,), len(vertices) - 1), nxt[-1], idx[-1]], 1))
+    return vertices, torch.cat(tris)
+
+
+def eyeballs(model: FaceModelTensors, vertices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two eyeballs behind the eyelids (face models here have holes there), canonical frame.
+
+    Returns vertices (B, 2V, 3), triangles (2T, 3) indexed from 0, and albedo (B, 2V, 3): white
+    sclera, brown iris, black pupil, looking along +z.
+    """
+    unit, tris = _sphere()
+    lm = vertices[:, model.landmarks68]
+    parts, colours = [], []
+    for eye in (slice(36, 42), slice(42, 48)):
+        corners = lm[:, eye]
+        width = (corners[:, 0] - corners[:, 3]).norm(dim=-1)  # outer to inner corner
+        radius = (0.42 * width)[:, None, None]
+        centre = corners.mean(dim=1, keepdim=True) - torch.tensor([0.0, 0.0, 1.0]) * radius * 0.75
+        parts.append(centre + radius * unit)
+        cos = unit[:, 2]
+        colour = torch.where((cos > 0.93)[:, None], torch.tensor([0.03, 0.03, 0.03]),
+                             torch.where((cos > 0.8)[:, None], torch.tensor([0.25, 0.15, 0.08]),
+                                         torch.tensor([0.82, 0.8, 0.77])))
+        colours.append(colour.expand(vertices.shape[0], -1, -1))
+    return torch.cat(parts, 1), torch.cat([tris, tris + len(unit)]), torch.cat(colours, 1)
+
+
 def render_faces(model: FaceModelTensors, parameters: dict[str, torch.Tensor], size: int = 224,
-                 background: torch.Tensor | None = None) -> SyntheticBatch:
-    """Render faces of ``model`` with ``parameters`` on the fitting camera of a ``size`` crop."""
+                 background: torch.Tensor | None = None, zoom: float = 1.0, with_eyes: bool = True
+                 ) -> SyntheticBatch:
+    """Render faces of ``model`` with ``parameters`` on the fitting camera of a ``size`` crop.
+
+    ``zoom`` scales the focal length (0.6 makes the face fill ~45 % of the image, like a
+    portrait photo); ``with_eyes`` adds eyeballs behind the eye openings.
+    """
     batch = parameters["identity"].shape[0]
     verts = model.shape(parameters["identity"], parameters["expression"])
-    cam = model_to_camera(verts, parameters["angles"], parameters["translation"])
     k = crop_intrinsics(size, batch)
+    k[:, 0, 0] *= zoom
+    k[:, 1, 1] *= zoom
     albedo = model.albedo(parameters["albedo"]).clamp(0, 1)
+    all_verts, triangles, all_albedo = verts, model.triangles, albedo
+    if with_eyes:
+        eye_verts, eye_tris, eye_albedo = eyeballs(model, verts)
+        all_verts = torch.cat([verts, eye_verts], 1)
+        triangles = torch.cat([model.triangles, eye_tris + verts.shape[1]])
+        all_albedo = torch.cat([albedo, eye_albedo], 1)
+    cam_all = model_to_camera(all_verts, parameters["angles"], parameters["translation"])
     out = MeshRenderer(image_size=(size, size), backend="auto").render(
-        cam, model.triangles, k, albedo, parameters["sh"], background=background)
-    lm = project_points(cam[:, model.landmarks68], k)[..., :2]
+        cam_all, triangles, k, all_albedo, parameters["sh"], background=background)
+    cam = cam_all[:, : verts.shape[1]]
+    lm = project_points(model.landmark_points(cam), k)[..., :2]
     dense = project_points(model.dense_points(cam), k)[..., :2] if model.dense_triangle is not None else None
     return SyntheticBatch(out.image.clamp(0, 1), lm, dense, verts, parameters, out.mask)
 

@@ -36,7 +36,7 @@ def face_model_options(function):
 @click.option("--texture-size", type=click.IntRange(64, 8192), default=1024, show_default=True,
               help="Side of the UV texture PNG.")
 @click.option("--no-overlays", is_flag=True, help="Skip overlay PNGs and the contact sheet.")
-@click.option("--steps", type=(click.IntRange(0), click.IntRange(0), click.IntRange(0)), default=(120, 60, 25),
+@click.option("--steps", type=(click.IntRange(0), click.IntRange(0), click.IntRange(0)), default=(120, 100, 25),
               show_default=True, metavar="LANDMARK COARSE FINE",
               help="Iterations of the three stages (landmarks; photometric at 112 px; at crop size).")
 @click.option("--no-dense", is_flag=True, help="Use the 68 landmarks only, not the 468-point dense embedding.")

@@ -60,11 +60,20 @@ def render_mean_face(model: FaceModel, yaw_degrees: float, image_size: int = 512
     sh[:, [2, 11, 20]] = -0.1  # and slightly from above
     renderer = MeshRenderer(image_size=(image_size, image_size), backend="torch")
     background = torch.full((1, image_size, image_size, 3), 0.35)
-    out = renderer.render(cam, torch.as_tensor(model.triangles, dtype=torch.int64), intrinsics, albedo, sh,
-                          background=background)
+    triangles = torch.as_tensor(model.triangles, dtype=torch.int64)
+    # Eyeballs behind the eye openings, as in a photo: the detector places eyelid points on them.
+    from facerecon.facemodel.tensors import FaceModelTensors
+    from facerecon.synthetic import eyeballs
+
+    eye_vertices, eye_triangles, eye_albedo = eyeballs(FaceModelTensors(model), vertices)
+    eye_cam = (eye_vertices - centre) @ rotation.T + torch.tensor([0.0, 0.0, distance])
+    out = renderer.render(torch.cat([cam, eye_cam], 1), torch.cat([triangles, eye_triangles + cam.shape[1]]),
+                          intrinsics, torch.cat([albedo, eye_albedo], 1), sh, background=background)
     image = (out.image[0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     screen = project_points(cam, intrinsics)[0].double().numpy()
-    return image, out.fragments.triangle_id[0].numpy(), screen
+    triangle_id = out.fragments.triangle_id[0].numpy()
+    triangle_id = np.where(triangle_id >= len(triangles), -1, triangle_id)  # eyeball pixels: no face triangle
+    return image, triangle_id, screen
 
 
 def _backproject(points_xy: np.ndarray, triangle_id: np.ndarray, screen: np.ndarray, model: FaceModel):

@@ -71,8 +71,26 @@ class FaceModelTensors(nn.Module):
         values = self.albedo_mean + (coefficients @ self.albedo_basis).reshape(coefficients.shape[0], -1, 3)
         return values
 
+    @property
+    def landmarks68_from_dense(self) -> bool:
+        """True when the 68 landmarks are taken from the dense embedding (see :meth:`landmark_points`)."""
+        return self.dense_triangle is not None
+
+    def landmark_points(self, values: torch.Tensor) -> torch.Tensor:
+        """The 68 iBUG landmarks (B, 68, C) of per-vertex values (B, N, C): positions or normals.
+
+        With a dense embedding the 68 points are the embedded mediapipe points the detector's
+        68-point subset is made of (``IBUG68_FROM_MP478``), so model and detected landmarks
+        share one definition; otherwise the model's own 68 landmark vertices.
+        """
+        if self.dense_triangle is None:
+            return values[:, self.landmarks68]
+        from facerecon.detection.landmarks import IBUG68_FROM_MP478
+
+        return self.dense_points(values)[:, torch.as_tensor(IBUG68_FROM_MP478, device=values.device)]
+
     def dense_points(self, vertices: torch.Tensor) -> torch.Tensor:
-        """Surface points (B, L, 3) matching the detector's dense landmarks, from vertices (B, N, 3)."""
+        """Surface points (B, L, C) matching the detector's dense landmarks, from per-vertex (B, N, C)."""
         if self.dense_triangle is None:
             raise ValueError(f"face model {self.model_id!r} has no dense landmark embedding")
         corners = vertices[:, self.triangles[self.dense_triangle]]  # (B, L, 3, 3)

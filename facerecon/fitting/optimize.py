@@ -45,7 +45,7 @@ class FitSettings:
     """Options of the ``optimize`` method (defaults: paper 000 weights)."""
 
     landmark_steps: int = 120
-    coarse_steps: int = 60
+    coarse_steps: int = 100
     fine_steps: int = 25
     coarse_size: int = 112
     learning_rate: float = 0.03
@@ -53,6 +53,7 @@ class FitSettings:
     patience: int = 15
     use_dense_landmarks: bool = True
     dense_weight: float = 20.0
+    photometric_landmark_scale: float = 1.0  # < 1 lets photometry override landmarks
     max_retries: int = 1
     weights: dict[str, float] = field(default_factory=lambda: dict(PAPER000_WEIGHTS))
 
@@ -122,7 +123,7 @@ def initial_parameters(model: FaceModelTensors, targets: FaceTargets) -> dict[st
     """Safe starting point: mean face, neutral expression, white light, PnP pose."""
     b, device = targets.crops.shape[0], targets.crops.device
     k = crop_intrinsics(targets.size)[0].numpy()
-    points = model.mean_shape[model.landmarks68].detach().cpu().numpy()
+    points = model.landmark_points(model.mean_shape[None])[0].detach().cpu().numpy()
     angles, translation = pose_from_landmarks(points, targets.landmarks68.detach().cpu().numpy(), k)
     sh = torch.zeros(b, 27, device=device)
     sh[:, [0, 9, 18]] = 1.0 / SH_CONSTANTS[0]  # unit ambient irradiance
@@ -199,19 +200,17 @@ class FaceFitter:
         k = crop_intrinsics(s, b, device=cam.device)
         normals = vertex_normals(cam, m.triangles)
 
-        lm_cam = cam[:, m.landmarks68]
+        lm_cam = m.landmark_points(cam)
         proj68 = project_points(lm_cam, k)[..., :2]
         weights68 = self.lm_weights.expand(b, 68).clone()
-        vis68 = self._contour_visibility(lm_cam, normals[:, m.landmarks68])
+        vis68 = self._contour_visibility(lm_cam, m.landmark_points(normals))
         weights68 = torch.where(self.contour68, weights68 * vis68, weights68)
         sq = ((proj68 - targets.landmarks68) ** 2).sum(-1) * weights68
         terms = {"landmark68": sq.mean(dim=1)}
         lan = terms["landmark68"]
         if self.use_dense and targets.dense is not None:
             dense_cam = m.dense_points(cam)
-            corner_normals = normals[:, m.triangles[m.dense_triangle]]
-            dense_normals = (corner_normals * m.dense_barycentric[None, :, :, None]).sum(2)
-            vis = self._contour_visibility(dense_cam, dense_normals)
+            vis = self._contour_visibility(dense_cam, m.dense_points(normals))
             dense_w = torch.where(self.contour_dense, vis, torch.ones_like(vis))
             dense_proj = project_points(dense_cam, k)[..., :2]
             terms["landmark_dense"] = (((dense_proj - targets.dense) ** 2).sum(-1) * dense_w).sum(1) / (
@@ -219,7 +218,10 @@ class FaceFitter:
             lan = lan + self.settings.dense_weight * terms["landmark_dense"]
         terms["landmark"] = lan
         terms["coefficients"] = coefficient_regularizer(p["identity"], expression, p["albedo"], w)
-        total = w["landmark"] * lan + w["coefficients"] * terms["coefficients"]
+        # photometric_landmark_scale < 1 weakens landmarks once the photometric term is on
+        # (helps when the detector is unreliable, e.g. on renders; hurts on real photos).
+        lan_weight = w["landmark"] * (self.settings.photometric_landmark_scale if render_size is not None else 1.0)
+        total = lan_weight * lan + w["coefficients"] * terms["coefficients"]
         if render_size is not None:
             albedo = m.albedo(p["albedo"])
             terms["texture"] = texture_flatness(albedo, self.skin)
@@ -392,7 +394,7 @@ class FaceFitter:
             terms = self.losses(params, targets, targets.size)
             verts = self.model.shape(params["identity"], params["expression"])
             cam = model_to_camera(verts, params["angles"], params["translation"])
-            proj = project_points(cam[:, self.model.landmarks68], crop_intrinsics(targets.size, b, device=cam.device))
+            proj = project_points(self.model.landmark_points(cam), crop_intrinsics(targets.size, b, device=cam.device))
             error = (proj[..., :2] - targets.landmarks68).norm(dim=-1).mean(dim=1)
             dense_error = torch.full_like(error, float("nan"))
             if self.model.dense_triangle is not None and targets.dense is not None:

@@ -291,7 +291,7 @@ class _FaceWriter:
         gray = torch.full_like(verts, 0.75)
         out = self.renderer(size).render(cam, t.triangles, k, gray, p["sh"].reshape(1, 3, 9).mean(1))
         image = blend(background, out.image[0].cpu().numpy(), out.mask[0].cpu().numpy())
-        projected = project_points(cam[:, t.landmarks68], k)[0, :, :2].cpu().numpy()
+        projected = project_points(t.landmark_points(cam), k)[0, :, :2].cpu().numpy()
         detected = face.crop_landmarks68 * s + (s - 1) / 2
         return draw_landmarks(image, detected, projected)
 
