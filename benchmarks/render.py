@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 
 import torch
 
-from facerecon.render import MeshRenderer, euler_to_matrix, intrinsics_from_fov, rasterize
+from facerecon.render import MeshRenderer, euler_to_matrix, intrinsics_from_fov
 from facerecon.render.camera import project_points
 from facerecon.render.rasterize import fragments_from_triangle_ids, interpolate, rasterize_triangle_ids
 from facerecon.render.shading import shade_lambertian, vertex_normals
@@ -89,6 +88,23 @@ def calibrate_focal(device: torch.device, target: float = 0.6) -> float:
     return scale
 
 
+def other_cpu_load(seconds: float = 1.0) -> float | None:
+    """Fraction of all CPUs busy while this process sleeps (Linux /proc/stat), or None."""
+    def snapshot():
+        with open("/proc/stat") as fh:
+            vals = [int(x) for x in fh.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return sum(vals), idle
+
+    try:
+        t0, i0 = snapshot()
+        time.sleep(seconds)
+        t1, i1 = snapshot()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -126,14 +142,12 @@ def main() -> None:
         f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
         f"mesh: {v.shape[1]} vertices, {f.shape[0]} triangles, coverage {cov:.1%} of 224x224"
     )
-    if device.type == "cpu" and hasattr(os, "getloadavg"):
-        load1 = os.getloadavg()[0]
-        if load1 > 0.5 * (os.cpu_count() or 1):
-            print(
-                f"warning: 1-min load average {load1:.1f} on {os.cpu_count()} CPUs - other processes "
-                "compete for the cores and timings will be slow and noisy (OpenMP threads spin "
-                "while descheduled; OMP_WAIT_POLICY=PASSIVE softens this)"
-            )
+    busy = other_cpu_load()
+    if device.type == "cpu" and busy is not None and busy > 0.25:
+        print(
+            f"warning: other processes are using {busy:.0%} of the CPUs - timings will be slow and "
+            "noisy (OpenMP threads spin while descheduled; OMP_WAIT_POLICY=PASSIVE softens this)"
+        )
     renderer = MeshRenderer((224, 224), backend="torch")
     print(
         f"{'batch':>5} | {'forward img/s':>13} | {'ms/batch':>9} | {'best ms':>8} |"

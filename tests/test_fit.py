@@ -171,3 +171,23 @@ def test_fit_without_face_model_exits_cleanly(astronaut_path, tmp_path):
 def test_fit_rejects_unknown_format(astronaut_path, tmp_path):
     result = CliRunner().invoke(main, ["fit", str(astronaut_path), "--out", str(tmp_path), "--format", "stl"])
     assert result.exit_code == 2 and "stl" in result.output
+
+
+def test_fit_with_recognition_weights_uses_the_perceptual_loss(ict_embedded_model_file, astronaut_path, tmp_path):
+    from facerecon.networks.iresnet import IResNet
+
+    torch.manual_seed(0)
+    weights = tmp_path / "backbone.pth"
+    torch.save(IResNet("r18").state_dict(), weights)
+    options = FitOptions(face_model=str(ict_embedded_model_file), texture_size=128, overlays=False,
+                         recognition_weights=str(weights),
+                         settings=FitSettings(landmark_steps=20, coarse_steps=3, fine_steps=2))
+    summary = run_fit([str(astronaut_path)], tmp_path / "out", options)
+    assert any("perceptual loss on" in note for note in summary.notes)
+    faces = [f for _k, _a, fs in read_fits(tmp_path / "out" / "fits.h5") for f in fs]
+    assert "perceptual" in json.loads(faces[0]["attrs"]["losses"])
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"x")
+    result = CliRunner().invoke(main, ["fit", str(astronaut_path), "--out", str(tmp_path / "o2"), "--face-model",
+                                       str(ict_embedded_model_file), "--recognition-weights", str(junk), "--quiet"])
+    assert result.exit_code == 1 and "cannot read face-recognition weights" in result.output

@@ -151,9 +151,11 @@ def test_single_triangle_coverage_and_barycentrics():
     H, W = 23, 31
     k = camera(40.0, H, W)
     rng = np.random.default_rng(1)
-    for trial in range(6):
-        # Random camera-space triangle at varying depths, projected into the image.
-        uv = rng.uniform([1.3, 1.1], [W - 1.7, H - 1.4], size=(3, 2))
+    for trial in range(8):
+        # Random camera-space triangle at varying depths, projected into the image
+        # (the last trials reach beyond the image borders).
+        lo, hi = ([1.3, 1.1], [W - 1.7, H - 1.4]) if trial < 5 else ([-9.3, -7.1], [W + 8.7, H + 6.4])
+        uv = rng.uniform(lo, hi, size=(3, 2))
         z = rng.uniform(1.5, 4.0, size=3)
         xyz = np.concatenate([(uv - [(W - 1) / 2, (H - 1) / 2]) / 40.0 * z[:, None], z[:, None]], 1)
         verts = torch.from_numpy(xyz)[None]

@@ -232,7 +232,9 @@ class FaceFitter:
             terms["photometric"] = photometric_loss(out.image, target, out.mask, attention)
             total = total + w["photo"] * terms["photometric"] + w["texture"] * terms["texture"]
             if self.perceptual is not None:
-                terms["perceptual"] = self.perceptual(out.image, target, out.mask)
+                ratio = render_size / s
+                landmarks = (targets.landmarks68 + 0.5) * ratio - 0.5
+                terms["perceptual"] = self.perceptual(out.image, target, out.mask, landmarks)
                 total = total + w["perceptual"] * terms["perceptual"]
         terms["total"] = total
         return terms

@@ -60,6 +60,7 @@ class FitOptions:
     largest: bool = False
     overwrite: bool = False
     seed: int = 0
+    recognition_weights: str | None = None
     settings: FitSettings = field(default_factory=FitSettings)
 
 
@@ -146,7 +147,8 @@ def pick_device(name: str) -> torch.device:
 
 def _settings(options: FitOptions, model: FaceModel) -> dict[str, Any]:
     return {"method": "optimize", "model_id": model.model_id, "fit": options.settings.to_dict(),
-            "texture_size": options.texture_size, "format_version": FORMAT_VERSION}
+            "texture_size": options.texture_size, "format_version": FORMAT_VERSION,
+            "perceptual": bool(options.recognition_weights)}
 
 
 def _digest(settings: dict[str, Any]) -> str:
@@ -431,8 +433,16 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
         from facerecon.facemodel.embedding import face_oval_indices
 
         oval = face_oval_indices()
-    fitter = FaceFitter(tensors, model.regions, options.settings, oval_indices=oval)
-    summary.notes.append("perceptual loss off: no face-recognition weights given")
+    perceptual = None
+    if options.recognition_weights:
+        from facerecon.losses.perceptual import PerceptualLoss
+        from facerecon.networks.iresnet import load_iresnet
+
+        perceptual = PerceptualLoss(load_iresnet(options.recognition_weights, device))
+        summary.notes.append(f"perceptual loss on: face-recognition weights {options.recognition_weights}")
+    else:
+        summary.notes.append("perceptual loss off: no face-recognition weights given (--recognition-weights)")
+    fitter = FaceFitter(tensors, model.regions, options.settings, oval_indices=oval, perceptual=perceptual)
     if model.dense_triangle is None and options.settings.use_dense_landmarks:
         summary.notes.append("face model has no dense landmark embedding: fitting with the 68 landmarks only")
     settings = _settings(options, model)
