@@ -62,7 +62,8 @@ def unwrap_texture(
     crop_to_photo: np.ndarray,
     fill_colors: torch.Tensor,
     texture_size: int = 1024,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return_quality: bool = False,
+):
     """Texture (T, T, 3) uint8, vertex colours (N, 3) uint8 and vertex visibility (N,) bool.
 
     Args:
@@ -72,6 +73,8 @@ def unwrap_texture(
         photo: (H, W, 3) uint8 RGB image the crop came from.
         crop_to_photo: (2, 3) affine mapping crop pixels to photo pixels.
         fill_colors: (N, 3) float [0, 1] colours where the photo does not see the surface.
+        return_quality: also return a (T, T) float map, the photo's weight per texel times
+            how squarely the surface faces the camera (for merging several photos).
     """
     t = texture_size
     device = vertices_cam.device
@@ -108,7 +111,13 @@ def unwrap_texture(
     texture = weight[..., None] * photo_img + (1.0 - weight[..., None]) * fill_img
     texture = fill_holes(texture, cov)
     texture_u8 = np.clip(texture * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return texture_u8, np.clip(vcol * 255.0 + 0.5, 0, 255).astype(np.uint8), vvis.cpu().numpy()
+    vertex_u8 = np.clip(vcol * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if not return_quality:
+        return texture_u8, vertex_u8, vvis.cpu().numpy()
+    view = -pos / pos.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    facing = np.zeros((t, t), np.float32)
+    facing[cov] = (nrm * view).sum(-1).clamp_min(0).cpu().numpy()
+    return texture_u8, vertex_u8, vvis.cpu().numpy(), weight * facing
 
 
 def fill_holes(image: np.ndarray, known: np.ndarray) -> np.ndarray:

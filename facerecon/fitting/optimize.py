@@ -195,7 +195,8 @@ class FaceFitter:
         m, s, w = self.model, targets.size, self.settings.weights
         b = targets.crops.shape[0]
         expression = p["expression"]
-        verts = m.shape(p["identity"], expression)
+        identity = p["identity"].expand(b, -1)
+        verts = m.shape(identity, expression)
         cam = model_to_camera(verts, p["angles"], p["translation"])
         k = crop_intrinsics(s, b, device=cam.device)
         normals = vertex_normals(cam, m.triangles)
@@ -217,7 +218,7 @@ class FaceFitter:
                 dense_w.sum(1).clamp_min(1.0))
             lan = lan + self.settings.dense_weight * terms["landmark_dense"]
         terms["landmark"] = lan
-        terms["coefficients"] = coefficient_regularizer(p["identity"], expression, p["albedo"], w)
+        terms["coefficients"] = coefficient_regularizer(identity, expression, p["albedo"], w)
         # photometric_landmark_scale < 1 weakens landmarks once the photometric term is on
         # (helps when the detector is unreliable, e.g. on renders; hurts on real photos).
         lan_weight = w["landmark"] * (self.settings.photometric_landmark_scale if render_size is not None else 1.0)
@@ -249,7 +250,7 @@ class FaceFitter:
         """
         m, b = self.model, targets.crops.shape[0]
         with torch.no_grad():
-            verts = m.shape(p["identity"], p["expression"])
+            verts = m.shape(p["identity"].expand(b, -1), p["expression"])
             cam = model_to_camera(verts, p["angles"], p["translation"])
             albedo = m.albedo(p["albedo"])
             out = self._renderer(size).render(cam, self.photo_triangles,
@@ -297,7 +298,7 @@ class FaceFitter:
                 self._reset_faces(bad, tensors, start, optimizer, state)
                 continue
             total = torch.where(state["failed"], torch.zeros_like(total), total)
-            active = (~state["failed"]).to(total.dtype)
+            active = (~state["failed"]).to(total.dtype) * state.get("weights", 1.0)
             optimizer.zero_grad(set_to_none=True)
             (total * active).sum().backward()
             optimizer.step()
@@ -341,7 +342,7 @@ class FaceFitter:
                 current["expression"] = current["expression"].clamp(0.0, 1.0)
             total = self.losses(current, targets, None)["total"]
             total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
-            loss = (total * (~state["failed"]).to(total.dtype)).sum()
+            loss = (total * (~state["failed"]).to(total.dtype) * state.get("weights", 1.0)).sum()
             loss.backward()
             evaluations[0] += 1
             return loss
@@ -361,6 +362,8 @@ class FaceFitter:
         """Restart diverged faces from the safe start; freeze those out of retries."""
         with torch.no_grad():
             for n, t in tensors.items():
+                if t.shape[0] != bad.shape[0]:
+                    continue  # shared across faces (joint identity): not one face's to reset
                 t[bad] = start[n][bad]
                 opt_state = optimizer.state.get(t, {})
                 for key in ("exp_avg", "exp_avg_sq"):
@@ -373,17 +376,37 @@ class FaceFitter:
                 group["lr"] *= 0.5
             state["lr_factor"] *= 0.5
 
-    def fit(self, targets: FaceTargets) -> FitResult:
-        """Fit every face of ``targets``; returns per-face parameters and diagnostics."""
+    def fit(self, targets: FaceTargets, shared_identity: bool = False,
+            init: dict[str, torch.Tensor] | None = None, face_weights: torch.Tensor | None = None) -> FitResult:
+        """Fit every face of ``targets``; returns per-face parameters and diagnostics.
+
+        Args:
+            targets: the batch.
+            shared_identity: one identity for all faces (photos of one person, joint
+                aggregation); its prior keeps its per-photo weight, so the shared identity is
+                regularised like a single-photo fit (detector errors are partly systematic
+                and do not average out over photos).
+            init: starting parameters (B, ...) instead of the PnP / mean-face start; the
+                landmark stage is skipped when given.
+            face_weights: (B,) weights of each face's loss (robust down-weighting).
+        """
         cfg = self.settings
         targets, invalid = _sanitize(targets)
-        start = initial_parameters(self.model, targets)
-        params = {n: t.clone() for n, t in start.items()}
         b = targets.crops.shape[0]
+        start = initial_parameters(self.model, targets)
+        if init is not None:
+            start = {n: torch.as_tensor(init[n], dtype=start[n].dtype, device=start[n].device).clone()
+                     if n in init else start[n] for n in start}
+        if shared_identity:
+            start["identity"] = start["identity"].mean(dim=0, keepdim=True)
+        params = {n: t.clone() for n, t in start.items()}
+        weights = torch.ones(b, device=targets.crops.device) if face_weights is None else \
+            torch.as_tensor(face_weights, dtype=torch.float32, device=targets.crops.device)
         state = {"retries": torch.zeros(b, dtype=torch.int64, device=targets.crops.device),
-                 "failed": invalid.clone(), "lr_factor": 1.0}
+                 "failed": invalid.clone(), "lr_factor": 1.0, "weights": weights}
         steps = {
-            "landmarks": self._run_landmark_stage(params, start, targets, cfg.landmark_steps, state),
+            "landmarks": self._run_landmark_stage(params, start, targets, 0 if init is not None else
+                                                  cfg.landmark_steps, state),
         }
         coarse = min(cfg.coarse_size, targets.size)
         if cfg.coarse_steps > 0 or cfg.fine_steps > 0:
@@ -394,6 +417,7 @@ class FaceFitter:
         }
         with torch.no_grad():
             terms = self.losses(params, targets, targets.size)
+            params["identity"] = params["identity"].expand(b, -1)
             verts = self.model.shape(params["identity"], params["expression"])
             cam = model_to_camera(verts, params["angles"], params["translation"])
             proj = project_points(self.model.landmark_points(cam), crop_intrinsics(targets.size, b, device=cam.device))

@@ -1,0 +1,57 @@
+"""Identity consistency and averaging over a photo set (paper 000 sec. 5 baselines)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def neutral_shapes(identity: np.ndarray, mean_shape: np.ndarray, identity_basis: np.ndarray,
+                   region: np.ndarray) -> np.ndarray:
+    """Neutral shapes (F, R, 3) over ``region`` for identity coefficients (F, K)."""
+    basis = identity_basis[:, region].reshape(identity_basis.shape[0], -1)
+    return (mean_shape[region].reshape(1, -1) + identity @ basis).reshape(len(identity), -1, 3)
+
+
+def shape_distances(shapes: np.ndarray) -> np.ndarray:
+    """Pairwise RMS vertex distance (F, F) in mm between shapes (F, R, 3), centroids removed."""
+    centred = shapes - shapes.mean(axis=1, keepdims=True)
+    flat = centred.reshape(len(shapes), -1)
+    sq = (flat**2).sum(1)
+    d2 = np.maximum(sq[:, None] + sq[None] - 2 * flat @ flat.T, 0.0)
+    return np.sqrt(d2 / shapes.shape[1])
+
+
+def consistent_faces(distances: np.ndarray, photo_of_face: list[int], min_threshold_mm: float = 2.5,
+                     spread: float = 2.0) -> tuple[np.ndarray, int, float]:
+    """Which faces show the album's person.
+
+    The reference is the face with the smallest median distance to the others (the
+    medoid). A face is kept when its distance to the reference is at most
+    ``max(min_threshold_mm, spread * median distance of all faces to the reference)``;
+    of several faces in one photo only the closest can be kept.
+
+    Returns:
+        keep (F,) bool, the reference index and the threshold used.
+    """
+    n = len(distances)
+    if n <= 2:
+        return np.ones(n, bool), 0, float("inf")
+    off_diagonal = np.where(np.eye(n, dtype=bool), np.nan, distances)
+    reference = int(np.argmin(np.nanmedian(off_diagonal, axis=1)))
+    to_ref = distances[reference]
+    threshold = max(min_threshold_mm, spread * float(np.median(np.delete(to_ref, reference))))
+    keep = to_ref <= threshold
+    for photo in set(photo_of_face):
+        faces = [i for i, p in enumerate(photo_of_face) if p == photo and keep[i]]
+        if len(faces) > 1:
+            best = min(faces, key=lambda i: to_ref[i])
+            for i in faces:
+                keep[i] = i == best
+    return keep, reference, threshold
+
+
+def robust_photo_weights(residuals: np.ndarray, factor: float = 1.5) -> np.ndarray:
+    """Weights (F,) in (0, 1]: 1 up to ``factor`` x the median residual, then falling as 1/residual."""
+    median = float(np.median(residuals))
+    limit = factor * max(median, 1e-12)
+    return np.where(residuals <= limit, 1.0, limit / np.maximum(residuals, 1e-12))

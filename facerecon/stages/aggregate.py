@@ -1,0 +1,318 @@
+"""The ``aggregate`` stage: one neutral identity per album (a person's photo set).
+
+Per album: detect every photo (``DIR/<album>/detections.h5``), fit each face alone, drop
+faces that are not the album's person (identity-shape consistency with the medoid face;
+of several faces in one photo at most one is kept), then aggregate:
+
+* ``mean``: the average of the per-photo identity coefficients (paper 000 table 5 baseline);
+* ``joint``: one identity shared by all photos with per-photo expression, albedo, light and
+  pose, optimised together with the fit's hybrid loss; photos whose residual is an outlier
+  (above 1.5x the median) are down-weighted and the fit is repeated (robust reweighting).
+
+Outputs: ``DIR/<album>/<album>_neutral.{obj,ply,glb}`` with a texture merged from the
+photos (each texel from the photos that see it most squarely), ``DIR/<album>/contact_sheet.png``
+and the coefficients, per-photo confidences and exclusions in ``DIR/aggregate.h5``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from facerecon import __version__
+from facerecon.aggregation.albums import Album, find_albums
+from facerecon.aggregation.identity import consistent_faces, neutral_shapes, robust_photo_weights, shape_distances
+from facerecon.detection.align import invert_affine
+from facerecon.export.meshio import TexturedMesh, write_mesh, write_png
+from facerecon.export.overlay import contact_sheet
+from facerecon.export.texture import fill_holes, unwrap_texture
+from facerecon.facemodel.resolve import resolve_face_model
+from facerecon.facemodel.tensors import FaceModelTensors
+from facerecon.fitting.camera import crop_intrinsics, model_to_camera
+from facerecon.fitting.optimize import FaceFitter, FitSettings
+from facerecon.io.store import ResultStore
+from facerecon.render.camera import euler_to_matrix
+from facerecon.render.renderer import MeshRenderer
+from facerecon.stages import detect as detect_stage
+from facerecon.stages.fit import _PendingFace, _PhotoCache, _targets, pick_device
+
+KIND = "aggregates"
+ITEMS_GROUP = "identities"
+METHODS = ("mean", "joint")
+
+
+@dataclass
+class AggregateOptions:
+    face_model: str | None = None
+    allow_download: bool | None = None
+    device: str = "auto"
+    method: str = "joint"
+    formats: list[str] = field(default_factory=lambda: ["obj", "ply"])
+    texture_size: int = 1024
+    batch_size: int = 16
+    settings: FitSettings = field(default_factory=FitSettings)
+
+
+@dataclass
+class AlbumOutcome:
+    name: str
+    status: str  # ok | failed
+    photos: int = 0
+    faces_used: int = 0
+    excluded: list[tuple[str, str]] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    confidences: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class AggregateSummary:
+    output: str
+    method: str
+    albums: list[AlbumOutcome] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    interrupted: bool = False
+    elapsed: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 0 if any(a.status == "ok" for a in self.albums) else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": self.output, "method": self.method, "albums": len(self.albums),
+            "albums_ok": sum(a.status == "ok" for a in self.albums),
+            "problems": [{"input": i, "reason": r} for i, r in self.problems],
+            "elapsed_seconds": round(self.elapsed, 3), "interrupted": self.interrupted, "exit_code": self.exit_code,
+            "identities": [{
+                "name": a.name, "status": a.status, "reason": a.reason, "photos": a.photos, "faces_used": a.faces_used,
+                "excluded": [{"face": k, "reason": r} for k, r in a.excluded],
+                "failures": [{"photo": k, "reason": r} for k, r in a.failures],
+                "confidences": a.confidences, "files": a.files, "seconds": round(a.seconds, 3)} for a in self.albums],
+        }
+
+
+def _album_faces(detections: Path, outcome: AlbumOutcome) -> list[_PendingFace]:
+    faces = []
+    for key, attrs, stored in detect_stage.iter_detections(detections):
+        status = attrs.get("status")
+        if status == detect_stage.STATUS_OK:
+            faces += [_PendingFace(key, attrs, f) for f in stored]
+        elif status == detect_stage.STATUS_NO_FACE:
+            outcome.failures.append((key, "no face found"))
+        else:
+            outcome.failures.append((key, attrs.get("error") or "could not be read"))
+    return faces
+
+
+def _fit_in_batches(fitter: FaceFitter, faces: list[_PendingFace], batch_size: int, device, **kwargs):
+    results = [fitter.fit(_targets(faces[i:i + batch_size], device), **kwargs)
+               for i in range(0, len(faces), batch_size)]
+    return {n: np.concatenate([r.parameters[n] for r in results]) for n in results[0].parameters}, \
+        np.concatenate([r.failed for r in results]), results
+
+
+def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensors, fitter: FaceFitter,
+                    options: AggregateOptions, store: ResultStore, should_stop=None) -> AlbumOutcome:
+    """Detect, fit, check and aggregate one album; writes its files and store item."""
+    started = time.perf_counter()
+    device = tensors.mean_shape.device
+    outcome = AlbumOutcome(album.name, "failed", photos=len(album.photos))
+    folder = out_dir / album.name
+    folder.mkdir(parents=True, exist_ok=True)
+    detect_stage.run_detect([str(album.folder)], folder / "detections.h5", should_stop=should_stop)
+    faces = _album_faces(folder / "detections.h5", outcome)
+    if not faces:
+        outcome.reason = "no face found in any photo"
+        return outcome
+    # 1. every face alone
+    single, failed, _ = _fit_in_batches(fitter, faces, options.batch_size, device)
+    for i in np.flatnonzero(failed):
+        outcome.failures.append((f"{faces[i].key}#{faces[i].face.index}", "single-photo fit failed"))
+    usable = [i for i in range(len(faces)) if not failed[i]]
+    if not usable:
+        outcome.reason = "no face could be fitted"
+        return outcome
+    # 2. who is the album's person
+    region = model.regions["photometric"]
+    shapes = neutral_shapes(single["identity"][usable], model.mean_shape, model.identity_basis, region)
+    photo_of_face = [hash(faces[i].key) for i in usable]
+    keep, reference, threshold = consistent_faces(shape_distances(shapes), photo_of_face)
+    kept = [usable[j] for j in range(len(usable)) if keep[j]]
+    distances = shape_distances(shapes)[reference]
+    for j, i in enumerate(usable):
+        if not keep[j]:
+            outcome.excluded.append((f"{faces[i].key}#{faces[i].face.index}",
+                                     f"identity differs from the album's person ({distances[j]:.1f} mm RMS, "
+                                     f"threshold {threshold:.1f} mm)"))
+    kept_faces = [faces[i] for i in kept]
+    init = {n: torch.as_tensor(v[kept]) for n, v in single.items()}
+    # 3. aggregate
+    if options.method == "mean":
+        identity = single["identity"][kept].mean(axis=0)
+        confidences = np.ones(len(kept))
+        params = {n: v[kept] for n, v in single.items()}
+    else:
+        targets = _targets(kept_faces, device)
+        first = fitter.fit(targets, shared_identity=True, init=init)
+        residual = first.losses["photometric"] + model_landmark_weight(fitter) * first.losses["landmark"]
+        confidences = robust_photo_weights(residual)
+        second = fitter.fit(targets, shared_identity=True, init={n: torch.as_tensor(v) for n, v in
+                                                                 first.parameters.items()},
+                            face_weights=torch.as_tensor(confidences))
+        params = second.parameters
+        identity = params["identity"][0]
+    outcome.confidences = {f"{f.key}#{f.face.index}": round(float(c), 4) for f, c in zip(kept_faces, confidences)}
+    outcome.faces_used = len(kept)
+    # 4. outputs
+    mesh, renders = _neutral_mesh(model, tensors, identity, params, kept_faces, options.texture_size)
+    outcome.files = [str(p) for p in write_mesh(mesh, folder / f"{album.name}_neutral", options.formats)]
+    order = np.argsort(-confidences)
+    tiles = [(kept_faces[i].face.crop, f"{Path(kept_faces[i].key).stem} c={confidences[i]:.2f}") for i in order]
+    tiles += [(r, f"result {label}") for r, label in zip(renders, ("left", "front", "right"))]
+    sheet = folder / "contact_sheet.png"
+    write_png(sheet, contact_sheet(tiles, columns=min(len(tiles), 6)))
+    outcome.files.append(str(sheet))
+    _store_album(store, album, outcome, identity, single, faces, usable, keep, options)
+    outcome.status = "ok"
+    outcome.seconds = time.perf_counter() - started
+    return outcome
+
+
+def model_landmark_weight(fitter: FaceFitter) -> float:
+    return fitter.settings.weights["landmark"]
+
+
+def _neutral_mesh(model, tensors: FaceModelTensors, identity: np.ndarray, params: dict[str, np.ndarray],
+                  faces: list[_PendingFace], texture_size: int) -> tuple[TexturedMesh, list[np.ndarray]]:
+    """Neutral mesh with a texture merged from the photos, and three rendered views."""
+    dev = tensors.mean_shape.device
+    ident = torch.as_tensor(identity, dtype=torch.float32, device=dev)[None]
+    neutral = tensors.shape(ident, torch.zeros(1, tensors.n_expression, device=dev))[0]
+    uv = torch.as_tensor(model.uv, device=dev)
+    triangle_uv = torch.as_tensor(model.triangle_uv, dtype=torch.int64, device=dev)
+    photos = _PhotoCache()
+    textures, qualities, vertex_colours, vertex_hits = [], [], [], []
+    albedo_all = tensors.albedo(torch.as_tensor(params["albedo"], device=dev)).clamp(0, 1)
+    for i, pending in enumerate(faces):
+        face = pending.face
+        p = {n: torch.as_tensor(v[i], device=dev)[None] for n, v in params.items() if n != "identity"}
+        verts = tensors.shape(ident, p["expression"])
+        cam = model_to_camera(verts, p["angles"], p["translation"])
+        size = face.crop.shape[0]
+        k = crop_intrinsics(size, 1, device=dev)
+        out = MeshRenderer(image_size=(size, size)).render(cam, tensors.triangles, k, albedo_all[i:i + 1], p["sh"])
+        photo = photos.get(pending.key, pending.attrs)
+        crop_to_photo = invert_affine(face.align_matrix)
+        if photo is None:
+            photo, crop_to_photo = face.crop, np.array([[1.0, 0, 0], [0, 1.0, 0]])
+        texture, vcol, vvis, quality = unwrap_texture(
+            cam[0], tensors.triangles, uv, triangle_uv, k[0], out.depth[0], out.mask[0], photo, crop_to_photo,
+            albedo_all[i], texture_size, return_quality=True)
+        textures.append(texture.astype(np.float32))
+        qualities.append(quality ** 4)  # favour the photo that sees a texel most squarely
+        vertex_colours.append(vcol.astype(np.float32))
+        vertex_hits.append(vvis.astype(np.float32))
+    weights = np.stack(qualities)
+    total = weights.sum(0)
+    fallback = np.clip(albedo_all.mean(0).cpu().numpy() * 255, 0, 255)
+    merged = (np.stack(textures) * weights[..., None]).sum(0) / np.maximum(total, 1e-6)[..., None]
+    merged = fill_holes(merged / 255.0, total > 1e-3) * 255.0
+    hits = np.stack(vertex_hits)
+    vcol = (np.stack(vertex_colours) * hits[..., None]).sum(0) / np.maximum(hits.sum(0), 1)[:, None]
+    vcol = np.where(hits.sum(0)[:, None] > 0, vcol, fallback)
+    mesh = TexturedMesh(neutral.cpu().numpy(), model.triangles, model.uv, model.triangle_uv,
+                        np.clip(vcol + 0.5, 0, 255).astype(np.uint8), np.clip(merged + 0.5, 0, 255).astype(np.uint8))
+    return mesh, _three_views(tensors, neutral, albedo_all.mean(0))
+
+
+def _three_views(tensors: FaceModelTensors, neutral: torch.Tensor, albedo: torch.Tensor) -> list[np.ndarray]:
+    """The neutral face rendered at yaw -40, 0, +40 degrees (RGB uint8, 256 px)."""
+    dev = neutral.device
+    centre = tensors.landmark_points(neutral[None])[0].mean(0)
+    angles = torch.deg2rad(torch.tensor([[0.0, -40.0, 0.0], [0.0, 0.0, 0.0], [0.0, 40.0, 0.0]], device=dev))
+    verts = (neutral - centre)[None].expand(3, -1, -1)
+    translation = torch.tensor([0.0, 0.0, 1100.0], device=dev).expand(3, 3)
+    cam = model_to_camera(verts, angles, translation)
+    sh = torch.zeros(3, 27, device=dev)
+    sh[:, [0, 9, 18]] = 1.0
+    sh[:, [3, 12, 21]] = -0.3
+    out = MeshRenderer(image_size=(256, 256)).render(cam, tensors.triangles, crop_intrinsics(256, 3, device=dev),
+                                                     albedo[None].expand(3, -1, -1), sh,
+                                                     background=torch.ones(3, 256, 256, 3, device=dev))
+    return list((out.image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
+
+
+def _store_album(store: ResultStore, album: Album, outcome: AlbumOutcome, identity: np.ndarray,
+                 single: dict, faces: list[_PendingFace], usable: list[int], keep: np.ndarray,
+                 options: AggregateOptions) -> None:
+    import h5py
+
+    def write(group: h5py.Group) -> None:
+        group.create_dataset("identity", data=np.asarray(identity, np.float32))
+        group.create_dataset("single_identity", data=single["identity"][usable].astype(np.float32))
+        names = [f"{faces[i].key}#{faces[i].face.index}" for i in usable]
+        group.create_dataset("faces", data=np.array(names, dtype=object), dtype=h5py.string_dtype("utf-8"))
+        group.create_dataset("kept", data=np.asarray(keep, bool))
+        conf = np.array([outcome.confidences.get(n, 0.0) for n in names], np.float32)
+        group.create_dataset("confidence", data=conf)
+
+    store.write_item(album.name, write, {
+        "status": "ok", "method": options.method, "folder": str(album.folder.resolve()),
+        "excluded": json.dumps(outcome.excluded), "failures": json.dumps(outcome.failures),
+        "faces_used": outcome.faces_used, "tool_version": __version__,
+    })
+
+
+def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: AggregateOptions | None = None,
+                  progress=None, should_stop=None) -> AggregateSummary:
+    """Aggregate every album found in ``inputs``; see the module docstring."""
+    options = options or AggregateOptions()
+    if options.method not in METHODS:
+        raise ValueError(f"unknown method {options.method!r}; choose from {', '.join(METHODS)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    summary = AggregateSummary(output=str(out_dir), method=options.method)
+    albums, summary.problems = find_albums(inputs)
+    if not albums:
+        summary.elapsed = time.perf_counter() - started
+        return summary
+    model = resolve_face_model(options.face_model, options.allow_download)
+    device = pick_device(options.device)
+    tensors = FaceModelTensors(model).to(device)
+    oval = None
+    if model.dense_triangle is not None:
+        from facerecon.facemodel.embedding import face_oval_indices
+
+        oval = face_oval_indices()
+    fitter = FaceFitter(tensors, model.regions, options.settings, oval_indices=oval)
+    if progress is not None:
+        progress.start(len(albums))
+    with ResultStore(out_dir / "aggregate.h5", kind=KIND, items_group=ITEMS_GROUP,
+                     file_attrs={"tool": "facerecon", "tool_version": __version__, "model_id": model.model_id,
+                                 "method": options.method}) as store:
+        try:
+            for album in albums:
+                if should_stop is not None and should_stop():
+                    summary.interrupted = True
+                    break
+                summary.albums.append(aggregate_album(album, out_dir, model, tensors, fitter, options, store,
+                                                      should_stop))
+                if progress is not None:
+                    progress.advance()
+        except KeyboardInterrupt:
+            summary.interrupted = True
+    summary.elapsed = time.perf_counter() - started
+    return summary

@@ -1,0 +1,86 @@
+"""Album discovery, identity consistency, robust weights, shared-identity fitting, aggregate stage."""
+
+from __future__ import annotations
+
+import shutil
+
+import h5py
+import numpy as np
+import torch
+
+from facerecon.aggregation.albums import find_albums
+from facerecon.aggregation.identity import consistent_faces, robust_photo_weights, shape_distances
+from facerecon.facemodel.tensors import FaceModelTensors
+from facerecon.fitting.optimize import FaceFitter, FaceTargets, FitSettings
+from facerecon.stages.aggregate import AggregateOptions, run_aggregate
+from facerecon.synthetic import random_parameters, render_faces, textured_backgrounds
+
+
+def test_find_albums_single_and_parent_folders(tmp_path, astronaut_path):
+    person = tmp_path / "person"
+    person.mkdir()
+    shutil.copy(astronaut_path, person / "a.png")
+    parent = tmp_path / "people"
+    for name in ("ann", "bob"):
+        (parent / name).mkdir(parents=True)
+        shutil.copy(astronaut_path, parent / name / "x.png")
+    (tmp_path / "empty").mkdir()
+    albums, problems = find_albums([str(person), str(parent), str(tmp_path / "empty"), str(astronaut_path)])
+    assert [a.name for a in albums] == ["person", "ann", "bob"]
+    assert [len(a.photos) for a in albums] == [1, 1, 1]
+    assert [p[1] for p in problems] == ["no photos found", "not a folder (an album is a folder of one person's "
+                                                           "photos)"]
+
+
+def test_consistency_excludes_the_stranger_and_second_faces():
+    rng = np.random.default_rng(0)
+    person = rng.normal(size=(1, 50, 3)) * 3
+    shapes = person + rng.normal(size=(6, 50, 3)) * 0.3
+    stranger = rng.normal(size=(1, 50, 3)) * 3
+    shapes = np.concatenate([shapes, stranger])
+    keep, reference, _ = consistent_faces(shape_distances(shapes), [0, 1, 2, 3, 4, 5, 6])
+    assert keep[:6].all() and not keep[6] and reference < 6
+    # two faces of the person in one photo: only the closer one stays
+    keep, _, _ = consistent_faces(shape_distances(shapes[:6]), [0, 1, 2, 3, 4, 4])
+    assert keep.sum() == 5
+
+
+def test_robust_weights_down_weight_outliers():
+    weights = robust_photo_weights(np.array([1.0, 1.1, 0.9, 1.0, 6.0]))
+    assert np.allclose(weights[:4], 1.0) and 0.2 < weights[4] < 0.3
+
+
+def test_shared_identity_fit_gives_one_identity(ict_embedded_model):
+    tensors = FaceModelTensors(ict_embedded_model)
+    generator = torch.Generator().manual_seed(2)
+    params = random_parameters(tensors, 3, generator, pitch_degrees=0.0)
+    params["identity"][:] = params["identity"][0]
+    batch = render_faces(tensors, params, 224, textured_backgrounds(3, 224, generator))
+    targets = FaceTargets(batch.images, batch.landmarks68, batch.dense, torch.ones(3, 224, 224))
+    fitter = FaceFitter(tensors, ict_embedded_model.regions, FitSettings(coarse_steps=20, fine_steps=5))
+    result = fitter.fit(targets, shared_identity=True, face_weights=torch.tensor([1.0, 1.0, 0.5]))
+    identity = result.parameters["identity"]
+    assert identity.shape == (3, tensors.n_identity)
+    assert np.allclose(identity, identity[0]) and np.abs(identity[0]).sum() > 0
+    assert not result.failed.any() and result.landmark_error_px.max() < 1.5
+
+
+def test_aggregate_stage_writes_identity_mesh_and_sheet(ict_embedded_model_file, astronaut_path, tmp_path):
+    album = tmp_path / "astronaut"
+    album.mkdir()
+    for i in range(3):
+        shutil.copy(astronaut_path, album / f"{i}.png")
+    (album / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    options = AggregateOptions(face_model=str(ict_embedded_model_file), method="mean", texture_size=128,
+                               settings=FitSettings(landmark_steps=30, coarse_steps=5, fine_steps=0))
+    summary = run_aggregate([str(album)], tmp_path / "out", options)
+    assert summary.exit_code == 0
+    outcome = summary.albums[0]
+    assert outcome.status == "ok" and outcome.faces_used == 3
+    assert [f[0] for f in outcome.failures] == ["broken.jpg"]
+    assert (tmp_path / "out" / "astronaut" / "astronaut_neutral.obj").is_file()
+    assert (tmp_path / "out" / "astronaut" / "contact_sheet.png").is_file()
+    with h5py.File(tmp_path / "out" / "aggregate.h5") as f:
+        group = f["identities"]["astronaut"]
+        singles = group["single_identity"][()]
+        np.testing.assert_allclose(group["identity"][()], singles.mean(axis=0), atol=1e-5)
