@@ -20,7 +20,8 @@ def main() -> None:
       facerecon model list                   # face models available
 
     Exit codes: 0 success (at least one input processed), 1 nothing could be
-    processed, 2 usage error (bad option or argument).
+    processed, 2 usage error (bad option or argument), 130 interrupted by
+    Ctrl-C (finished work is saved; run the same command again to resume).
     """
 
 

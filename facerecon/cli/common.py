@@ -82,6 +82,48 @@ def make_progress(console, unit: str = "img"):
                     console=console, transient=False)
 
 
+class StageProgress:
+    """One rich progress display shared by consecutive stages (e.g. detect, then fit).
+
+    ``stage(name, unit)`` returns an object with ``start(total)`` / ``advance(...)`` that adds
+    its own bar to the shared display, so stages never draw two live displays at once.
+    """
+
+    def __init__(self, console, enabled: bool = True):
+        self.enabled = enabled
+        self._console = console
+        self._progress = None
+
+    def __enter__(self) -> "StageProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def stage(self, description: str, unit: str = "img") -> "_Stage":
+        return _Stage(self, description, unit)
+
+    def _display(self, unit: str):
+        if self._progress is None:
+            self._progress = make_progress(self._console, unit)
+            self._progress.start()
+        return self._progress
+
+
+class _Stage:
+    def __init__(self, owner: StageProgress, description: str, unit: str):
+        self.owner, self.description, self.unit, self.task = owner, description, unit, None
+
+    def start(self, total: int) -> None:
+        if self.owner.enabled:
+            self.task = self.owner._display(self.unit).add_task(self.description, total=total)
+
+    def advance(self, *_args: Any, **_kwargs: Any) -> None:
+        if self.task is not None:
+            self.owner._progress.advance(self.task)
+
+
 class ProgressReporter:
     """Drives a rich progress bar from ``start(total)`` / ``advance(...)`` callbacks.
 
@@ -175,6 +217,8 @@ def graceful_stop() -> Iterator[StopRequest]:
     def on_signal(signum, frame):  # noqa: ARG001
         if stop() and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if not stop():
+            sys.stderr.write("\nstopping: finishing the current item and saving (Ctrl-C again to abort)\n")
         stop.request(signal.Signals(signum).name)
 
     previous = {}

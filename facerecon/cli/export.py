@@ -20,14 +20,17 @@ from facerecon.cli.common import EXIT_NOTHING_DONE, print_json, problems_table, 
 @click.option("--neutral", is_flag=True, help="Drop the expression: the person's neutral face.")
 @click.option("--no-blendshapes", is_flag=True, help="Skip the blendshape JSON/CSV files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No summary table (errors still shown).")
 def export(fits: Path, out_dir: Path, formats: str, pose: str, neutral: bool, no_blendshapes: bool,
-           as_json: bool) -> None:
+           as_json: bool, quiet: bool) -> None:
     """Re-create meshes from a fits.h5 written by `facerecon fit` (no photos needed).
 
     \b
     For face models with ARKit-style expression blendshapes (ICT-FaceKit) it
     also writes <face>.blendshapes.json (the model's names) and
-    <face>.arkit.csv (one row in Live Link Face's column layout).
+    <face>.arkit.csv (one row with Live Link Face's timecode, count and 52
+    blendshape columns; no head or eye rotation columns). Meshes are in
+    millimetres, except GLB, which is in metres as glTF requires.
 
     \b
     Examples:
@@ -51,7 +54,7 @@ def export(fits: Path, out_dir: Path, formats: str, pose: str, neutral: bool, no
         click.echo(f"error: {message}", err=True)
         raise SystemExit(EXIT_NOTHING_DONE) from None
     data = summary.to_dict()
-    console = stderr_console()
+    console = stderr_console(quiet=quiet)
     console.print(summary_table("export summary", [("faces exported", data["faces_exported"]),
                                                    ("files written", data["files"]), ("output", data["output"])]))
     if summary.skipped:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from facerecon.cli.common import (EXIT_NOTHING_DONE, ProgressReporter, graceful_stop, print_json,
-                                  problems_table, stderr_console, summary_table)
+from facerecon.cli.common import (EXIT_NOTHING_DONE, StageProgress, graceful_stop, print_json, problems_table,
+                                  stderr_console, summary_table)
 
 
 def face_model_options(function):
@@ -42,7 +42,7 @@ def face_model_options(function):
 @click.option("--no-dense", is_flag=True, help="Use the 68 landmarks only, not the 468-point dense embedding.")
 @click.option("--recognition-weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="ArcFace IR-ResNet backbone.pth you own: turns on the perceptual loss (paper 000 eq. 4).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (runs are deterministic).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (results repeat for the same inputs, batch size and device).")
 @click.option("--overwrite", is_flag=True, help="Refit images already in fits.h5 (default: skip them).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary table.")
@@ -61,7 +61,8 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
 
     \b
     Outputs in OUT: fits.h5 (all parameters; crash-safe and resumable),
-    meshes/<image>_face<i>.obj|.mtl|_texture.png|.ply|.glb (millimetres),
+    meshes/<image>_face<i>.obj|.mtl|_texture.png|.ply (millimetres) and .glb
+    (metres, as glTF requires),
     overlays/<image>_face<i>.png and contact_sheet.png.
 
     \b
@@ -92,10 +93,9 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
                          recognition_weights=recognition_weights, settings=settings)
     console = stderr_console(quiet=quiet)
     try:
-        with graceful_stop() as stop, ProgressReporter(console, "detect", enabled=not quiet) as det_progress, \
-                ProgressReporter(console, "fit", unit="face", enabled=not quiet) as fit_progress:
-            summary = run_fit(inputs, out_dir, options, progress=fit_progress, detect_progress=det_progress,
-                              should_stop=stop)
+        with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:
+            summary = run_fit(inputs, out_dir, options, progress=progress.stage("fit", "face"),
+                              detect_progress=progress.stage("detect"), should_stop=stop)
     except (FaceModelError, StoreError, ValueError, OSError) as exc:
         if as_json:
             print_json({"output": str(out_dir), "error": str(exc), "exit_code": EXIT_NOTHING_DONE})

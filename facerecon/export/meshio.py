@@ -5,6 +5,7 @@ All writers are atomic (temporary file + rename) and take millimetre vertices.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,12 +57,13 @@ def write_obj(mesh: TexturedMesh, path: Path) -> list[Path]:
     path = Path(path)
     stem = path.stem
     written = [path]
-    lines = [f"# facerecon mesh, millimetres", f"mtllib {stem}.mtl", f"usemtl {stem}"]
-    lines += [f"v {x:.4f} {y:.4f} {z:.4f}" for x, y, z in mesh.vertices]
-    lines += [f"vt {u:.6f} {v:.6f}" for u, v in mesh.uv]
-    faces = np.concatenate([mesh.triangles[:, :, None], mesh.triangle_uv[:, :, None]], axis=2) + 1
-    lines += ["f " + " ".join(f"{a}/{b}" for a, b in tri) for tri in faces]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    header = f"# facerecon mesh, millimetres\nmtllib {stem}.mtl\nusemtl {stem}\n"
+    faces = np.concatenate([mesh.triangles[:, :, None], mesh.triangle_uv[:, :, None]], axis=2).reshape(-1, 6) + 1
+    body = io.StringIO()
+    np.savetxt(body, mesh.vertices, fmt="v %.4f %.4f %.4f")
+    np.savetxt(body, mesh.uv, fmt="vt %.6f %.6f")
+    np.savetxt(body, faces, fmt="f %d/%d %d/%d %d/%d")
+    atomic_write_text(path, header + body.getvalue())
     mtl = [f"newmtl {stem}", "Ka 1 1 1", "Kd 1 1 1", "Ks 0 0 0", "d 1", "illum 1"]
     if mesh.texture is not None:
         texture_path = path.with_name(f"{stem}_texture.png")
@@ -102,18 +104,28 @@ def _split_seams(mesh: TexturedMesh) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def write_glb(mesh: TexturedMesh, path: Path) -> list[Path]:
-    """Binary glTF with the texture embedded (metres are glTF's unit: vertices are scaled)."""
+    """Binary glTF with the texture embedded and smooth vertex normals.
+
+    glTF's unit is the metre, so GLB vertices are the millimetre vertices / 1000.
+    """
     import trimesh
     from PIL import Image
 
+    from facerecon.facemodel.annotate import vertex_normals_np
+
+    normals_full = vertex_normals_np(mesh.vertices.astype(np.float64), mesh.triangles)
+    pairs = np.stack([mesh.triangles.ravel(), mesh.triangle_uv.ravel()], axis=1)
+    unique = np.unique(pairs, axis=0)
     vertices, uv, colors, triangles = _split_seams(mesh)
+    normals = normals_full[unique[:, 0]]
     if mesh.texture is not None:
         material = trimesh.visual.material.PBRMaterial(
             baseColorTexture=Image.fromarray(mesh.texture), metallicFactor=0.0, roughnessFactor=0.9)
         visual = trimesh.visual.TextureVisuals(uv=uv, material=material)
     else:
         visual = trimesh.visual.ColorVisuals(vertex_colors=colors)
-    tm = trimesh.Trimesh(vertices=vertices / 1000.0, faces=triangles, visual=visual, process=False)
+    tm = trimesh.Trimesh(vertices=vertices / 1000.0, faces=triangles, visual=visual, process=False,
+                         vertex_normals=normals)
     data = tm.export(file_type="glb")
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

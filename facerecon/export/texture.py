@@ -20,6 +20,12 @@ DEPTH_TOLERANCE_MM = 3.0
 MIN_FACING = 0.15
 
 
+def _inside(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """(P,) True where pixel coordinates (P, 2) fall inside the image."""
+    h, w = image.shape[:2]
+    return (xy[:, 0] >= 0) & (xy[:, 0] <= w - 1) & (xy[:, 1] >= 0) & (xy[:, 1] <= h - 1)
+
+
 def _sample(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
     """Bilinear samples (P, 3) float [0, 1] of an RGB uint8 image at pixel coords (P, 2)."""
     n = len(xy)
@@ -82,7 +88,9 @@ def unwrap_texture(
     # -- per-vertex colours
     vpix = project_points(vertices_cam[None], intrinsics[None])[0][:, :2]
     vvis = _visible(vertices_cam, normals, vpix, crop_depth, crop_mask)
-    photo_v = _sample(photo, _to_photo(vpix.cpu().numpy(), crop_to_photo))
+    vphoto = _to_photo(vpix.cpu().numpy(), crop_to_photo)
+    vvis = vvis & torch.as_tensor(_inside(photo, vphoto), device=vvis.device)  # faces cut by the photo edge
+    photo_v = _sample(photo, vphoto)
     fill_v = fill_colors.clamp(0, 1).cpu().numpy()
     vcol = np.where(vvis.cpu().numpy()[:, None], photo_v, fill_v)
     # -- UV raster: texel -> triangle, barycentrics
@@ -96,8 +104,9 @@ def unwrap_texture(
     nrm = torch.nn.functional.normalize((normals[texel_tri] * bary[..., None]).sum(1), dim=-1)
     fill = (fill_colors.clamp(0, 1)[texel_tri] * bary[..., None]).sum(1)
     pix = project_points(pos[None], intrinsics[None])[0][:, :2]
-    vis = _visible(pos, nrm, pix, crop_depth, crop_mask).cpu().numpy()
-    photo_t = _sample(photo, _to_photo(pix.cpu().numpy(), crop_to_photo))
+    tphoto = _to_photo(pix.cpu().numpy(), crop_to_photo)
+    vis = _visible(pos, nrm, pix, crop_depth, crop_mask).cpu().numpy() & _inside(photo, tphoto)
+    photo_t = _sample(photo, tphoto)
     cov = covered.cpu().numpy()
     photo_img = np.zeros((t, t, 3), np.float32)
     fill_img = np.zeros((t, t, 3), np.float32)

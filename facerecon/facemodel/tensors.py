@@ -37,6 +37,10 @@ class FaceModelTensors(nn.Module):
         if model.dense_triangle is not None:
             self.register_buffer("dense_triangle", torch.as_tensor(model.dense_triangle, dtype=torch.int64))
             self.register_buffer("dense_barycentric", torch.as_tensor(model.dense_barycentric, dtype=dtype))
+            from facerecon.detection.landmarks import IBUG68_FROM_MP478
+
+            # which dense points make up the detector's 68-point subset
+            self.register_buffer("ibug68_dense", torch.as_tensor(IBUG68_FROM_MP478, dtype=torch.int64))
         else:
             self.dense_triangle = None
             self.dense_barycentric = None
@@ -85,9 +89,8 @@ class FaceModelTensors(nn.Module):
         """
         if self.dense_triangle is None:
             return values[:, self.landmarks68]
-        from facerecon.detection.landmarks import IBUG68_FROM_MP478
-
-        return self.dense_points(values)[:, torch.as_tensor(IBUG68_FROM_MP478, device=values.device)]
+        corners = values[:, self.triangles[self.dense_triangle[self.ibug68_dense]]]  # (B, 68, 3, C)
+        return (corners * self.dense_barycentric[self.ibug68_dense][None, :, :, None]).sum(dim=2)
 
     def dense_points(self, vertices: torch.Tensor) -> torch.Tensor:
         """Surface points (B, L, C) matching the detector's dense landmarks, from per-vertex (B, N, C)."""

@@ -94,6 +94,11 @@ class FitResult:
     failed: np.ndarray
     reasons: list[str]
     steps: dict[str, int]
+    stopped: bool = False
+
+
+class _Stopped(Exception):
+    """Raised inside an L-BFGS closure when a stop was requested."""
 
 
 def _sanitize(targets: FaceTargets) -> tuple[FaceTargets, torch.Tensor]:
@@ -273,7 +278,7 @@ class FaceFitter:
     # ------------------------------------------------------------------ optimisation
     def _run_stage(self, params: dict[str, torch.Tensor], start: dict[str, torch.Tensor], targets: FaceTargets,
                    names: tuple[str, ...], steps: int, render_size: int | None, state: dict) -> int:
-        if steps <= 0:
+        if steps <= 0 or state.get("stopped"):
             return 0
         cfg = self.settings
         scale = {"translation": 50.0, "angles": 1.0, "sh": 1.0, "identity": 3.0, "expression": 1.0, "albedo": 3.0}
@@ -288,6 +293,9 @@ class FaceFitter:
             optimizer, lambda i: 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(i, steps) / steps)))
         best, stale, done = math.inf, 0, 0
         for step in range(steps):
+            if state.get("should_stop") is not None and state["should_stop"]():
+                state["stopped"] = True
+                break
             current = {**params, **tensors}
             terms = self.losses(current, targets, render_size)
             total = terms["total"]
@@ -326,16 +334,20 @@ class FaceFitter:
         modes), where a quasi-Newton method converges in a few dozen evaluations and Adam
         needs hundreds. Variables are scaled so one unit is comparable for all of them.
         """
-        if steps <= 0:
+        if steps <= 0 or state.get("stopped"):
             return 0
         names = ("angles", "translation", "identity", "expression")
         unit = {"angles": 0.1, "translation": 10.0, "identity": 1.0, "expression": 0.1}
         scaled = {n: (params[n] / unit[n]).detach().clone().requires_grad_(True) for n in names}
-        optimizer = torch.optim.LBFGS(list(scaled.values()), lr=1.0, max_iter=steps, history_size=30,
+        optimizer = torch.optim.LBFGS(list(scaled.values()), lr=1.0, max_iter=steps, max_eval=steps,
+                                      history_size=30,
                                       tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
         evaluations = [0]
 
         def closure():
+            if state.get("should_stop") is not None and state["should_stop"]():
+                state["stopped"] = True
+                raise _Stopped
             optimizer.zero_grad(set_to_none=True)
             current = {**params, **{n: scaled[n] * unit[n] for n in names}}
             if self.model.expression_kind == "blendshape":
@@ -347,7 +359,10 @@ class FaceFitter:
             evaluations[0] += 1
             return loss
 
-        optimizer.step(closure)
+        try:
+            optimizer.step(closure)
+        except _Stopped:
+            return evaluations[0]
         with torch.no_grad():
             for n in names:
                 value = scaled[n] * unit[n]
@@ -377,7 +392,8 @@ class FaceFitter:
             state["lr_factor"] *= 0.5
 
     def fit(self, targets: FaceTargets, shared_identity: bool = False,
-            init: dict[str, torch.Tensor] | None = None, face_weights: torch.Tensor | None = None) -> FitResult:
+            init: dict[str, torch.Tensor] | None = None, face_weights: torch.Tensor | None = None,
+            should_stop=None) -> FitResult:
         """Fit every face of ``targets``; returns per-face parameters and diagnostics.
 
         Args:
@@ -389,6 +405,8 @@ class FaceFitter:
             init: starting parameters (B, ...) instead of the PnP / mean-face start; the
                 landmark stage is skipped when given.
             face_weights: (B,) weights of each face's loss (robust down-weighting).
+            should_stop: polled between optimisation steps; when it returns True the fit
+                ends early and the result has ``stopped = True`` (not a finished fit).
         """
         cfg = self.settings
         targets, invalid = _sanitize(targets)
@@ -403,7 +421,8 @@ class FaceFitter:
         weights = torch.ones(b, device=targets.crops.device) if face_weights is None else \
             torch.as_tensor(face_weights, dtype=torch.float32, device=targets.crops.device)
         state = {"retries": torch.zeros(b, dtype=torch.int64, device=targets.crops.device),
-                 "failed": invalid.clone(), "lr_factor": 1.0, "weights": weights}
+                 "failed": invalid.clone(), "lr_factor": 1.0, "weights": weights, "should_stop": should_stop,
+                 "stopped": False}
         steps = {
             "landmarks": self._run_landmark_stage(params, start, targets, 0 if init is not None else
                                                   cfg.landmark_steps, state),
@@ -448,4 +467,5 @@ class FaceFitter:
             failed=failed.cpu().numpy(),
             reasons=reasons,
             steps=steps,
+            stopped=bool(state["stopped"]),
         )

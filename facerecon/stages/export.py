@@ -10,7 +10,7 @@ import numpy as np
 
 from facerecon.export.blendshapes import write_blendshapes
 from facerecon.facemodel.model import FaceModel
-from facerecon.stages.fit import STATUS_OK, output_base, read_fits, read_model_item, write_face_files
+from facerecon.stages.fit import STATUS_OK, output_base, output_names, read_fits, read_model_item, write_face_files
 
 
 @dataclass
@@ -43,14 +43,16 @@ def run_export(fits: str | os.PathLike, out_dir: str | os.PathLike, formats: lis
     summary = ExportSummary(output=str(out_dir))
     topology = read_model_item(fits)
     model = _topology_model(topology)
-    for key, attrs, faces in read_fits(fits):
+    entries = list(read_fits(fits))
+    names = output_names([key for key, _attrs, _faces in entries])
+    for key, attrs, faces in entries:
         for face in faces:
             index = int(face["attrs"]["index"])
             if face["attrs"].get("status") != STATUS_OK or "vertices" not in face:
                 summary.skipped.append((f"{key}#{index}", face["attrs"].get("reason", "not fitted")))
                 continue
             params = {k: face[k] for k in ("identity", "expression", "albedo", "sh", "angles", "translation")}
-            base = output_base(out_dir, key, index, "meshes")
+            base = output_base(out_dir, key, index, "meshes", names)
             files = write_face_files(model, face, params, base, formats, pose, neutral=neutral)
             if blendshapes and model.expression_kind == "blendshape":
                 files += write_blendshapes(base, model.expression_names, face["expression"])

@@ -135,11 +135,27 @@ class Progress:
         pass
 
 
+def check_detections_file(path: Path) -> None:
+    """Raise ValueError unless ``path`` is a detections file written by ``facerecon detect``."""
+    try:
+        with h5py.File(path, "r") as f:
+            kind = f.attrs.get("kind", "")
+    except OSError as exc:
+        raise ValueError(f"{path} is not a readable HDF5 file ({exc})") from None
+    kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+    if kind != detect_stage.KIND:
+        raise ValueError(f"{path} is not a detections file (kind={kind or '?'}); "
+                         "give photos or the .h5 written by `facerecon detect`")
+
+
 def pick_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; otherwise the named device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but no CUDA GPU is available")
     return device
@@ -155,10 +171,28 @@ def _digest(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def output_base(out_dir: Path, key: str, face: int, folder: str) -> Path:
-    """``DIR/<folder>/<relative folder of the image>/<image stem>_face<i>`` (no suffix)."""
+def output_names(keys: Iterable[str]) -> dict[str, str]:
+    """Key -> file-name stem for output files: the photo's stem, with its extension kept
+    when two photos of one folder share a stem (``a.jpg`` / ``a.png``), whitespace -> ``_``
+    (OBJ/MTL references are whitespace-separated)."""
+    keys = list(keys)
+    stems: dict[tuple[str, str], int] = {}
+    for key in keys:
+        rel = Path(key)
+        stems[(str(rel.parent), rel.stem)] = stems.get((str(rel.parent), rel.stem), 0) + 1
+    names = {}
+    for key in keys:
+        rel = Path(key)
+        name = rel.stem if stems[(str(rel.parent), rel.stem)] == 1 else rel.name.replace(".", "_")
+        names[key] = "_".join(name.split())
+    return names
+
+
+def output_base(out_dir: Path, key: str, face: int, folder: str, names: dict[str, str] | None = None) -> Path:
+    """``DIR/<folder>/<relative folder of the image>/<name>_face<i>`` (no suffix), see :func:`output_names`."""
     rel = Path(key)
-    return out_dir / folder / rel.parent / f"{rel.stem}_face{face}"
+    name = (names or {}).get(key) or "_".join(rel.stem.split())
+    return out_dir / folder / rel.parent / f"{name}_face{face}"
 
 
 # --------------------------------------------------------------------------- batching
@@ -171,11 +205,17 @@ class _PendingFace:
     face: detect_stage.StoredFace
 
 
-def _iter_faces(detections: Path, summary: FitSummary, done: set[str]) -> Iterator[list[_PendingFace]]:
+def _already_fitted(fit_attrs: dict[str, Any] | None, det_attrs: dict[str, Any]) -> bool:
+    """A stored fit is still valid: same photo content and same detection settings."""
+    return fit_attrs is not None and fit_attrs.get("sha256") == det_attrs.get("sha256") and \
+        fit_attrs.get("detections_digest") == det_attrs.get("settings_digest")
+
+
+def _iter_faces(detections: Path, summary: FitSummary, done: dict[str, dict]) -> Iterator[list[_PendingFace]]:
     """Yield the faces of each image still to fit (one list per image)."""
     for key, attrs, faces in detect_stage.iter_detections(detections):
         status = attrs.get("status", "")
-        if key in done:
+        if _already_fitted(done.get(key), attrs):
             summary.images[key] = STATUS_SKIPPED
             continue
         if status == detect_stage.STATUS_NO_FACE or (status == detect_stage.STATUS_OK and not faces):
@@ -231,7 +271,7 @@ class _FaceWriter:
         dev = tensors.mean_shape.device
         self.uv = torch.as_tensor(model.uv, device=dev)
         self.triangle_uv = torch.as_tensor(model.triangle_uv, dtype=torch.int64, device=dev)
-        self.overlay_tiles: list[tuple[np.ndarray, str]] = []
+        self.names: dict[str, str] = {}
 
     def renderer(self, size: int) -> MeshRenderer:
         if size not in self.renderers:
@@ -281,7 +321,11 @@ class _FaceWriter:
         if photo is None:
             background = cv2.resize(face.crop, (size, size), interpolation=cv2.INTER_LINEAR)
         else:
-            background = cv2.warpAffine(photo, to_overlay, (size, size), flags=cv2.INTER_AREA,
+            shrink = similarity_scale(to_overlay[:2])
+            if shrink < 0.5:  # warpAffine does not filter: pre-blur large photos against aliasing
+                sigma = 0.5 / shrink
+                photo = cv2.GaussianBlur(photo, (0, 0), sigma)
+            background = cv2.warpAffine(photo, to_overlay[:2], (size, size), flags=cv2.INTER_LINEAR,
                                         borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
         p = {k: torch.as_tensor(v, device=dev)[None] for k, v in params.items()}
         verts = t.shape(p["identity"], p["expression"])
@@ -355,6 +399,7 @@ def _write_image_item(store: ResultStore, key: str, det_attrs: dict, faces: list
 
     store.write_item(key, write, {
         "status": status, "error": reason, "sha256": det_attrs.get("sha256", ""),
+        "detections_digest": det_attrs.get("settings_digest", ""),
         "source_path": det_attrs.get("source_path", ""), "n_faces": len(faces), "method": "optimize",
         "model_id": settings["model_id"], "settings": settings, "settings_digest": digest,
         "tool": "facerecon", "tool_version": __version__,
@@ -408,8 +453,19 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
     inputs = [str(i) for i in inputs]
     torch.manual_seed(options.seed)
 
+    # Everything that can fail fast is checked before detection runs.
+    model = resolve_face_model(options.face_model, options.allow_download)
+    device = pick_device(options.device)
+    perceptual = None
+    if options.recognition_weights:
+        from facerecon.losses.perceptual import PerceptualLoss
+        from facerecon.networks.iresnet import load_iresnet
+
+        perceptual = PerceptualLoss(load_iresnet(options.recognition_weights, device))
+
     if len(inputs) == 1 and inputs[0].endswith((".h5", ".hdf5")) and Path(inputs[0]).is_file():
         detections = Path(inputs[0])
+        check_detections_file(detections)
     else:
         detections = out_dir / "detections.h5"
         det_options = detect_stage.DetectOptions(max_faces=1 if options.largest else None)
@@ -424,8 +480,6 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
             summary.elapsed = time.perf_counter() - started
             return summary
 
-    model = resolve_face_model(options.face_model, options.allow_download)
-    device = pick_device(options.device)
     summary.device = str(device)
     tensors = FaceModelTensors(model).to(device)
     oval = None
@@ -433,12 +487,7 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
         from facerecon.facemodel.embedding import face_oval_indices
 
         oval = face_oval_indices()
-    perceptual = None
-    if options.recognition_weights:
-        from facerecon.losses.perceptual import PerceptualLoss
-        from facerecon.networks.iresnet import load_iresnet
-
-        perceptual = PerceptualLoss(load_iresnet(options.recognition_weights, device))
+    if perceptual is not None:
         summary.notes.append(f"perceptual loss on: face-recognition weights {options.recognition_weights}")
     else:
         summary.notes.append("perceptual loss off: no face-recognition weights given (--recognition-weights)")
@@ -454,11 +503,12 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
     with ResultStore(out_dir / "fits.h5", kind=KIND, items_group=ITEMS_GROUP, file_attrs=file_attrs) as store:
         if not store.is_done(MODEL_KEY) or store.item_attrs(MODEL_KEY).get("model_id") != model.model_id:
             _write_model_item(store, model)
-        done = set()
+        done: dict[str, dict] = {}
         if not options.overwrite:
-            done = {k for k, a in store.index.items()
+            done = {k: a for k, a in store.index.items()
                     if k != MODEL_KEY and a.get("settings_digest") == digest and a.get("status") in
                     (STATUS_OK, STATUS_NO_FACE)}
+        writer.names = output_names(_detection_keys(detections))
         total = sum(1 for _ in _count_faces(detections, done))
         progress.start(total)
         batch: list[list[_PendingFace]] = []
@@ -470,39 +520,70 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
                     continue
                 batch.append(image_faces)
                 if sum(len(b) for b in batch) >= options.batch_size:
-                    _process_batch(batch, fitter, writer, store, options, summary, settings, digest, progress)
+                    if not _process_batch(batch, fitter, writer, store, options, summary, settings, digest,
+                                          progress, should_stop):
+                        break
                     batch = []
                     store.maybe_pack()
-                    if should_stop is not None and should_stop():
-                        summary.interrupted = True
-                        break
             if batch and not summary.interrupted:
-                _process_batch(batch, fitter, writer, store, options, summary, settings, digest, progress)
+                _process_batch(batch, fitter, writer, store, options, summary, settings, digest, progress,
+                               should_stop)
         except KeyboardInterrupt:
             summary.interrupted = True
-    if options.overlays and writer.overlay_tiles:
-        write_png(out_dir / "contact_sheet.png", contact_sheet(writer.overlay_tiles))
+        if options.overlays:
+            _write_contact_sheet(out_dir, store, writer.names)
     summary.elapsed = time.perf_counter() - started
     return summary
 
 
-def _count_faces(detections: Path, done: set[str]) -> Iterator[int]:
+def _count_faces(detections: Path, done: dict[str, dict]) -> Iterator[int]:
     with open_results(detections, detect_stage.ITEMS_GROUP) as results:
         for key in results.keys():
-            if key in done:
-                continue
             attrs = attrs_dict(results[key])
+            if _already_fitted(done.get(key), attrs):
+                continue
             for _ in range(int(attrs.get("n_faces", 0)) if attrs.get("status") == detect_stage.STATUS_OK else 0):
                 yield 1
 
 
+def _detection_keys(detections: Path) -> list[str]:
+    with open_results(detections, detect_stage.ITEMS_GROUP) as results:
+        return list(results.keys())
+
+
+def _write_contact_sheet(out_dir: Path, store: ResultStore, names: dict[str, str]) -> None:
+    """Contact sheet of every fitted face stored so far (not only this run's)."""
+    import cv2
+
+    tiles = []
+    for key in sorted(store.index):
+        attrs = store.index[key]
+        if key == MODEL_KEY or attrs.get("status") != STATUS_OK:
+            continue
+        for face in range(int(attrs.get("n_faces", 0))):
+            path = output_base(out_dir, key, face, "overlays", names).with_suffix(".png")
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR) if path.is_file() else None
+            if image is not None:
+                tiles.append((image[..., ::-1], f"{Path(key).stem}#{face}"))
+    if tiles:
+        write_png(out_dir / "contact_sheet.png", contact_sheet(tiles))
+
+
 def _process_batch(batch: list[list[_PendingFace]], fitter: FaceFitter, writer: _FaceWriter, store: ResultStore,
-                   options: FitOptions, summary: FitSummary, settings: dict, digest: str, progress: Progress) -> None:
+                   options: FitOptions, summary: FitSummary, settings: dict, digest: str, progress: Progress,
+                   should_stop=None) -> bool:
+    """Fit and store one batch; False (nothing stored) when a stop was requested meanwhile."""
+    if should_stop is not None and should_stop():
+        summary.interrupted = True
+        return False
     flat = [f for image in batch for f in image]
     targets = _targets(flat, fitter.model.mean_shape.device)
     t0 = time.perf_counter()
-    result = fitter.fit(targets)
+    result = fitter.fit(targets, should_stop=should_stop)
     summary.fit_seconds += time.perf_counter() - t0
+    if result.stopped:  # a half-finished optimisation is not a result: redo it on resume
+        summary.interrupted = True
+        return False
     crop_size = targets.size
     row = 0
     for image in batch:
@@ -534,16 +615,15 @@ def _process_batch(batch: list[list[_PendingFace]], fitter: FaceFitter, writer: 
             else:
                 built = writer.build(pending, params, crop_size)
                 arrays.update(built)
-                base = output_base(writer.out_dir, pending.key, face.index, "meshes")
+                base = output_base(writer.out_dir, pending.key, face.index, "meshes", writer.names)
                 files = write_face_files(writer.model, built, params, base, options.formats, options.pose)
                 if options.overlays:
                     overlay = writer.overlay(pending, params, crop_size)
-                    overlay_path = output_base(writer.out_dir, pending.key, face.index, "overlays").with_suffix(".png")
+                    overlay_path = output_base(writer.out_dir, pending.key, face.index, "overlays",
+                                               writer.names).with_suffix(".png")
                     overlay_path.parent.mkdir(parents=True, exist_ok=True)
                     write_png(overlay_path, overlay)
                     files.append(overlay_path)
-                    writer.overlay_tiles.append((overlay, f"{Path(pending.key).stem}#{face.index} "
-                                                          f"{error_px:.1f}px"))
                 outcome.files = [str(f) for f in files]
             stored_faces.append({"index": face.index, "arrays": arrays, "attrs": attrs})
             statuses.append(outcome.status)
@@ -556,3 +636,4 @@ def _process_batch(batch: list[list[_PendingFace]], fitter: FaceFitter, writer: 
             summary.image_reasons[image[0].key] = reason
         for _ in image:
             progress.advance()
+    return True
