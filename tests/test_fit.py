@@ -262,3 +262,14 @@ def test_resume_refits_a_photo_whose_content_changed(ict_embedded_model_file, as
     assert run_fit([str(photos)], tmp_path / "out", options).images == {"a.png": "skipped"}
     Image.open(astronaut_path).transpose(Image.FLIP_LEFT_RIGHT).save(photos / "a.png")
     assert run_fit([str(photos)], tmp_path / "out", options).images == {"a.png": "ok"}
+
+
+def test_inner_mouth_can_be_left_out_of_the_photometric_term(ict_embedded_model):
+    tensors = FaceModelTensors(ict_embedded_model)
+    regions = ict_embedded_model.regions
+    mouth = set(regions["inner_mouth"].tolist())
+    default = FaceFitter(tensors, regions, FitSettings())
+    without = FaceFitter(tensors, regions, FitSettings(exclude_inner_mouth=True))
+    touches = lambda tris: any(v in mouth for v in tris.flatten().tolist())  # noqa: E731
+    assert touches(default.photo_triangles) and not touches(without.photo_triangles)
+    assert 0 < len(default.photo_triangles) - len(without.photo_triangles) < 0.2 * len(default.photo_triangles)

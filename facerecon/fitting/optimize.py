@@ -54,6 +54,7 @@ class FitSettings:
     use_dense_landmarks: bool = True
     dense_weight: float = 20.0
     photometric_landmark_scale: float = 1.0  # < 1 lets photometry override landmarks
+    exclude_inner_mouth: bool = False
     max_retries: int = 1
     weights: dict[str, float] = field(default_factory=lambda: dict(PAPER000_WEIGHTS))
 
@@ -169,6 +170,10 @@ class FaceFitter:
         device = model.mean_shape.device
         in_region = np.zeros(model.n_vertices, bool)
         in_region[regions["photometric"]] = True
+        if self.settings.exclude_inner_mouth and "inner_mouth" in regions:
+            # teeth and tongue are not in the face model's albedo space: leave the mouth
+            # opening out of the photometric term (landmarks place the lips)
+            in_region[regions["inner_mouth"]] = False
         tris = model.triangles.cpu().numpy()
         self.photo_triangles = torch.as_tensor(tris[in_region[tris].all(axis=1)], device=device)
         self.skin = torch.as_tensor(regions["skin"], dtype=torch.int64, device=device)
