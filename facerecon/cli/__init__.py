@@ -18,6 +18,7 @@ def main() -> None:
       facerecon detect photos/ --out det.h5  # faces, landmarks, crops, masks only
       facerecon export meshes/fits.h5 --out glb/ --format glb --neutral
       facerecon model list                   # face models available
+      facerecon evaluate rendered --out eval/  # accuracy by yaw on rendered faces
 
     Exit codes: 0 success (at least one input processed), 1 nothing could be
     processed, 2 usage error (bad option or argument), 130 interrupted by
@@ -28,11 +29,12 @@ def main() -> None:
 def _register() -> None:
     # Each command lives in its own module.
     from facerecon.cli.detect import detect
+    from facerecon.cli.evaluate import evaluate
     from facerecon.cli.export import export
     from facerecon.cli.fit import fit
     from facerecon.cli.model import model
 
-    for command in (model, detect, fit, export):
+    for command in (model, detect, fit, export, evaluate):
         main.add_command(command)
 
 

@@ -65,9 +65,10 @@ def _rate_column(unit: str):
 
         def render(self, task) -> Text:
             speed = task.finished_speed or task.speed
+            task_unit = task.fields.get("unit", unit)
             if speed is None:
-                return Text(f"-- {unit}/s", style="progress.data.speed")
-            return Text(f"{speed:.1f} {unit}/s", style="progress.data.speed")
+                return Text(f"-- {task_unit}/s", style="progress.data.speed")
+            return Text(f"{speed:.1f} {task_unit}/s", style="progress.data.speed")
 
     return RateColumn()
 
@@ -117,7 +118,7 @@ class _Stage:
 
     def start(self, total: int) -> None:
         if self.owner.enabled:
-            self.task = self.owner._display(self.unit).add_task(self.description, total=total)
+            self.task = self.owner._display(self.unit).add_task(self.description, total=total, unit=self.unit)
 
     def advance(self, *_args: Any, **_kwargs: Any) -> None:
         if self.task is not None:

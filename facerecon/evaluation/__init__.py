@@ -1,0 +1,1 @@
+"""Evaluation protocols: geometry metrics, alignment and dataset readers (see shared protocol notes)."""
