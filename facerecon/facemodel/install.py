@@ -43,22 +43,22 @@ def import_model(kind: str, sources: Sequence[str | Path], include_head: bool = 
     raise ValueError(f"unknown face-model kind {kind!r}")
 
 
-def _stderr_progress() -> ProgressCallback:
+def _stderr_progress():
+    """A download bar on stderr: returns (callback, stop)."""
+    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn, TimeRemainingColumn
 
     progress = Progress(
         "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), transient=False,
+        TimeRemainingColumn(), transient=False, console=Console(stderr=True),
     )
     progress.start()
     task = progress.add_task("downloading ICT-FaceKit", total=None)
 
     def update(done: int, total: int | None) -> None:
         progress.update(task, completed=done, total=total)
-        if total is not None and done >= total:
-            progress.stop()
 
-    return update
+    return update, progress.stop
 
 
 def fetch_and_install_ict(
@@ -74,12 +74,17 @@ def fetch_and_install_ict(
     from facerecon.facemodel import fetch
     from facerecon.facemodel.ict import import_ict
 
+    stop = None
     if progress is None:
-        progress = _stderr_progress()
-    facex, digest = fetch.fetch_ict_checkout(
-        url=url or fetch.ICT_ARCHIVE_URL, expected_sha256=sha256 or fetch.ICT_ARCHIVE_SHA256, progress=progress,
-        opener=opener or fetch.open_url_range,
-    )
+        progress, stop = _stderr_progress()
+    try:
+        facex, digest = fetch.fetch_ict_checkout(
+            url=url or fetch.ICT_ARCHIVE_URL, expected_sha256=sha256 or fetch.ICT_ARCHIVE_SHA256, progress=progress,
+            opener=opener or fetch.open_url_range,
+        )
+    finally:
+        if stop is not None:
+            stop()
     model = import_ict(facex)
     model.provenance += f"; archive sha256 {digest}"
     if embed:
