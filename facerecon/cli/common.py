@@ -48,6 +48,15 @@ def fail(message: str, code: int = EXIT_NOTHING_DONE) -> NoReturn:
     sys.exit(code)
 
 
+def fail_run(message: str, output: Any, as_json: bool) -> NoReturn:
+    """A batch command could not run: JSON error record on stdout (with ``--json``), one
+    ``error:`` line on stderr, exit :data:`EXIT_NOTHING_DONE`."""
+    if as_json:
+        print_json({"output": str(output), "error": message, "exit_code": EXIT_NOTHING_DONE})
+    click.echo(f"error: {message}", err=True)
+    raise SystemExit(EXIT_NOTHING_DONE)
+
+
 def print_json(data: Any) -> None:
     """Write ``data`` as JSON (UTF-8, indented) to stdout."""
     click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))

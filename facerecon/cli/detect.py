@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from facerecon.cli.common import (EXIT_NOTHING_DONE, ProgressReporter, exit_code_for, graceful_stop, print_json,
+from facerecon.cli.common import (ProgressReporter, exit_code_for, fail_run, graceful_stop, print_json,
                                   problems_table, stderr_console, summary_table)
 from facerecon.io.images import DEFAULT_MAX_PIXELS
 
@@ -77,10 +77,7 @@ def detect(inputs: tuple[str, ...], output: Path, largest: bool, max_faces: int 
             summary = run_detect(inputs, output, options, progress=progress, should_stop=stop)
     except (StoreError, OSError) as exc:
         message = str(exc) if isinstance(exc, StoreError) else f"cannot write {output}: {exc}"
-        if as_json:
-            print_json({"output": str(output), "error": message, "exit_code": EXIT_NOTHING_DONE})
-        click.echo(f"error: {message}", err=True)
-        raise SystemExit(EXIT_NOTHING_DONE) from None
+        fail_run(message, output, as_json)
 
     data = summary.to_dict()
     if not quiet:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from facerecon.cli.common import (EXIT_NOTHING_DONE, StageProgress, graceful_stop, print_json, stderr_console)
+from facerecon.cli.common import (EXIT_NOTHING_DONE, StageProgress, fail_run, graceful_stop, print_json,
+                                  stderr_console)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -66,8 +67,7 @@ def rendered(out_dir: Path, face_model: str | None, samples: int, seed: int, yaw
             result = run_rendered(out_dir, options, progress=progress.stage("fit", "face"),
                                   detect_progress=progress.stage("detect"), should_stop=stop)
     except (FaceModelError, StoreError, ValueError, OSError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        raise SystemExit(EXIT_NOTHING_DONE) from None
+        fail_run(str(exc), out_dir, as_json)
     if not quiet:
         from rich.table import Table
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from facerecon.cli.common import EXIT_NOTHING_DONE, print_json, problems_table, stderr_console, summary_table
+from facerecon.cli.common import fail_run, print_json, problems_table, stderr_console, summary_table
 
 
 @click.command()
@@ -48,11 +48,7 @@ def export(fits: Path, out_dir: Path, formats: str, pose: str, neutral: bool, no
     try:
         summary = run_export(fits, out_dir, format_list, pose=pose, neutral=neutral, blendshapes=not no_blendshapes)
     except (KeyError, OSError, StoreError) as exc:
-        message = f"{fits} is not a readable fits file ({exc})"
-        if as_json:
-            print_json({"output": str(out_dir), "error": message, "exit_code": EXIT_NOTHING_DONE})
-        click.echo(f"error: {message}", err=True)
-        raise SystemExit(EXIT_NOTHING_DONE) from None
+        fail_run(f"{fits} is not a readable fits file ({exc})", out_dir, as_json)
     data = summary.to_dict()
     console = stderr_console(quiet=quiet)
     console.print(summary_table("export summary", [("faces exported", data["faces_exported"]),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from facerecon.cli.common import (EXIT_NOTHING_DONE, StageProgress, graceful_stop, print_json, problems_table,
+from facerecon.cli.common import (StageProgress, fail_run, graceful_stop, print_json, problems_table,
                                   stderr_console, summary_table)
 
 
@@ -97,10 +97,7 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
             summary = run_fit(inputs, out_dir, options, progress=progress.stage("fit", "face"),
                               detect_progress=progress.stage("detect"), should_stop=stop)
     except (FaceModelError, StoreError, ValueError, OSError) as exc:
-        if as_json:
-            print_json({"output": str(out_dir), "error": str(exc), "exit_code": EXIT_NOTHING_DONE})
-        click.echo(f"error: {exc}", err=True)
-        raise SystemExit(EXIT_NOTHING_DONE) from None
+        fail_run(str(exc), out_dir, as_json)
     data = summary.to_dict()
     if not quiet:
         for note in data["notes"]:

@@ -13,7 +13,6 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import eigsh
 from scipy.spatial import cKDTree
 
-import cv2
 
 # iBUG 68-point landmark groups (0-based indices).
 JAW = np.arange(0, 17)

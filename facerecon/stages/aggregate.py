@@ -38,7 +38,6 @@ from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import crop_intrinsics, model_to_camera
 from facerecon.fitting.optimize import FaceFitter, FitSettings
 from facerecon.io.store import ResultStore
-from facerecon.render.camera import euler_to_matrix
 from facerecon.render.renderer import MeshRenderer
 from facerecon.stages import detect as detect_stage
 from facerecon.stages.fit import _PendingFace, _PhotoCache, _targets, pick_device
