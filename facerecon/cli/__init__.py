@@ -33,8 +33,9 @@ def _register() -> None:
     from facerecon.cli.export import export
     from facerecon.cli.fit import fit
     from facerecon.cli.model import model
+    from facerecon.cli.synth import synth
 
-    for command in (model, detect, fit, export, evaluate):
+    for command in (model, detect, fit, export, evaluate, synth):
         main.add_command(command)
 
 
