@@ -34,8 +34,9 @@ def _register() -> None:
     from facerecon.cli.fit import fit
     from facerecon.cli.model import model
     from facerecon.cli.synth import synth
+    from facerecon.cli.train import train
 
-    for command in (model, detect, fit, export, evaluate, synth):
+    for command in (model, detect, fit, export, evaluate, synth, train):
         main.add_command(command)
 
 

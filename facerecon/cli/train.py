@@ -1,0 +1,76 @@
+"""``facerecon train``: self-supervised R-Net training (paper 000)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from facerecon.cli.common import StageProgress, fail_run, graceful_stop, print_json, stderr_console, summary_table
+
+
+@click.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Training configuration (TOML); see --print-config and docs/training.md.")
+@click.option("--print-config", is_flag=True, help="Print a fully commented default configuration and exit.")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in the output directory.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+def train(config_path: Path | None, print_config: bool, resume: bool, device: str, as_json: bool,
+          quiet: bool) -> None:
+    """Train R-Net (ResNet regressing face-model coefficients, light and pose)
+    with the self-supervised hybrid loss of Deng et al. 2019.
+
+    \b
+    Writes to output.directory: checkpoints/ (atomic, with config, face-model
+    id and code version), metrics.jsonl (loss terms, images/s, validation
+    loss), previews/ (input | render | overlay).
+
+    \b
+    Examples:
+      facerecon train --print-config > train.toml
+      facerecon train --config train.toml
+      facerecon train --config train.toml --resume
+    """
+    from facerecon.training.config import DEFAULT_CONFIG_TEXT, ConfigError, load_config
+
+    if print_config:
+        click.echo(DEFAULT_CONFIG_TEXT, nl=False)
+        return
+    if config_path is None:
+        raise click.UsageError("--config is required (or --print-config)")
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        raise click.UsageError(f"{config_path}: {exc}") from None
+
+    from facerecon.facemodel.model import FaceModelError
+    from facerecon.io.store import StoreError
+    from facerecon.stages.fit import pick_device
+    from facerecon.training.trainer import Trainer, load_faces, prepare_data, split_validation
+
+    console = stderr_console(quiet=quiet)
+    try:
+        with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:
+            files = prepare_data(config, should_stop=stop)
+            faces = load_faces(files)
+            train_set, valid_set = split_validation(faces, config.validation_fraction)
+            trainer = Trainer(config, pick_device(device))
+            summary = trainer.run(train_set, valid_set, resume, progress=progress.stage("train", "step"),
+                                  should_stop=stop)
+    except (FaceModelError, StoreError, ValueError, OSError, FloatingPointError) as exc:
+        fail_run(str(exc), config.output, as_json)
+    data = summary.to_dict()
+    if not quiet:
+        for note in data["notes"]:
+            console.print(f"note: {note}")
+        fmt = lambda v, p="{:.4f}": "-" if v is None else p.format(v)  # noqa: E731
+        console.print(summary_table("train summary", [
+            ("steps", data["steps_done"]), ("first loss", fmt(data["first_loss"])),
+            ("last loss", fmt(data["last_loss"])), ("validation loss", fmt(data["validation_loss"])),
+            ("images/s", fmt(data["images_per_second"], "{:.1f}")), ("checkpoint", data["checkpoint"])]))
+    if as_json:
+        print_json(data)
+    if summary.interrupted:
+        raise SystemExit(130)

@@ -1,0 +1,57 @@
+"""R-Net (paper 000): a ResNet regressing face-model coefficients, SH light and pose.
+
+The final layer is sized to the face model's coefficients + 27 SH + 6 pose and starts at zero,
+so an untrained network predicts the mean face, neutral, frontal, centred in the aligned crop,
+under unit white light; training moves it from there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from facerecon.facemodel.tensors import FaceModelTensors
+from facerecon.fitting.camera import FLIP
+from facerecon.networks.resnet import IMAGENET_MEAN, IMAGENET_STD, ResNet
+from facerecon.render.shading import SH_CONSTANTS
+
+#: Fitting-camera distance (mm) at which the mean face fills the aligned 224 crop like the
+#: detector's alignment template.
+DEFAULT_DISTANCE_MM = 1200.0
+TRANSLATION_SCALE_MM = torch.tensor([50.0, 50.0, 300.0])
+
+
+class RNet(nn.Module):
+    """Image (B, 3, H, W) in [0, 1] -> dict of (B, ...) parameters for :class:`FaceFitter` losses."""
+
+    def __init__(self, model: FaceModelTensors, architecture: str = "resnet50"):
+        super().__init__()
+        self.sizes = {"identity": model.n_identity, "expression": model.n_expression, "albedo": model.n_albedo,
+                      "sh": 27, "angles": 3, "translation": 3}
+        self.blendshapes = model.expression_kind == "blendshape"
+        self.backbone = ResNet(architecture, num_classes=sum(self.sizes.values()))
+        nn.init.zeros_(self.backbone.fc.weight)
+        nn.init.zeros_(self.backbone.fc.bias)
+        centre = model.landmark_points(model.mean_shape[None])[0].mean(dim=0)
+        self.register_buffer("base_translation", torch.tensor([0.0, 0.0, DEFAULT_DISTANCE_MM]) - FLIP @ centre)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        raw = self.backbone((images - self.mean) / self.std)
+        out, start = {}, 0
+        for name, size in self.sizes.items():
+            out[name] = raw[:, start:start + size]
+            start += size
+        if self.blendshapes:  # weights in [0, 1]; zero output -> small weights
+            out["expression"] = torch.sigmoid(out["expression"] - 4.0)
+        sh = out["sh"].clone()
+        sh[:, [0, 9, 18]] = sh[:, [0, 9, 18]] + 1.0 / SH_CONSTANTS[0]
+        out["sh"] = sh
+        out["translation"] = out["translation"] * TRANSLATION_SCALE_MM.to(raw) + self.base_translation
+        return out
+
+    @property
+    def first_stage(self) -> torch.Tensor | None:
+        """Feature map after the first residual stage of the last forward (for C-Net)."""
+        return self.backbone.first_stage

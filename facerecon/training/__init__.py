@@ -1,0 +1,1 @@
+"""Training of the regression networks (R-Net) with the self-supervised hybrid loss."""
