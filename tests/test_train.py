@@ -96,3 +96,37 @@ def test_cli_print_config_and_bad_config(tmp_path):
     bad.write_text("[optim]\nsteps = 0\n[data]\nimages = ['x']\n")
     result = CliRunner().invoke(main, ["train", "--config", str(bad)])
     assert result.exit_code == 2 and "optim.steps must be at least 1" in result.output
+
+
+def test_fit_with_a_checkpoint_uses_the_network(ict_embedded_model_file, ict_embedded_model, astronaut_path,
+                                                tmp_path):
+    from facerecon.stages.fit import FitOptions, read_fits, run_fit
+
+    config = parse_config(f"""
+[data]
+images = ["unused"]
+[model]
+face_model = "{ict_embedded_model_file}"
+[network]
+architecture = "resnet18"
+""")
+    trainer = Trainer(config, torch.device("cpu"))
+    checkpoint = tmp_path / "rnet.pt"
+    trainer.save(checkpoint)  # an untrained R-Net predicts the mean face, frontal and centred
+    errors = {}
+    for refine in (0, 15):
+        options = FitOptions(face_model=str(ict_embedded_model_file), checkpoint=str(checkpoint), refine=refine,
+                             texture_size=64, overlays=False)
+        summary = run_fit([str(astronaut_path)], tmp_path / f"out{refine}", options)
+        assert any("method network" in note for note in summary.notes)
+        (key, attrs, faces), = list(read_fits(tmp_path / f"out{refine}" / "fits.h5"))
+        assert attrs["method"] == "network" and faces[0]["vertices"].shape == (9409, 3)
+        errors[refine] = summary.faces[0].landmark_error_px
+    assert errors[15] < errors[0]
+    other = tmp_path / "other.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    state["model_id"] = "bfm2009"
+    torch.save(state, other)
+    result = CliRunner().invoke(main, ["fit", str(astronaut_path), "--out", str(tmp_path / "o"), "--face-model",
+                                       str(ict_embedded_model_file), "--checkpoint", str(other), "--quiet"])
+    assert result.exit_code == 1 and "trained with face model 'bfm2009'" in result.output

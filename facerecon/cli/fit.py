@@ -40,6 +40,10 @@ def face_model_options(function):
               show_default=True, metavar="LANDMARK COARSE FINE",
               help="Iterations of the three stages (landmarks; photometric at 112 px; at crop size).")
 @click.option("--no-dense", is_flag=True, help="Use the 68 landmarks only, not the 468-point dense embedding.")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Trained R-Net checkpoint (facerecon train): method 'network' instead of 'optimize'.")
+@click.option("--refine", type=click.IntRange(0), default=0, show_default=True,
+              help="With --checkpoint: photometric optimisation steps starting from the network's prediction.")
 @click.option("--recognition-weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="ArcFace IR-ResNet backbone.pth you own: turns on the perceptual loss (paper 000 eq. 4).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (results repeat for the same inputs, batch size and device).")
@@ -48,8 +52,8 @@ def face_model_options(function):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary table.")
 def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_download: bool, formats: str, pose: str,
         device: str, batch_size: int, largest: bool, texture_size: int, no_overlays: bool,
-        steps: tuple[int, int, int], no_dense: bool, recognition_weights: str | None, seed: int, overwrite: bool,
-        as_json: bool, quiet: bool) -> None:
+        steps: tuple[int, int, int], no_dense: bool, checkpoint: str | None, refine: int,
+        recognition_weights: str | None, seed: int, overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Reconstruct a textured 3D mesh for every face in the photos.
 
     \b
@@ -74,6 +78,7 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
     Examples:
       facerecon fit photos/ --out meshes/
       facerecon fit det.h5 --out out/ --format obj,glb --largest --json
+      facerecon fit photos/ --out out/ --checkpoint runs/rnet/checkpoints/latest.pt --refine 20
     """
     from facerecon.export.meshio import parse_formats
     from facerecon.facemodel.model import FaceModelError
@@ -90,7 +95,8 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
     options = FitOptions(face_model=face_model, allow_download=False if no_download else None, device=device,
                          batch_size=batch_size, formats=format_list, pose=pose, texture_size=texture_size,
                          overlays=not no_overlays, largest=largest, overwrite=overwrite, seed=seed,
-                         recognition_weights=recognition_weights, settings=settings)
+                         recognition_weights=recognition_weights, checkpoint=checkpoint, refine=refine,
+                         settings=settings)
     console = stderr_console(quiet=quiet)
     try:
         with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:

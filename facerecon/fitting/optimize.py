@@ -185,6 +185,8 @@ class FaceFitter:
         if oval_indices is not None:
             self.contour_dense[torch.as_tensor(oval_indices, dtype=torch.int64)] = True
         self.perceptual = perceptual
+        #: optional callable targets -> starting parameters (a trained network, method "network")
+        self.predictor = None
         self.renderers: dict[int, MeshRenderer] = {}
 
     # ------------------------------------------------------------------ model terms

@@ -61,7 +61,13 @@ class FitOptions:
     overwrite: bool = False
     seed: int = 0
     recognition_weights: str | None = None
+    checkpoint: str | None = None
+    refine: int = 0
     settings: FitSettings = field(default_factory=FitSettings)
+
+    @property
+    def method(self) -> str:
+        return "network" if self.checkpoint else "optimize"
 
 
 @dataclass
@@ -162,7 +168,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def _settings(options: FitOptions, model: FaceModel) -> dict[str, Any]:
-    return {"method": "optimize", "model_id": model.model_id, "fit": options.settings.to_dict(),
+    return {"method": options.method, "checkpoint": options.checkpoint or "", "refine": options.refine,
+            "model_id": model.model_id, "fit": options.settings.to_dict(),
             "texture_size": options.texture_size, "format_version": FORMAT_VERSION,
             "perceptual": bool(options.recognition_weights)}
 
@@ -400,7 +407,7 @@ def _write_image_item(store: ResultStore, key: str, det_attrs: dict, faces: list
     store.write_item(key, write, {
         "status": status, "error": reason, "sha256": det_attrs.get("sha256", ""),
         "detections_digest": det_attrs.get("settings_digest", ""),
-        "source_path": det_attrs.get("source_path", ""), "n_faces": len(faces), "method": "optimize",
+        "source_path": det_attrs.get("source_path", ""), "n_faces": len(faces), "method": settings["method"],
         "model_id": settings["model_id"], "settings": settings, "settings_digest": digest,
         "tool": "facerecon", "tool_version": __version__,
     })
@@ -463,6 +470,12 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
 
         perceptual = PerceptualLoss(load_iresnet(options.recognition_weights, device))
 
+    predictor = None
+    if options.checkpoint:
+        from facerecon.training.network_fit import NetworkPredictor
+
+        predictor = NetworkPredictor(options.checkpoint, FaceModelTensors(model).to(device), model.model_id)
+
     if len(inputs) == 1 and inputs[0].endswith((".h5", ".hdf5")) and Path(inputs[0]).is_file():
         detections = Path(inputs[0])
         check_detections_file(detections)
@@ -492,6 +505,13 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
     else:
         summary.notes.append("perceptual loss off: no face-recognition weights given (--recognition-weights)")
     fitter = FaceFitter(tensors, model.regions, options.settings, oval_indices=oval, perceptual=perceptual)
+    if predictor is not None:
+        fitter.predictor = predictor
+        # the network's prediction is the start; --refine N photometric steps polish it
+        fitter.settings = FitSettings(**{**options.settings.to_dict(), "coarse_steps": options.refine,
+                                         "fine_steps": 0})
+        summary.notes.append(f"method network: {options.checkpoint}" +
+                             (f", {options.refine} refinement steps" if options.refine else ""))
     if model.dense_triangle is None and options.settings.use_dense_landmarks:
         summary.notes.append("face model has no dense landmark embedding: fitting with the 68 landmarks only")
     settings = _settings(options, model)
@@ -579,7 +599,8 @@ def _process_batch(batch: list[list[_PendingFace]], fitter: FaceFitter, writer: 
     flat = [f for image in batch for f in image]
     targets = _targets(flat, fitter.model.mean_shape.device)
     t0 = time.perf_counter()
-    result = fitter.fit(targets, should_stop=should_stop)
+    init = fitter.predictor(targets) if fitter.predictor is not None else None
+    result = fitter.fit(targets, init=init, should_stop=should_stop)
     summary.fit_seconds += time.perf_counter() - t0
     if result.stopped:  # a half-finished optimisation is not a result: redo it on resume
         summary.interrupted = True
