@@ -82,6 +82,8 @@ def test_training_lowers_loss_and_landmark_error_and_resumes_exactly(training_da
     ("[data]\nimages = []", "data.detections or data.images"),
     ("[olt]\nx = 1", "unknown section [olt]"),
     ("[data\n", "not valid TOML"),
+    ("[augment]\nflip = 1\n[data]\nimages=['x']", "augment.flip must be bool"),
+    ("[augment]\nshift = 0.9\n[data]\nimages=['x']", "augment: shift must be in"),
 ])
 def test_bad_configs_fail_with_one_line(text, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from facerecon.training.augment import AugmentSettings
+
 DEFAULT_CONFIG_TEXT = '''\
 # facerecon training configuration (TOML). Paths are relative to this file.
 
@@ -49,6 +51,15 @@ batch_size = 8
 steps = 1000
 seed = 0
 
+[augment]
+# Random shift (fraction of the crop), scale (+-), rotation (degrees) and horizontal flip
+# of training crops; landmarks follow, left and right swap on a flip.
+enabled = true
+shift = 0.05
+scale = 0.1
+rotation_degrees = 10.0
+flip = true
+
 [output]
 directory = "runs/rnet"
 checkpoint_every = 200
@@ -80,6 +91,7 @@ class TrainConfig:
     checkpoint_every: int
     preview_every: int
     validate_every: int
+    augment: Any
     source: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,6 +105,8 @@ _SCHEMA: dict[str, dict[str, type | tuple]] = {
     "loss": {"photo": (int, float), "landmark": (int, float), "coefficients": (int, float), "texture": (int, float),
              "dense": (int, float), "render_size": int},
     "optim": {"learning_rate": (int, float), "batch_size": int, "steps": int, "seed": int},
+    "augment": {"enabled": bool, "shift": (int, float), "scale": (int, float), "rotation_degrees": (int, float),
+                "flip": bool},
     "output": {"directory": str, "checkpoint_every": int, "preview_every": int, "validate_every": int},
 }
 
@@ -117,7 +131,7 @@ def parse_config(text: str, base: Path = Path(".")) -> TrainConfig:
             if key not in _SCHEMA[section]:
                 raise ConfigError(f"unknown key {section}.{key} (known: {', '.join(_SCHEMA[section])})")
             expected = _SCHEMA[section][key]
-            if isinstance(value, bool) or not isinstance(value, expected):
+            if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
                 names = expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
                 raise ConfigError(f"{section}.{key} must be {names}, got {value!r}")
             merged[section][key] = value
@@ -138,6 +152,9 @@ def parse_config(text: str, base: Path = Path(".")) -> TrainConfig:
             raise ConfigError(f"optim.{key} must be at least 1")
     if o["learning_rate"] <= 0:
         raise ConfigError("optim.learning_rate must be positive")
+    aug = merged["augment"]
+    if not (0 <= aug["shift"] <= 0.5 and 0 <= aug["scale"] < 1 and 0 <= aug["rotation_degrees"] <= 90):
+        raise ConfigError("augment: shift must be in [0, 0.5], scale in [0, 1), rotation_degrees in [0, 90]")
     if merged["loss"]["render_size"] < 16:
         raise ConfigError("loss.render_size must be at least 16")
     for key in ("checkpoint_every", "preview_every", "validate_every"):
@@ -162,7 +179,8 @@ def parse_config(text: str, base: Path = Path(".")) -> TrainConfig:
         weights=weights, dense_weight=float(loss["dense"]), render_size=int(loss["render_size"]),
         learning_rate=float(o["learning_rate"]), batch_size=int(o["batch_size"]), steps=int(o["steps"]),
         seed=int(o["seed"]), output=path(out["directory"]), checkpoint_every=int(out["checkpoint_every"]),
-        preview_every=int(out["preview_every"]), validate_every=int(out["validate_every"]), source=merged,
+        preview_every=int(out["preview_every"]), validate_every=int(out["validate_every"]),
+        augment=AugmentSettings(**merged["augment"]), source=merged,
     )
 
 

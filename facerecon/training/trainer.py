@@ -30,6 +30,7 @@ from facerecon.networks.resnet import load_backbone_weights
 from facerecon.networks.rnet import RNet
 from facerecon.render.renderer import MeshRenderer
 from facerecon.stages import detect as detect_stage
+from facerecon.training.augment import augment
 from facerecon.training.config import TrainConfig
 
 
@@ -118,6 +119,12 @@ class Trainer:
         self.loss = FaceFitter(self.tensors, self.face_model.regions, settings, oval_indices=oval)
         torch.manual_seed(config.seed)
         self.network = RNet(self.tensors, config.architecture).to(device)
+        self.dense_mirror = None
+        if self.tensors.dense_triangle is not None:
+            from facerecon.training.augment import dense_mirror_map
+
+            points = self.tensors.dense_points(self.tensors.mean_shape[None])[0].cpu().numpy()
+            self.dense_mirror = torch.as_tensor(dense_mirror_map(points), device=device)
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
         self.step = 0
 
@@ -210,7 +217,9 @@ class Trainer:
                     summary.interrupted = True
                     break
                 index = self.batch_indices(self.step, len(train))
-                terms = self.batch_losses(train.targets(index, self.device))
+                generator = torch.Generator().manual_seed(cfg.seed * 104729 + self.step)
+                batch = augment(train.targets(index, self.device), cfg.augment, generator, self.dense_mirror)
+                terms = self.batch_losses(batch)
                 loss = terms["total"].mean()
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss became {float(loss)} at step {self.step}; lower "
