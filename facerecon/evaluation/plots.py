@@ -1,0 +1,127 @@
+"""Plots shared by the evaluation protocols: cumulative error curves and per-vertex heat maps.
+
+Figures are drawn with matplotlib's Agg backend (no display needed) and written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from facerecon.io.atomic import atomic_write_bytes
+
+NO_VALUE_GRAY = (0.78, 0.78, 0.78)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure, path: str | Path, dpi: int | None = None) -> None:
+    """Write a matplotlib figure as PNG atomically and close it."""
+    plt = _pyplot()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_cumulative_errors(curves: Mapping[str, Sequence[float]], path: str | Path, xlabel: str,
+                           ylabel: str = "fraction of subjects", title: str = "") -> None:
+    """Cumulative error curves: for each label, the fraction of its values <= x (a step plot;
+    the denominator is the number of values of that label)."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5, 3.4), dpi=120)
+    top = 0.0
+    for label, values in curves.items():
+        values = np.sort(np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64))
+        if not len(values):
+            continue
+        top = max(top, float(values[-1]))
+        xs = np.concatenate([[0.0], values])
+        ys = np.concatenate([[0.0], np.arange(1, len(values) + 1) / len(values)])
+        axis.step(xs, ys, where="post", label=f"{label} (n={len(values)})")
+    axis.set_xlim(0, top * 1.1 if top > 0 else 1.0)
+    axis.set_ylim(0, 1.02)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    if title:
+        axis.set_title(title)
+    axis.grid(alpha=0.3)
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def vertex_colors(values: np.ndarray, vmax: float, cmap: str = "viridis") -> np.ndarray:
+    """Per-vertex RGB in [0, 1] from values in [0, vmax] (NaN -> light gray)."""
+    from matplotlib import colormaps
+
+    values = np.asarray(values, dtype=np.float64)
+    scaled = np.clip(np.nan_to_num(values, nan=0.0) / max(vmax, 1e-12), 0.0, 1.0)
+    colors = colormaps[cmap](scaled)[:, :3]
+    colors[~np.isfinite(values)] = NO_VALUE_GRAY
+    return colors
+
+
+def render_vertex_values(vertices: np.ndarray, triangles: np.ndarray, values: np.ndarray, vmax: float,
+                         size: int = 384, cmap: str = "viridis", focus: np.ndarray | None = None) -> np.ndarray:
+    """A frontal image (size, size, 3) uint8 of a canonical mesh (mm, +y up, +z towards the
+    viewer) coloured by per-vertex values, with simple headlight shading on white.
+
+    ``focus``: vertex indices the view is framed on (default: the vertices with a value, or
+    all when none has one).
+    """
+    from facerecon.render.renderer import MeshRenderer
+
+    vertices = np.asarray(vertices, dtype=np.float64)
+    if focus is None:
+        focus = np.flatnonzero(np.isfinite(values))
+        if not len(focus):
+            focus = np.arange(len(vertices))
+    lo, hi = vertices[focus].min(axis=0), vertices[focus].max(axis=0)
+    centre = (lo + hi) / 2
+    extent = max(hi[0] - lo[0], hi[1] - lo[1], 1e-6)
+    distance = 1000.0
+    focal = 0.88 * size * distance / extent
+    camera = (vertices - centre) * np.array([1.0, -1.0, -1.0]) + np.array([0.0, 0.0, distance + hi[2] - centre[2]])
+    k = torch.tensor([[focal, 0.0, (size - 1) / 2], [0.0, focal, (size - 1) / 2], [0.0, 0.0, 1.0]])[None]
+    albedo = torch.as_tensor(vertex_colors(values, vmax, cmap), dtype=torch.float32)[None]
+    white = torch.ones(1, size, size, 3)
+    out = MeshRenderer(image_size=(size, size), backend="auto").render(
+        torch.as_tensor(camera, dtype=torch.float32)[None], torch.as_tensor(np.asarray(triangles), dtype=torch.long),
+        k.float(), albedo, None, background=white)
+    shade = (0.35 + 0.65 * (-out.normals[0, ..., 2]).clamp(0, 1))[..., None]
+    image = torch.where(out.mask[0][..., None], out.image[0] * shade, white[0])
+    return (image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+
+
+def plot_heatmaps(panels: Sequence[tuple[str, np.ndarray]], vmax: float, path: str | Path, label: str,
+                  cmap: str = "viridis", title: str = "") -> None:
+    """Rendered heat maps side by side (one per (title, image) panel) with one colour bar."""
+    plt = _pyplot()
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    count = max(len(panels), 1)
+    figure, axes = plt.subplots(1, count, figsize=(3.0 * count + 0.9, 3.5), dpi=120, squeeze=False)
+    for axis, (name, image) in zip(axes[0], panels):
+        axis.imshow(image)
+        axis.set_title(name, fontsize=9)
+    for axis in axes[0]:
+        axis.axis("off")
+    mappable = ScalarMappable(norm=Normalize(0, vmax), cmap=cmap)
+    figure.colorbar(mappable, ax=list(axes[0]), fraction=0.046 if count == 1 else 0.02, pad=0.03, label=label)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    save_figure(figure, path)
