@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from facerecon.networks.weights import read_state_dict
+
 #: Eye centres, nose tip and mouth corners of the 112x112 ArcFace alignment template (pixels).
 ARCFACE_TEMPLATE_112 = torch.tensor([
     [38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041],
@@ -77,15 +79,7 @@ def load_iresnet(path: str | Path, device="cpu") -> IResNet:
     Raises:
         ValueError: the file is not an IR-ResNet state dict (one-line reason).
     """
-    try:
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad file
-        raise ValueError(f"cannot read face-recognition weights {path}: {exc}") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict) or "conv1.weight" not in state:
-        raise ValueError(f"{path} is not an IR-ResNet (ArcFace backbone.pth) state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = read_state_dict(path, "face-recognition weights", "an IR-ResNet (ArcFace backbone.pth)")
     counts = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5))
     depth = next((name for name, blocks in LAYERS.items() if blocks == counts), None)
     if depth is None:

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from facerecon.networks.weights import read_state_dict
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -119,14 +121,7 @@ def load_backbone_weights(network: ResNet, path: str | Path) -> list[str]:
     Returns the names that were not loaded. Raises ValueError with a one-line reason for a
     file that is not a matching state dict.
     """
-    try:
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad file
-        raise ValueError(f"cannot read backbone weights {path}: {exc}") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict) or "conv1.weight" not in state:
-        raise ValueError(f"{path} is not a torchvision ResNet state dict")
+    state = read_state_dict(path, "backbone weights", "a torchvision ResNet")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     own = network.state_dict()
     wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
