@@ -19,6 +19,8 @@ def main() -> None:
       facerecon export meshes/fits.h5 --out glb/ --format glb --neutral
       facerecon model list                   # face models available
       facerecon evaluate rendered --out eval/  # accuracy by yaw on rendered faces
+      facerecon synth --out synth/ --count 1000 --views 4
+      facerecon train --config train.toml    # see: facerecon train --print-config
 
     Exit codes: 0 success (at least one input processed), 1 nothing could be
     processed, 2 usage error (bad option or argument), 130 interrupted by
