@@ -98,11 +98,14 @@ def run_rendered(out_dir: str | Path, options: RenderedOptions | None = None, pr
     fitted = {key: faces for key, _a, faces in read_fits(out_dir / "fit" / "fits.h5")}
     region = model.regions["face"]
     rows = []
+    per_sample: dict[int, tuple] = {}  # every pose of a sample shares its ground truth
     for name, record in sorted(truth.items()):
-        gt = record["vertices"][region]
-        tip = find_nose_tip(gt)
-        gt_points, _, _ = crop_sphere(gt, tip, CROP_RADIUS_MM)
-        baseline = scan_error(model.mean_shape.astype(np.float64), model.triangles, gt_points)
+        if record["sample"] not in per_sample:
+            gt = record["vertices"][region]
+            gt_points, _, _ = crop_sphere(gt, find_nose_tip(gt), CROP_RADIUS_MM)
+            per_sample[record["sample"]] = (gt_points, scan_error(model.mean_shape.astype(np.float64),
+                                                                  model.triangles, gt_points))
+        gt_points, baseline = per_sample[record["sample"]]
         row = {"image": name, "sample": record["sample"], "pitch": record["pitch"], "yaw": record["yaw"],
                "baseline_rmse_mm": baseline.rmse_point_to_plane, "baseline_mean_mm": baseline.mean_point_to_surface}
         faces = fitted.get(name, [])

@@ -119,7 +119,7 @@ def _fit_in_batches(fitter: FaceFitter, faces: list[_PendingFace], batch_size: i
     results = [fitter.fit(_targets(faces[i:i + batch_size], device), **kwargs)
                for i in range(0, len(faces), batch_size)]
     return {n: np.concatenate([r.parameters[n] for r in results]) for n in results[0].parameters}, \
-        np.concatenate([r.failed for r in results]), results
+        np.concatenate([r.failed for r in results])
 
 
 def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensors, fitter: FaceFitter,
@@ -136,7 +136,7 @@ def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensor
         outcome.reason = "no face found in any photo"
         return outcome
     # 1. every face alone
-    single, failed, _ = _fit_in_batches(fitter, faces, options.batch_size, device)
+    single, failed = _fit_in_batches(fitter, faces, options.batch_size, device)
     for i in np.flatnonzero(failed):
         outcome.failures.append((f"{faces[i].key}#{faces[i].face.index}", "single-photo fit failed"))
     usable = [i for i in range(len(faces)) if not failed[i]]
@@ -165,7 +165,7 @@ def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensor
     else:
         targets = _targets(kept_faces, device)
         first = fitter.fit(targets, shared_identity=True, init=init)
-        residual = first.losses["photometric"] + model_landmark_weight(fitter) * first.losses["landmark"]
+        residual = first.losses["photometric"] + fitter.settings.weights["landmark"] * first.losses["landmark"]
         confidences = robust_photo_weights(residual)
         second = fitter.fit(targets, shared_identity=True, init={n: torch.as_tensor(v) for n, v in
                                                                  first.parameters.items()},
@@ -187,10 +187,6 @@ def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensor
     outcome.status = "ok"
     outcome.seconds = time.perf_counter() - started
     return outcome
-
-
-def model_landmark_weight(fitter: FaceFitter) -> float:
-    return fitter.settings.weights["landmark"]
 
 
 def _neutral_mesh(model, tensors: FaceModelTensors, identity: np.ndarray, params: dict[str, np.ndarray],

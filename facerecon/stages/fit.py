@@ -528,8 +528,8 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
             done = {k: a for k, a in store.index.items()
                     if k != MODEL_KEY and a.get("settings_digest") == digest and a.get("status") in
                     (STATUS_OK, STATUS_NO_FACE)}
-        writer.names = output_names(_detection_keys(detections))
-        total = sum(1 for _ in _count_faces(detections, done))
+        keys, total = _scan_detections(detections, done)
+        writer.names = output_names(keys)
         progress.start(total)
         batch: list[list[_PendingFace]] = []
         try:
@@ -556,19 +556,16 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
     return summary
 
 
-def _count_faces(detections: Path, done: dict[str, dict]) -> Iterator[int]:
+def _scan_detections(detections: Path, done: dict[str, dict]) -> tuple[list[str], int]:
+    """All image keys of a detections file and the number of faces still to fit (one pass)."""
+    keys, faces = [], 0
     with open_results(detections, detect_stage.ITEMS_GROUP) as results:
         for key in results.keys():
+            keys.append(key)
             attrs = attrs_dict(results[key])
-            if _already_fitted(done.get(key), attrs):
-                continue
-            for _ in range(int(attrs.get("n_faces", 0)) if attrs.get("status") == detect_stage.STATUS_OK else 0):
-                yield 1
-
-
-def _detection_keys(detections: Path) -> list[str]:
-    with open_results(detections, detect_stage.ITEMS_GROUP) as results:
-        return list(results.keys())
+            if attrs.get("status") == detect_stage.STATUS_OK and not _already_fitted(done.get(key), attrs):
+                faces += int(attrs.get("n_faces", 0))
+    return keys, faces
 
 
 def _write_contact_sheet(out_dir: Path, store: ResultStore, names: dict[str, str]) -> None:
