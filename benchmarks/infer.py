@@ -1,8 +1,9 @@
 """R-Net inference throughput (run by hand; prints numbers).
 
-    PYTHONPATH=. python benchmarks/infer.py --face-model ict [--device cuda] [--amp]
+    PYTHONPATH=. python benchmarks/infer.py --face-model ict [--device cuda] [--amp bf16]
+        [--channels-last] [--batch 1,32]
 
-Images/s of the network alone (224x224 input -> coefficients) at batch 1 and a large batch.
+Images/s of the network alone (224x224 input -> coefficients) at each batch size.
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.networks.rnet import RNet
 
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-def measure(network, batch: int, device, amp: bool, min_time: float) -> float:
+
+def measure(network, batch: int, device, amp: str, channels_last: bool, min_time: float) -> float:
     images = torch.rand(batch, 3, 224, 224, device=device)
-    if device.type == "cuda":
+    if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(device.type, enabled=amp, dtype=torch.bfloat16):
+    dtype = AMP_DTYPES[amp]
+    with torch.inference_mode(), torch.autocast(device.type, enabled=dtype is not None,
+                                                dtype=dtype or torch.bfloat16):
         network(images)  # warm-up
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -39,20 +44,22 @@ def main() -> None:
     parser.add_argument("--face-model", default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--architectures", default="resnet18,resnet50")
-    parser.add_argument("--batches", default="1,32")
-    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    parser.add_argument("--batch", "--batches", dest="batch", default="1,32", help="comma-separated batch sizes")
+    parser.add_argument("--amp", choices=sorted(AMP_DTYPES), default="off", help="autocast dtype")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last network and input")
     parser.add_argument("--min-time", type=float, default=3.0)
     args = parser.parse_args()
     device = torch.device(args.device)
     tensors = FaceModelTensors(resolve_face_model(args.face_model))
-    print(f"device={device} threads={torch.get_num_threads()} amp={args.amp}")
+    print(f"device={device} threads={torch.get_num_threads()} amp={args.amp} channels_last={args.channels_last}")
     print(f"{'network':>10} {'batch':>6} {'images/s':>10}")
     for arch in args.architectures.split(","):
         network = RNet(tensors, arch).to(device).eval()
-        if device.type == "cuda":
+        if args.channels_last:
             network = network.to(memory_format=torch.channels_last)
-        for batch in (int(b) for b in args.batches.split(",")):
-            print(f"{arch:>10} {batch:>6} {measure(network, batch, device, args.amp, args.min_time):>10.1f}")
+        for batch in (int(b) for b in args.batch.split(",")):
+            rate = measure(network, batch, device, args.amp, args.channels_last, args.min_time)
+            print(f"{arch:>10} {batch:>6} {rate:>10.1f}")
 
 
 if __name__ == "__main__":

@@ -1,25 +1,42 @@
-"""R-Net training throughput with the hybrid loss (run by hand; prints numbers).
+"""R-Net training throughput (run by hand; prints numbers).
 
     PYTHONPATH=. python benchmarks/train.py --face-model ict [--device cuda] [--batch 256]
+        [--amp bf16] [--channels-last] [--views 3]
 
-Images/s of full training steps (network forward, rendering at 112 px, all loss terms,
-backward, Adam) on random crops with plausible landmarks.
+Images/s of full training steps as ``facerecon train`` runs them (``Trainer.training_loss``:
+network forward, rendering at ``--render-size``, all paper-000 loss terms, with ``--views N``
+also the paper-001 multi-view terms over groups of N views of one face; backward, Adam) on
+synthetic crops with their true landmarks.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
 
-from facerecon.facemodel.embedding import face_oval_indices
-from facerecon.facemodel.resolve import resolve_face_model
+from facerecon.facemodel.model import load_face_model
+from facerecon.facemodel.resolve import resolve_face_model_path
 from facerecon.facemodel.tensors import FaceModelTensors
-from facerecon.fitting.optimize import FaceFitter, FitSettings
-from facerecon.networks.rnet import RNet
-from facerecon.synthetic import random_parameters, render_faces, textured_backgrounds
 from facerecon.fitting.optimize import FaceTargets
+from facerecon.synthetic import random_parameters, render_faces, textured_backgrounds
+from facerecon.training.config import parse_config
+from facerecon.training.trainer import Trainer
+
+
+def synthetic_batch(tensors: FaceModelTensors, batch: int, views: int, size: int) -> FaceTargets:
+    """Crops on the fitting camera; consecutive groups of ``views`` share identity and albedo."""
+    generator = torch.Generator().manual_seed(0)
+    params = random_parameters(tensors, batch, generator)
+    if views > 1:
+        first = torch.arange(batch) // views * views
+        params["identity"] = params["identity"][first]
+        params["albedo"] = params["albedo"][first]
+    rendered = render_faces(tensors, params, size, textured_backgrounds(batch, size, generator))
+    dense = rendered.dense if rendered.dense is not None else torch.zeros(batch, 468, 2)
+    return FaceTargets(rendered.images, rendered.landmarks68, dense, torch.ones(batch, size, size))
 
 
 def main() -> None:
@@ -27,28 +44,34 @@ def main() -> None:
     parser.add_argument("--face-model", default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--architecture", default="resnet50")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8, help="images per step")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--size", type=int, default=224, help="crop size")
+    parser.add_argument("--render-size", type=int, default=112)
+    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="autocast of the network")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last network and input")
+    parser.add_argument("--views", type=int, default=0,
+                        help="multi-view terms over groups of this many views (0: paper 000 terms only)")
     args = parser.parse_args()
+    if args.views == 1 or (args.views and args.batch % args.views):
+        parser.error("--views must be 0 or at least 2 and divide --batch")
     device = torch.device(args.device)
-    model = resolve_face_model(args.face_model)
-    tensors = FaceModelTensors(model)
-    generator = torch.Generator().manual_seed(0)
-    synthetic = render_faces(tensors, random_parameters(tensors, args.batch, generator), 224,
-                             textured_backgrounds(args.batch, 224, generator))
-    targets = FaceTargets(synthetic.images, synthetic.landmarks68, synthetic.dense,
-                          torch.ones(args.batch, 224, 224)).to(device)
-    tensors = tensors.to(device)
-    oval = face_oval_indices() if model.dense_triangle is not None else None
-    loss = FaceFitter(tensors, model.regions, FitSettings(), oval_indices=oval)
-    network = RNet(tensors, args.architecture).to(device)
-    optimizer = torch.optim.Adam(network.parameters(), lr=1e-4)
+    model_path = resolve_face_model_path(args.face_model)
+    model = load_face_model(model_path)
+    grouping = f'group_by = "folder"\nviews_per_identity = {args.views}' if args.views else ""
+    config = parse_config("\n".join([
+        "[data]", 'images = ["unused"]', grouping,
+        "[model]", f"face_model = {json.dumps(str(model_path))}",
+        "[network]", f'architecture = "{args.architecture}"',
+        "[loss]", f"render_size = {args.render_size}",
+        "[optim]", f"batch_size = {args.batch}", f'amp = "{args.amp}"',
+        f'channels_last = "{"on" if args.channels_last else "off"}"']))
+    trainer = Trainer(config, device)
+    batch = synthetic_batch(FaceModelTensors(model), args.batch, max(args.views, 1), args.size).to(device)
 
     def step():
-        terms = loss.losses(network(targets.crops.permute(0, 3, 1, 2)), targets, 112)
-        optimizer.zero_grad(set_to_none=True)
-        terms["total"].mean().backward()
-        optimizer.step()
+        loss, _ = trainer.training_loss(batch)
+        trainer.backward(loss)
 
     step()  # warm-up
     if device.type == "cuda":
@@ -59,8 +82,11 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
-    print(f"device={device} network={args.architecture} batch={args.batch}: "
-          f"{args.steps * args.batch / elapsed:.1f} training images/s ({elapsed / args.steps * 1000:.0f} ms/step)")
+    terms = f"multiview(views={args.views})" if args.views else "paper000"
+    print(f"device={device} threads={torch.get_num_threads()} network={args.architecture} batch={args.batch} "
+          f"size={args.size} render={args.render_size} amp={args.amp} channels_last={args.channels_last} "
+          f"terms={terms}: {args.steps * args.batch / elapsed:.1f} training images/s "
+          f"({elapsed / args.steps * 1000:.0f} ms/step)")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ def evaluate() -> None:
                 poses, reconstructed and scored (error by yaw)
       micc      MICC Florence videos: one neutral shape per video scored
                 against the subject's 3D scan (cooperative, indoor, outdoor)
-    NoW and AFLW2000-3D readers are being built.
+      now       NoW benchmark: predictions in NoW's layout, scan-to-mesh
+                median / mean / std where the scans are present (val)
+      aflw2000  AFLW2000-3D: 68-point NME by yaw bin
     """
 
 
@@ -223,3 +225,234 @@ def _print_micc_tables(console, result, out_dir: Path) -> None:
     console.print(f"results: {out_dir / 'micc_results.json'}, {out_dir / 'micc_results.csv'}, {plots}")
     if result.summary["seconds_per_video"] is not None:
         console.print(f"time per video (this run): {result.summary['seconds_per_video']:.1f} s")
+
+
+def _fit_method_options(function):
+    """--face-model, --device, --checkpoint, --refine, --batch-size and the hidden --steps shared
+    by `evaluate now` and `evaluate aflw2000`."""
+    options = [
+        click.option("--face-model", default=None, metavar="NAME|PATH", help="Face model to fit with."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Trained R-Net checkpoint: method 'network' instead of 'optimize' (as `fit --checkpoint`)."),
+        click.option("--refine", type=click.IntRange(0), default=0, show_default=True,
+                     help="With --checkpoint: photometric steps starting from the network's prediction."),
+        click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True,
+                     help="Faces fitted together."),
+        click.option("--limit", type=click.IntRange(1), default=None,
+                     help="Evaluate only the first N images (a quick check; the numbers are not the benchmark's)."),
+        click.option("--steps", type=(click.IntRange(0), click.IntRange(0), click.IntRange(0)),
+                     default=(120, 100, 25), hidden=True, help="Fit iterations (landmark, coarse, fine), as `fit --steps`."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _fmt(value, pattern: str = "{:.2f}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def _challenges(text: str) -> tuple[str, ...]:
+    from facerecon.evaluation.now import CHALLENGES
+
+    names = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    unknown = [n for n in names if n not in CHALLENGES]
+    if unknown or not names:
+        raise click.BadParameter(f"expected a comma-separated subset of {','.join(CHALLENGES)}, got {text!r}",
+                                 param_hint="--challenges")
+    return names
+
+
+@evaluate.command("now")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: predictions/ (NoW layout), images/, fit/, results/, now_results.json|.csv, "
+                   "now_cumulative_error.png.")
+@click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True,
+              help="Image list: imagepathsvalidation.txt (val) or imagepathstest.txt (test).")
+@click.option("--image-list", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Another image list (lines <subject>/<challenge>/<image>) instead of the split's.")
+@click.option("--challenges", default=",".join(("multiview_neutral", "multiview_expressions", "multiview_occlusions",
+                                                "selfie")), show_default=True,
+              help="Challenges (image folders) to evaluate.")
+@_fit_method_options
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or tables.")
+def now(root: Path, out_dir: Path, split: str, image_list: str | None, challenges: str, face_model: str | None,
+        device: str, checkpoint: str | None, refine: int, batch_size: int, limit: int | None,
+        steps: tuple[int, int, int], as_json: bool, quiet: bool) -> None:
+    """NoW benchmark: predictions in NoW's layout and, with scans, its scan-to-mesh error.
+
+    \b
+    ROOT is the NoW dataset folder (or the one above final_release_version/):
+    imagepathsvalidation.txt / imagepathstest.txt, iphone_pictures/<subject>/
+    <challenge>/<image>.jpg, scans/<subject>/*.obj (mm) and
+    scans_lmks_onlypp/<subject>/*.pp (7 landmarks).
+
+    \b
+    Every listed image is reconstructed with `detect + fit` (largest face);
+    its neutral shape (expression zero; the scans are neutral) is written as
+    OUT/predictions/<subject>/<challenge>/<image>.obj (mm) with <image>.npy,
+    the 7 landmarks (68-point indices 36, 39, 42, 45, 33, 48, 54): the layout
+    NoW's own evaluation and challenge server read. Where the subject's scan is
+    present (val) the scan is cropped around its landmarks, the prediction is
+    aligned (7-landmark similarity, refined on the squared scan-to-surface
+    distances) and every scan vertex's distance to the surface is pooled:
+    median / mean / std in mm, overall and per challenge.
+
+    \b
+    Resumable: fits and finished images are kept in OUT; rerun the same
+    command to continue. Exit codes: 0 at least one image predicted; 1 none;
+    2 usage error; 130 interrupted (finished images are kept).
+
+    \b
+    Example:
+      facerecon evaluate now /data/NoW_Dataset/final_release_version --split val --out eval/now
+    """
+    from facerecon.evaluation.now import NowOptions, run_now
+    from facerecon.facemodel.model import FaceModelError
+    from facerecon.fitting.optimize import FitSettings
+    from facerecon.io.store import StoreError
+
+    settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2])
+    options = NowOptions(face_model=face_model, split=split, image_list=image_list,
+                         challenges=_challenges(challenges), limit=limit, device=device, batch_size=batch_size,
+                         checkpoint=checkpoint, refine=refine, settings=settings)
+    console = stderr_console(quiet=quiet)
+    try:
+        with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:
+            result = run_now(root, out_dir, options, progress=progress.stage("fit", "face"),
+                             detect_progress=progress.stage("detect"), score_progress=progress.stage("score"),
+                             should_stop=stop)
+    except (FaceModelError, StoreError, ValueError, OSError) as exc:
+        fail_run(str(exc), out_dir, as_json)
+    if not quiet:
+        _print_now_tables(console, result, out_dir)
+    if as_json:
+        print_json(result.to_dict())
+    if result.summary["interrupted"]:
+        raise SystemExit(130)
+    if not result.summary["predicted"]:
+        raise SystemExit(EXIT_NOTHING_DONE)
+
+
+def _print_now_tables(console, result, out_dir: Path) -> None:
+    from rich.table import Table
+
+    from facerecon.cli.common import problems_table
+
+    summary = result.summary
+    table = Table(title=f"NoW ({summary['split']}): scan-to-mesh distance, all scan vertices pooled (mm)",
+                  title_justify="left")
+    for column in ("challenge", "images", "predicted", "scored", "median", "mean", "std"):
+        table.add_column(column, justify="left" if column == "challenge" else "right", no_wrap=True)
+    for row in result.by_challenge:
+        table.add_row(row["challenge"], str(row["images"]), str(row["predicted"]), str(row["scored"]),
+                      _fmt(row["median_mm"]), _fmt(row["mean_mm"]), _fmt(row["std_mm"]))
+    table.add_row("all", str(summary["images_total"]), str(summary["predicted"]), str(summary["scored"]),
+                  _fmt(summary["median_mm"]), _fmt(summary["mean_mm"]), _fmt(summary["std_mm"]), style="bold")
+    console.print(table)
+    if summary["failures"]:
+        console.print(problems_table("not predicted", [(f["image"], f["reason"]) for f in summary["failures"]],
+                                     headers=("image", "reason")))
+    if summary["not_scored"]:
+        reasons: dict[str, int] = {}
+        for item in summary["not_scored"]:
+            reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
+        console.print(problems_table("predicted, not scored", [(f"{n} image(s)", r) for r, n in reasons.items()],
+                                     headers=("images", "reason")))
+    console.print(f"predictions (NoW layout): {summary['predictions_dir']}")
+    console.print(f"results: {out_dir / 'now_results.json'}, {out_dir / 'now_results.csv'}, "
+                  f"{', '.join(summary.get('plots', {}).values())}")
+    if summary["seconds_per_image"] is not None:
+        console.print(f"time per image (this run): {summary['seconds_per_image']:.1f} s")
+
+
+@evaluate.command("aflw2000")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: fit/, aflw2000_results.json|.csv, aflw2000_nme_by_yaw.png, "
+                   "aflw2000_cumulative_nme.png.")
+@_fit_method_options
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or tables.")
+def aflw2000(root: Path, out_dir: Path, face_model: str | None, device: str, checkpoint: str | None, refine: int,
+             batch_size: int, limit: int | None, steps: tuple[int, int, int], as_json: bool, quiet: bool) -> None:
+    """AFLW2000-3D: 68-point landmark NME by yaw bin.
+
+    \b
+    ROOT holds image<NNNNN>.jpg with image<NNNNN>.mat beside each (pt3d_68:
+    3 x 68 landmarks in pixels; Pose_Para: pitch, yaw, roll in radians, ...).
+
+    \b
+    Every photo is reconstructed with `detect + fit` (every face); the fitted
+    face whose projected 68 landmarks overlap the annotated ones most is
+    scored. NME = mean 2D distance over the 68 points / sqrt(w x h) of the
+    ground-truth landmarks' box, x 100. Bins on |yaw|: [0, 30], (30, 60],
+    (60, 90] (beyond 90 counts in the last). Reported: each bin's mean, the
+    mean of the three bin means (headline) and the plain mean over images,
+    with the face detector's own landmarks as a reference. Images without a
+    detected face cannot be reconstructed: they are listed and left out (see
+    the scored counts).
+
+    \b
+    Resumable: fits are kept in OUT/fit; rerun the same command to continue.
+    Exit codes: 0 at least one image scored; 1 none; 2 usage error;
+    130 interrupted (finished fits are kept).
+
+    \b
+    Example:
+      facerecon evaluate aflw2000 /data/AFLW2000 --out eval/aflw2000
+    """
+    from facerecon.evaluation.aflw2000 import AflwOptions, run_aflw2000
+    from facerecon.facemodel.model import FaceModelError
+    from facerecon.fitting.optimize import FitSettings
+    from facerecon.io.store import StoreError
+
+    settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2])
+    options = AflwOptions(face_model=face_model, device=device, batch_size=batch_size, limit=limit,
+                          checkpoint=checkpoint, refine=refine, settings=settings)
+    console = stderr_console(quiet=quiet)
+    try:
+        with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:
+            result = run_aflw2000(root, out_dir, options, progress=progress.stage("fit", "face"),
+                                  detect_progress=progress.stage("detect"), should_stop=stop)
+    except (FaceModelError, StoreError, ValueError, OSError) as exc:
+        fail_run(str(exc), out_dir, as_json)
+    if not quiet:
+        _print_aflw_tables(console, result, out_dir)
+    if as_json:
+        print_json(result.to_dict())
+    if result.summary["interrupted"]:
+        raise SystemExit(130)
+    if not result.summary["scored"]:
+        raise SystemExit(EXIT_NOTHING_DONE)
+
+
+def _print_aflw_tables(console, result, out_dir: Path) -> None:
+    from rich.table import Table
+
+    from facerecon.cli.common import problems_table
+
+    summary = result.summary
+    table = Table(title="AFLW2000-3D: 68-point NME x 100 (normalised by sqrt(w*h) of the landmark box)",
+                  title_justify="left")
+    for column in ("|yaw|", "images", "scored", "mean", "median", "std", "detector"):
+        table.add_column(column, justify="left" if column == "|yaw|" else "right", no_wrap=True)
+    for row in result.by_yaw:
+        table.add_row(row["yaw_bin"], str(row["images"]), str(row["scored"]), _fmt(row["nme_mean_percent"]),
+                      _fmt(row["nme_median_percent"]), _fmt(row["nme_std_percent"]),
+                      _fmt(row["detector_nme_mean_percent"]))
+    table.add_row("mean of bins", "", "", _fmt(summary["nme_balanced_percent"]), "", "",
+                  _fmt(summary["detector_nme_balanced_percent"]), style="bold")
+    table.add_row("all images", str(summary["images_total"]), str(summary["scored"]), _fmt(summary["nme_mean_percent"]),
+                  "", "", _fmt(summary["detector_nme_mean_percent"]))
+    console.print(table)
+    if summary["failures"]:
+        console.print(problems_table("not scored", [(f["image"], f["reason"]) for f in summary["failures"]],
+                                     headers=("image", "reason")))
+    console.print(f"results: {out_dir / 'aflw2000_results.json'}, {out_dir / 'aflw2000_results.csv'}, "
+                  f"{', '.join(summary.get('plots', {}).values())}")
+    if summary["seconds_per_image"] is not None:
+        console.print(f"time per image (this run): {summary['seconds_per_image']:.2f} s")

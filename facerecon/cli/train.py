@@ -1,4 +1,4 @@
-"""``facerecon train``: self-supervised R-Net training (paper 000)."""
+"""``facerecon train``: self-supervised R-Net training (paper 000, multi-view terms of paper 001)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,16 @@ from facerecon.cli.common import StageProgress, fail_run, graceful_stop, print_j
               help="Training configuration (TOML); see --print-config and docs/training.md.")
 @click.option("--print-config", is_flag=True, help="Print a fully commented default configuration and exit.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in the output directory.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda or cuda:N (under torchrun: cuda means cuda:LOCAL_RANK).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def train(config_path: Path | None, print_config: bool, resume: bool, device: str, as_json: bool,
           quiet: bool) -> None:
     """Train R-Net (ResNet regressing face-model coefficients, light and pose)
-    with the self-supervised hybrid loss of Deng et al. 2019.
+    with the self-supervised hybrid loss of Deng et al. 2019, plus the
+    multi-view consistency losses of Shang et al. 2020 when data.group_by
+    groups the images by identity.
 
     \b
     Writes to output.directory: checkpoints/ (atomic, with config, face-model
@@ -32,6 +35,7 @@ def train(config_path: Path | None, print_config: bool, resume: bool, device: st
       facerecon train --print-config > train.toml
       facerecon train --config train.toml
       facerecon train --config train.toml --resume
+      torchrun --nproc_per_node 4 -m facerecon train --config train.toml
     """
     from facerecon.training.config import DEFAULT_CONFIG_TEXT, ConfigError, load_config
 
@@ -47,18 +51,16 @@ def train(config_path: Path | None, print_config: bool, resume: bool, device: st
 
     from facerecon.facemodel.model import FaceModelError
     from facerecon.io.store import StoreError
-    from facerecon.stages.fit import pick_device
-    from facerecon.training.trainer import Trainer, load_faces, prepare_data, split_validation
+    from facerecon.training.distributed import is_main_process
+    from facerecon.training.trainer import run_training
 
+    quiet = quiet or not is_main_process()  # under torchrun only rank 0 reports
+    as_json = as_json and is_main_process()
     console = stderr_console(quiet=quiet)
     try:
         with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:
-            files = prepare_data(config, should_stop=stop)
-            faces = load_faces(files)
-            train_set, valid_set = split_validation(faces, config.validation_fraction)
-            trainer = Trainer(config, pick_device(device))
-            summary = trainer.run(train_set, valid_set, resume, progress=progress.stage("train", "step"),
-                                  should_stop=stop)
+            summary, _ = run_training(config, device, resume, progress=progress.stage("train", "step"),
+                                      should_stop=stop)
     except (FaceModelError, StoreError, ValueError, OSError, FloatingPointError) as exc:
         fail_run(str(exc), config.output, as_json)
     data = summary.to_dict()

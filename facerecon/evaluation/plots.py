@@ -125,3 +125,74 @@ def plot_heatmaps(panels: Sequence[tuple[str, np.ndarray]], vmax: float, path: s
     if title:
         figure.suptitle(title, fontsize=10)
     save_figure(figure, path)
+
+
+def plot_bar_groups(groups: Sequence[str], series: Mapping[str, Sequence[float | None]], path: str | Path,
+                    ylabel: str, xlabel: str = "", title: str = "",
+                    errors: Mapping[str, Sequence[float | None]] | None = None) -> None:
+    """Grouped bar chart: one group per label in ``groups``, one bar per series (values
+    aligned with ``groups``; None draws no bar), optional error bars per series, each bar
+    labelled with its value."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5.4, 3.4), dpi=120)
+    names = list(series)
+    width = 0.8 / max(len(names), 1)
+    positions = np.arange(len(groups), dtype=np.float64)
+    for i, name in enumerate(names):
+        values = [np.nan if v is None else float(v) for v in series[name]]
+        spread = None
+        if errors and name in errors:
+            spread = [0.0 if e is None else float(e) for e in errors[name]]
+        xs = positions + (i - (len(names) - 1) / 2) * width
+        bars = axis.bar(xs, values, width=width * 0.95, yerr=spread, capsize=3 if spread else 0, label=name)
+        for bar, value in zip(bars, values):
+            if np.isfinite(value):
+                axis.annotate(f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, value), textcoords="offset points",
+                              xytext=(0, 2), ha="center", va="bottom", fontsize=7)
+    axis.set_xticks(positions)
+    axis.set_xticklabels(list(groups), fontsize=8)
+    axis.set_ylabel(ylabel)
+    if xlabel:
+        axis.set_xlabel(xlabel)
+    if title:
+        axis.set_title(title)
+    axis.set_ylim(bottom=0)
+    axis.grid(alpha=0.3, axis="y")
+    if names:
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_cumulative_distribution(curves: Mapping[str, np.ndarray], path: str | Path, xlabel: str,
+                                 ylabel: str = "fraction of points", title: str = "", x_max: float | None = None,
+                                 samples: int = 512) -> None:
+    """Cumulative distributions of large value sets (e.g. millions of per-vertex errors):
+    each curve is evaluated on ``samples`` evenly spaced x in [0, x_max] (default: the 99th
+    percentile of all values, at least 1) instead of one step per value."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5, 3.4), dpi=120)
+    prepared = {}
+    for label, values in curves.items():
+        values = np.asarray(values, dtype=np.float64).ravel()
+        values = np.sort(values[np.isfinite(values)])
+        if len(values):
+            prepared[label] = values
+    if x_max is None:
+        tops = [float(np.percentile(v, 99)) for v in prepared.values()]
+        x_max = max(tops + [1.0])
+    xs = np.linspace(0.0, x_max, samples)
+    for label, values in prepared.items():
+        ys = np.searchsorted(values, xs, side="right") / len(values)
+        axis.plot(xs, ys, label=f"{label} (n={len(values)})")
+    axis.set_xlim(0, x_max)
+    axis.set_ylim(0, 1.02)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    if title:
+        axis.set_title(title)
+    axis.grid(alpha=0.3)
+    if prepared:
+        axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    save_figure(figure, path)

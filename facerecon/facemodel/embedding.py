@@ -1,12 +1,19 @@
 """Dense landmark embedding: where each mediapipe face-mesh landmark lies on a face model.
 
-Method: render the model's mean face (mean albedo, soft frontal light) at a few yaw angles,
-run the same detector the ``detect`` stage uses, and back-project every detected landmark
-onto the surface through the rasteriser's triangle id and barycentrics. Each landmark's 3D
-positions from the views that see it are averaged (face-oval landmarks use the frontal view
-only: on a turned face they slide along the silhouette, cf. paper 004's sliding contour
-landmarks), and the average is snapped to the closest surface point, stored as
-(triangle, barycentric).
+Method: render the model's mean face (mean albedo, soft frontal light, eyeballs) from a grid
+of views (yaw -45..45 x pitch -15..15), run the same detector the ``detect`` stage uses, and
+triangulate every landmark from the views that see it: the 3D point whose projections best
+match the detections (linear least squares over all views, one pass dropping outlying
+views). The detector's landmarks are 3D points that need not lie on the skin: eyelid points
+sit over the eye opening, lip points inside the lip line. A point glued to the surface
+projects right only from the view it was measured in and drifts by offset x sin(angle)
+elsewhere (3-4 % of the eye distance at 40 degrees of yaw on ICT). So each point is stored as
+its closest surface point (triangle, barycentric) plus the remaining offset in that
+triangle's frame, which moves and turns with the face.
+
+Face-oval landmarks are not fixed points of the face: on a turned face they slide along the
+silhouette (cf. paper 004's sliding contour landmarks). They are back-projected onto the
+surface from the frontal view only, with no offset.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from facerecon.facemodel.geometry import closest_points_on_mesh
 from facerecon.facemodel.model import FaceModel, FaceModelError
 
 N_DENSE = 468
-DEFAULT_YAWS = (-25.0, 0.0, 25.0)
+DEFAULT_YAWS = (-45.0, -30.0, -15.0, 0.0, 15.0, 30.0, 45.0)
+DEFAULT_PITCHES = (-15.0, 0.0, 15.0)
 #: canonical frame (+y up, +z towards the camera) -> OpenCV camera frame (y down, z forward)
 CANONICAL_TO_CAMERA = np.diag([1.0, -1.0, -1.0])
 
@@ -32,12 +40,42 @@ def face_oval_indices() -> np.ndarray:
     return np.unique(np.array(sorted(FACEMESH_FACE_OVAL)).ravel())
 
 
-def render_mean_face(model: FaceModel, yaw_degrees: float, image_size: int = 512, fov_degrees: float = 15.0):
-    """Render the mean face at ``yaw_degrees``.
+def standard_light() -> torch.Tensor:
+    """SH light (27,): a photo-like exposure, mostly from the camera side, a little from above."""
+    from facerecon.render.shading import SH_CONSTANTS
+
+    sh = torch.zeros(27)
+    sh[[0, 9, 18]] = 0.9 / SH_CONSTANTS[0]  # ambient: a white surface facing the light renders at ~0.9
+    sh[[3, 12, 21]] = -0.25  # from the camera side (normals towards -z_cam)
+    sh[[2, 11, 20]] = -0.1  # and slightly from above
+    return sh
+
+
+def varied_lights(count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` SH lights (count, 27) spread like the synthetic faces' (white-ish, off-axis)."""
+    from facerecon.render.shading import SH_CONSTANTS
+
+    sh = torch.zeros(count, 27)
+    level = (0.7 + 0.4 * torch.rand(count, 1, generator=generator)) / SH_CONSTANTS[0]
+    sh[:, [0, 9, 18]] = level * (0.92 + 0.16 * torch.rand(count, 3, generator=generator))
+    direction = torch.randn(count, 3, generator=generator) * 0.12
+    for channel in range(3):
+        sh[:, 9 * channel + 1: 9 * channel + 4] = direction
+    return sh
+
+
+def render_mean_face(model: FaceModel, yaw_degrees: float, image_size: int = 512, fov_degrees: float = 15.0,
+                     pitch_degrees: float = 0.0, return_projection: bool = False, roll_degrees: float = 0.0,
+                     sh: torch.Tensor | None = None, background: torch.Tensor | None = None):
+    """Render the mean face at ``yaw_degrees`` / ``pitch_degrees`` / ``roll_degrees``.
+
+    ``sh`` (27,) is the light (default: :func:`standard_light`); ``background`` (H, W, 3) in
+    [0, 1] (default: flat grey).
 
     Returns:
         image (H, W, 3) uint8, fragments' triangle id (H, W) int64, screen vertices (N, 3)
-        as (u, v, z) float64.
+        as (u, v, z) float64, and with ``return_projection`` the (3, 4) float64 matrix
+        mapping homogeneous mean-shape points to homogeneous pixels.
     """
     from facerecon.render.camera import euler_to_matrix, intrinsics_from_fov, project_points
     from facerecon.render.renderer import MeshRenderer
@@ -46,7 +84,8 @@ def render_mean_face(model: FaceModel, yaw_degrees: float, image_size: int = 512
     landmarks = vertices[0, torch.as_tensor(model.landmarks68, dtype=torch.int64)]
     centre = landmarks.mean(dim=0)
     height = float(landmarks[:, 1].max() - landmarks[:, 1].min())
-    angles = torch.tensor([[0.0, np.deg2rad(yaw_degrees), 0.0]], dtype=torch.float32)
+    angles = torch.tensor([[np.deg2rad(pitch_degrees), np.deg2rad(yaw_degrees), np.deg2rad(roll_degrees)]],
+                          dtype=torch.float32)
     rotation = torch.as_tensor(CANONICAL_TO_CAMERA, dtype=torch.float32) @ euler_to_matrix(angles)[0]
     # distance so the landmark span fills about 55 % of the image height
     distance = height / (0.55 * 2.0 * np.tan(np.deg2rad(fov_degrees) / 2.0))
@@ -54,12 +93,10 @@ def render_mean_face(model: FaceModel, yaw_degrees: float, image_size: int = 512
     intrinsics = intrinsics_from_fov(fov_degrees, (image_size, image_size))
     albedo = torch.as_tensor(model.albedo_mean if model.albedo_mean is not None else
                              np.full((model.n_vertices, 3), 0.7, np.float32), dtype=torch.float32)[None]
-    sh = torch.zeros(1, 27)
-    sh[:, [0, 9, 18]] = 0.9  # ambient
-    sh[:, [3, 12, 21]] = -0.25  # light from the camera side (normals towards -z_cam)
-    sh[:, [2, 11, 20]] = -0.1  # and slightly from above
+    sh = (standard_light() if sh is None else sh.float())[None]
     renderer = MeshRenderer(image_size=(image_size, image_size), backend="torch")
-    background = torch.full((1, image_size, image_size, 3), 0.35)
+    background = torch.full((1, image_size, image_size, 3), 0.35) if background is None else \
+        background.float()[None]
     triangles = torch.as_tensor(model.triangles, dtype=torch.int64)
     # Eyeballs behind the eye openings, as in a photo: the detector places eyelid points on them.
     from facerecon.facemodel.tensors import FaceModelTensors
@@ -73,7 +110,11 @@ def render_mean_face(model: FaceModel, yaw_degrees: float, image_size: int = 512
     screen = project_points(cam, intrinsics)[0].double().numpy()
     triangle_id = out.fragments.triangle_id[0].numpy()
     triangle_id = np.where(triangle_id >= len(triangles), -1, triangle_id)  # eyeball pixels: no face triangle
-    return image, triangle_id, screen
+    if not return_projection:
+        return image, triangle_id, screen
+    translation = torch.tensor([0.0, 0.0, distance]) - rotation @ centre
+    projection = intrinsics[0].double() @ torch.cat([rotation.double(), translation.double()[:, None]], dim=1)
+    return image, triangle_id, screen, projection.numpy()
 
 
 def _backproject(points_xy: np.ndarray, triangle_id: np.ndarray, screen: np.ndarray, model: FaceModel):
@@ -105,38 +146,109 @@ def _backproject(points_xy: np.ndarray, triangle_id: np.ndarray, screen: np.ndar
     return out
 
 
-def embed_dense_landmarks(model: FaceModel, yaws: tuple[float, ...] = DEFAULT_YAWS, analyzer=None) -> FaceModel:
-    """Return a copy of ``model`` with ``dense_triangle`` / ``dense_barycentric`` set.
+def triangulate(points_xy: np.ndarray, projections: np.ndarray, outlier_factor: float = 3.0) -> np.ndarray:
+    """Least-squares 3D points from their projections in several views.
+
+    Args:
+        points_xy: (V, P, 2) pixel positions, NaN where a view has no detection.
+        projections: (V, 3, 4) camera matrices.
+        outlier_factor: after a first solve, observations whose reprojection error exceeds this
+            multiple of the point's median error (and 1 px) are dropped and the point re-solved.
+
+    Returns:
+        (P, 3) points; NaN where fewer than two views saw a point.
+    """
+    seen = ~np.isnan(points_xy).any(axis=2)  # (V, P)
+    xy = np.nan_to_num(points_xy)
+    # each view gives two linear equations (u p3 - p1) X = p1_4 - u p3_4, likewise for v
+    rows_a = np.concatenate([xy[..., :1, None] * projections[:, None, 2:3, :3] - projections[:, None, 0:1, :3],
+                             xy[..., 1:2, None] * projections[:, None, 2:3, :3] - projections[:, None, 1:2, :3]],
+                            axis=2)  # (V, P, 2, 3)
+    rows_b = np.concatenate([projections[:, None, 0:1, 3] - xy[..., :1] * projections[:, None, 2:3, 3],
+                             projections[:, None, 1:2, 3] - xy[..., 1:2] * projections[:, None, 2:3, 3]],
+                            axis=2)  # (V, P, 2)
+
+    def solve(use: np.ndarray) -> np.ndarray:
+        w = use[..., None, None].astype(np.float64)
+        normal = np.einsum("vpik,vpil->pkl", rows_a * w, rows_a)
+        rhs = np.einsum("vpik,vpi->pk", rows_a * w, rows_b * use[..., None])
+        enough = use.sum(axis=0) >= 2
+        normal[~enough] = np.eye(3)
+        solved = np.linalg.solve(normal, rhs[..., None])[..., 0]
+        solved[~enough] = np.nan
+        return solved
+
+    points = solve(seen)
+    homogeneous = np.concatenate([points, np.ones((len(points), 1))], axis=1)
+    reprojected = np.einsum("vij,pj->vpi", projections, homogeneous)
+    error = np.linalg.norm(reprojected[..., :2] / reprojected[..., 2:] - xy, axis=2)
+    error = np.where(seen, error, np.nan)
+    with np.errstate(invalid="ignore"):
+        limit = np.maximum(outlier_factor * np.nanmedian(error, axis=0), 1.0)
+    return solve(seen & (np.nan_to_num(error) <= limit))
+
+
+def embed_dense_landmarks(model: FaceModel, yaws: tuple[float, ...] = DEFAULT_YAWS,
+                          pitches: tuple[float, ...] = DEFAULT_PITCHES, lights_per_view: int = 3,
+                          analyzer=None) -> FaceModel:
+    """Return a copy of ``model`` with ``dense_triangle`` / ``dense_barycentric`` / ``dense_offset`` set.
 
     Raises:
         FaceModelError: when the detector finds no face in the frontal render.
     """
     from facerecon.detection.mediapipe_backend import FaceAnalyzer
+    from facerecon.facemodel.tensors import triangle_frames
 
     own = analyzer is None
     analyzer = analyzer or FaceAnalyzer(max_faces=1)
     oval = face_oval_indices()
-    samples = np.full((len(yaws), N_DENSE, 3), np.nan)
+    from facerecon.synthetic import textured_backgrounds
+
+    # The detector's points shift with exposure, light direction and roll (by ~1 % of the eye
+    # distance from a dim to a normally exposed render), so every view is seen under several
+    # photo-like lights, rolls and backgrounds, and the triangulation averages over them.
+    generator = torch.Generator().manual_seed(0)
+    views = [(y, p) for y in yaws for p in pitches]
+    lights = torch.cat([standard_light()[None].expand(len(views), 27)[:, None],
+                        varied_lights(len(views) * (lights_per_view - 1), generator).reshape(len(views), -1, 27)],
+                       dim=1)[:, :lights_per_view]
+    rolls = torch.cat([torch.zeros(len(views), 1), -8 + 16 * torch.rand(len(views), lights_per_view - 1,
+                                                                            generator=generator)], dim=1)
+    backgrounds = textured_backgrounds(len(views) * lights_per_view, 512, generator)
+    detected = np.full((len(views) * lights_per_view, N_DENSE, 2), np.nan)
+    projections = np.zeros((len(views) * lights_per_view, 3, 4))
+    frontal = int(np.argmin([abs(y) + abs(p) for y, p in views]))
+    on_surface = None
     try:
-        for v, yaw in enumerate(yaws):
-            image, triangle_id, screen = render_mean_face(model, yaw)
-            faces = analyzer.analyze(image)
-            if not faces:
-                continue
-            samples[v] = _backproject(faces[0].landmarks478[:N_DENSE, :2].astype(np.float64), triangle_id, screen,
-                                      model)
+        for v, (yaw, pitch) in enumerate(views):
+            for j in range(lights_per_view):
+                n = v * lights_per_view + j
+                image, triangle_id, screen, projections[n] = render_mean_face(
+                    model, yaw, pitch_degrees=pitch, roll_degrees=float(rolls[v, j]), sh=lights[v, j],
+                    background=None if j == 0 else backgrounds[n], return_projection=True)
+                faces = analyzer.analyze(image)
+                if not faces:
+                    continue
+                detected[n] = faces[0].landmarks478[:N_DENSE, :2]
+                if v == frontal and j == 0:
+                    on_surface = _backproject(detected[n].astype(np.float64), triangle_id, screen, model)
     finally:
         if own:
             analyzer.close()
-    frontal = int(np.argmin(np.abs(np.asarray(yaws))))
-    if np.isnan(samples[frontal]).all():
+    if on_surface is None:
         raise FaceModelError("the detector found no face in the rendered mean face; dense embedding unavailable")
-    samples[:, oval] = np.where(np.arange(len(yaws))[:, None, None] == frontal, samples[:, oval], np.nan)
-    with np.errstate(invalid="ignore"):
-        points = np.nanmean(samples, axis=0)
+    points = triangulate(detected, projections)
+    points[oval] = on_surface[oval]
+    untriangulated = np.isnan(points).any(axis=1)
+    points[untriangulated] = on_surface[untriangulated]
     missing = np.isnan(points).any(axis=1)
     if missing.any():
         raise FaceModelError(f"{int(missing.sum())} dense landmarks could not be placed on the surface")
-    triangle, bary, _ = closest_points_on_mesh(points, model.mean_shape.astype(np.float64), model.triangles)
+    shape = model.mean_shape.astype(np.float64)
+    triangle, bary, _ = closest_points_on_mesh(points, shape, model.triangles)
+    corners = shape[model.triangles[triangle]]  # (L, 3, 3)
+    closest = (corners * bary[:, :, None]).sum(axis=1)
+    frames = triangle_frames(torch.as_tensor(corners)).numpy()  # (L, 3, 3)
+    offset = np.einsum("lij,lj->li", frames, points - closest)
     return dataclasses.replace(model, dense_triangle=triangle.astype(np.int32),
-                               dense_barycentric=bary.astype(np.float32))
+                               dense_barycentric=bary.astype(np.float32), dense_offset=offset.astype(np.float32))

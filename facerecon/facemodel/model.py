@@ -51,6 +51,12 @@ class FaceModel:
         albedo_kind: ``"pca"`` (measured PCA) or ``"laplacian"`` (smooth synthetic space).
         dense_triangle / dense_barycentric: (468,) int32 and (468, 3) float32, the surface
             point matching each mediapipe face-mesh landmark, or None before embedding.
+        dense_offset: (468, 3) float32 mm or None (= zeros): where the landmark lies off that
+            surface point, in its triangle's frame (see
+            :func:`facerecon.facemodel.tensors.triangle_frames`): along the first edge, the
+            in-plane perpendicular, and the outward normal. The detector's
+            landmarks are 3D points that need not lie on the skin (eyelid points sit over the
+            eye opening); the offset moves and turns with the triangle.
     """
 
     model_id: str
@@ -71,6 +77,7 @@ class FaceModel:
     albedo_kind: str = "none"
     dense_triangle: np.ndarray | None = None
     dense_barycentric: np.ndarray | None = None
+    dense_offset: np.ndarray | None = None
     attributes: dict[str, str] = field(default_factory=dict)
 
     # ----------------------------------------------------------------- sizes
@@ -157,6 +164,8 @@ class FaceModel:
                 problems.append("dense_barycentric must be (L, 3) matching dense_triangle")
             elif self.dense_triangle.min() < 0 or self.dense_triangle.max() >= self.n_triangles:
                 problems.append("dense_triangle has out-of-range triangle indices")
+            if self.dense_offset is not None and self.dense_offset.shape != (len(self.dense_triangle), 3):
+                problems.append("dense_offset must be (L, 3) matching dense_triangle")
         for name in ("mean_shape", "identity_basis", "expression_basis", "albedo_mean", "albedo_basis"):
             arr = getattr(self, name)
             if arr is not None and not np.all(np.isfinite(arr)):
@@ -201,6 +210,8 @@ def save_face_model(model: FaceModel, path: str | Path) -> Path:
             if model.dense_triangle is not None:
                 lmk.create_dataset("dense_triangle", data=model.dense_triangle.astype(np.int32))
                 lmk.create_dataset("dense_barycentric", data=model.dense_barycentric.astype(np.float32))
+                if model.dense_offset is not None:
+                    lmk.create_dataset("dense_offset", data=model.dense_offset.astype(np.float32))
             reg = f.create_group("regions")
             for name, idx in sorted(model.regions.items()):
                 reg.create_dataset(name, data=np.asarray(idx, dtype=np.int32))
@@ -251,6 +262,7 @@ def load_face_model(path: str | Path) -> FaceModel:
                 albedo_kind=_attr_str(f.attrs.get("albedo_kind", "none")),
                 dense_triangle=lmk["dense_triangle"][()] if "dense_triangle" in lmk else None,
                 dense_barycentric=lmk["dense_barycentric"][()] if "dense_barycentric" in lmk else None,
+                dense_offset=lmk["dense_offset"][()] if "dense_offset" in lmk else None,
                 attributes={
                     k[len("extra_"):]: _attr_str(v) for k, v in f.attrs.items() if k.startswith("extra_")
                 },

@@ -8,6 +8,42 @@ from torch import nn
 from facerecon.facemodel.model import FaceModel
 
 
+def triangle_frames(corners: torch.Tensor) -> torch.Tensor:
+    """Orthonormal frames of triangles: rows are the first-edge direction, the in-plane
+    perpendicular and the outward normal (counter-clockwise corners).
+
+    Args:
+        corners: (..., 3, 3) corner positions (corner, xyz).
+
+    Returns:
+        (..., 3, 3) frames (axis, xyz); a rotation of the corners rotates the frames with them.
+    """
+    edge1 = corners[..., 1, :] - corners[..., 0, :]
+    edge2 = corners[..., 2, :] - corners[..., 0, :]
+    normal = torch.linalg.cross(edge1, edge2, dim=-1)
+    normal = normal / normal.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    tangent = edge1 / edge1.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return torch.stack([tangent, torch.linalg.cross(normal, tangent, dim=-1), normal], dim=-2)
+
+
+def embedded_points(vertices: torch.Tensor, triangles: torch.Tensor, barycentric: torch.Tensor,
+                    offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Points attached to a mesh: barycentric surface points plus an offset in the triangle frame.
+
+    Args:
+        vertices: (B, N, 3); triangles: (L, 3) corner vertex indices of each point's triangle;
+        barycentric: (L, 3); offset: (L, 3) mm in :func:`triangle_frames` axes, or None.
+
+    Returns:
+        (B, L, 3).
+    """
+    corners = vertices[:, triangles]  # (B, L, 3, 3)
+    points = (corners * barycentric[None, :, :, None]).sum(dim=2)
+    if offset is None:
+        return points
+    return points + (offset[None, :, :, None] * triangle_frames(corners)).sum(dim=2)
+
+
 class FaceModelTensors(nn.Module):
     """The linear model as buffers on one device, evaluated batch-wise.
 
@@ -37,6 +73,8 @@ class FaceModelTensors(nn.Module):
         if model.dense_triangle is not None:
             self.register_buffer("dense_triangle", torch.as_tensor(model.dense_triangle, dtype=torch.int64))
             self.register_buffer("dense_barycentric", torch.as_tensor(model.dense_barycentric, dtype=dtype))
+            offset = model.dense_offset if model.dense_offset is not None else model.dense_barycentric * 0
+            self.register_buffer("dense_offset", torch.as_tensor(offset, dtype=dtype))
             from facerecon.detection.landmarks import IBUG68_FROM_MP478
 
             # which dense points make up the detector's 68-point subset
@@ -44,6 +82,7 @@ class FaceModelTensors(nn.Module):
         else:
             self.dense_triangle = None
             self.dense_barycentric = None
+            self.dense_offset = None
 
     @property
     def n_vertices(self) -> int:
@@ -80,21 +119,37 @@ class FaceModelTensors(nn.Module):
         """True when the 68 landmarks are taken from the dense embedding (see :meth:`landmark_points`)."""
         return self.dense_triangle is not None
 
-    def landmark_points(self, values: torch.Tensor) -> torch.Tensor:
-        """The 68 iBUG landmarks (B, 68, C) of per-vertex values (B, N, C): positions or normals.
+    def landmark_points(self, vertices: torch.Tensor) -> torch.Tensor:
+        """The 68 iBUG landmark positions (B, 68, 3) of meshes (B, N, 3) in any rigid frame.
 
         With a dense embedding the 68 points are the embedded mediapipe points the detector's
         68-point subset is made of (``IBUG68_FROM_MP478``), so model and detected landmarks
         share one definition; otherwise the model's own 68 landmark vertices.
         """
         if self.dense_triangle is None:
+            return vertices[:, self.landmarks68]
+        index = self.ibug68_dense
+        return embedded_points(vertices, self.triangles[self.dense_triangle[index]], self.dense_barycentric[index],
+                               self.dense_offset[index])
+
+    def landmark_values(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-vertex values (B, N, C) (e.g. normals) interpolated at the 68 landmarks' surface points."""
+        if self.dense_triangle is None:
             return values[:, self.landmarks68]
-        corners = values[:, self.triangles[self.dense_triangle[self.ibug68_dense]]]  # (B, 68, 3, C)
-        return (corners * self.dense_barycentric[self.ibug68_dense][None, :, :, None]).sum(dim=2)
+        index = self.ibug68_dense
+        corners = values[:, self.triangles[self.dense_triangle[index]]]
+        return (corners * self.dense_barycentric[index][None, :, :, None]).sum(dim=2)
 
     def dense_points(self, vertices: torch.Tensor) -> torch.Tensor:
-        """Surface points (B, L, C) matching the detector's dense landmarks, from per-vertex (B, N, C)."""
+        """Positions (B, L, 3) of the detector's dense landmarks on meshes (B, N, 3)."""
         if self.dense_triangle is None:
             raise ValueError(f"face model {self.model_id!r} has no dense landmark embedding")
-        corners = vertices[:, self.triangles[self.dense_triangle]]  # (B, L, 3, 3)
+        return embedded_points(vertices, self.triangles[self.dense_triangle], self.dense_barycentric,
+                               self.dense_offset)
+
+    def dense_values(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-vertex values (B, N, C) interpolated at the dense landmarks' surface points."""
+        if self.dense_triangle is None:
+            raise ValueError(f"face model {self.model_id!r} has no dense landmark embedding")
+        corners = values[:, self.triangles[self.dense_triangle]]
         return (corners * self.dense_barycentric[None, :, :, None]).sum(dim=2)

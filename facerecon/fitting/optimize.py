@@ -216,14 +216,14 @@ class FaceFitter:
         lm_cam = m.landmark_points(cam)
         proj68 = project_points(lm_cam, k)[..., :2]
         weights68 = self.lm_weights.expand(b, 68).clone()
-        vis68 = self._contour_visibility(lm_cam, m.landmark_points(normals))
+        vis68 = self._contour_visibility(lm_cam, m.landmark_values(normals))
         weights68 = torch.where(self.contour68, weights68 * vis68, weights68)
         sq = ((proj68 - targets.landmarks68) ** 2).sum(-1) * weights68
         terms = {"landmark68": sq.mean(dim=1)}
         lan = terms["landmark68"]
         if self.use_dense and targets.dense is not None:
             dense_cam = m.dense_points(cam)
-            vis = self._contour_visibility(dense_cam, m.dense_points(normals))
+            vis = self._contour_visibility(dense_cam, m.dense_values(normals))
             dense_w = torch.where(self.contour_dense, vis, torch.ones_like(vis))
             dense_proj = project_points(dense_cam, k)[..., :2]
             terms["landmark_dense"] = (((dense_proj - targets.dense) ** 2).sum(-1) * dense_w).sum(1) / (

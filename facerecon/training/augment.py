@@ -3,7 +3,8 @@
 Crops, skin attention and landmarks move together; a flip also swaps left and right landmark
 indices (``IBUG68_MIRROR`` for the 68 points, a mirror map of the dense points computed from
 the face model's embedding). Vectorised over the batch; randomness from a seeded generator so
-a resumed run sees the same augmentation.
+a resumed run sees the same augmentation. For multi-view batches (groups of consecutive views
+of one face) the flip is drawn per group: a mirrored view only matches other mirrored views.
 """
 
 from __future__ import annotations
@@ -43,8 +44,12 @@ def dense_mirror_map(dense_points: np.ndarray) -> np.ndarray:
 
 
 def augment(targets: FaceTargets, settings: AugmentSettings, generator: torch.Generator,
-            dense_mirror: torch.Tensor | None) -> FaceTargets:
-    """A randomly transformed copy of ``targets`` (crops (B, S, S, 3), landmarks in pixels)."""
+            dense_mirror: torch.Tensor | None, group_size: int = 1) -> FaceTargets:
+    """A randomly transformed copy of ``targets`` (crops (B, S, S, 3), landmarks in pixels).
+
+    ``group_size`` > 1: the batch is made of groups of that many consecutive views of one face,
+    which share the flip (shift, scale and rotation stay per view).
+    """
     if not settings.enabled:
         return targets
     b, s = targets.crops.shape[0], targets.size
@@ -56,7 +61,12 @@ def augment(targets: FaceTargets, settings: AugmentSettings, generator: torch.Ge
     scale = 1.0 + uniform(settings.scale)
     angle = uniform(math.radians(settings.rotation_degrees))
     shift = torch.stack([uniform(settings.shift), uniform(settings.shift)], 1) * (s - 1)
-    flip = (torch.rand(b, generator=generator) < 0.5) if settings.flip else torch.zeros(b, dtype=torch.bool)
+    if not settings.flip:
+        flip = torch.zeros(b, dtype=torch.bool)
+    elif group_size > 1:
+        flip = (torch.rand(b // group_size, generator=generator) < 0.5).repeat_interleave(group_size)
+    else:
+        flip = torch.rand(b, generator=generator) < 0.5
     centre = (s - 1) / 2.0
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
     # forward map input pixel -> output pixel: p' = R (p - c) + c + shift, then optional flip

@@ -7,7 +7,7 @@ default; docs/training.md describes every key.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,19 @@ DEFAULT_CONFIG_TEXT = '''\
 # and/or image folders, which are detected first into <output>/detections.h5.
 detections = []
 images = []
-# Fraction of faces held out for validation (by image, deterministic).
+# Fraction of faces held out for validation (deterministic; by identity group when grouped,
+# else by image).
 validation_fraction = 0.1
+# Identity groups for multi-view training (paper 001):
+#   "none"   - every image on its own; paper 000 training only;
+#   "folder" - images in the same sub-folder are one identity (the parent folder of the
+#              image's relative path; images at the top of an input folder join no group);
+#   "synth"  - the identity recorded by `facerecon synth` in the synth.h5 beside (or in) the
+#              image's folder.
+group_by = "none"
+# Views of one identity per batch entry when grouped (paper 001 uses 3); optim.batch_size
+# counts images and must be a multiple of it. Groups with fewer images are not trained on.
+views_per_identity = 3
 
 [model]
 # Face model: a name in the data directory or a path to a .h5 face model.
@@ -45,11 +56,28 @@ dense = 20.0
 # Render size of the photometric term (pixels).
 render_size = 112
 
+[multiview]
+# Paper 001 (MGCNet) sec. 3.8 eq. 6 weights; used only when data.group_by is not "none".
+# weight = w_mul; pixel consistency (eq. 3, L1 of [0, 1] RGB), dense depth consistency
+# (eq. 4, depth in mm) and landmark epipolar loss (eq. 5, pixels summed over 68 points).
+weight = 1.0
+pixel = 0.15
+depth = 1e-4
+epipolar = 1e-3
+# Depth maps and covisible maps are rendered at loss.render_size.
+
 [optim]
 learning_rate = 1e-4   # Adam, paper 000
+# Images per step over all processes (a multiple of the process count, and of
+# data.views_per_identity when grouped).
 batch_size = 8
 steps = 1000
 seed = 0
+# Mixed precision of the network: "auto" (bf16 on CUDA, off on CPU), "off", "bf16", "fp16"
+# (fp16 uses a gradient scaler). Rendering and losses always run in float32.
+amp = "auto"
+# channels_last memory format for the network: "auto" (on for CUDA), "on", "off".
+channels_last = "auto"
 
 [augment]
 # Random shift (fraction of the crop), scale (+-), rotation (degrees) and horizontal flip
@@ -59,6 +87,12 @@ shift = 0.05
 scale = 0.1
 rotation_degrees = 10.0
 flip = true
+
+[distributed]
+# Used when launched by torchrun (WORLD_SIZE > 1): "auto" (nccl on CUDA, gloo on CPU),
+# "nccl" or "gloo"; minutes a process waits for the others (e.g. while rank 0 detects faces).
+backend = "auto"
+timeout_minutes = 60
 
 [output]
 directory = "runs/rnet"
@@ -93,22 +127,119 @@ class TrainConfig:
     validate_every: int
     augment: Any
     source: dict[str, Any]
+    group_by: str = "none"
+    views_per_identity: int = 1
+    multiview_weights: dict[str, float] = field(default_factory=dict)
+    amp: str = "auto"
+    channels_last: str = "auto"
+    dist_backend: str = "auto"
+    dist_timeout_minutes: float = 60.0
+
+    @property
+    def grouped(self) -> bool:
+        """True when batches are built from identity groups and the multi-view terms are on."""
+        return self.group_by != "none"
 
     def to_dict(self) -> dict[str, Any]:
         return self.source
 
 
+_NUMBER = (int, float)
+
 _SCHEMA: dict[str, dict[str, type | tuple]] = {
-    "data": {"detections": list, "images": list, "validation_fraction": (int, float)},
+    "data": {"detections": list, "images": list, "validation_fraction": _NUMBER, "group_by": str,
+             "views_per_identity": int},
     "model": {"face_model": str},
     "network": {"architecture": str, "init": str},
-    "loss": {"photo": (int, float), "landmark": (int, float), "coefficients": (int, float), "texture": (int, float),
-             "dense": (int, float), "render_size": int},
-    "optim": {"learning_rate": (int, float), "batch_size": int, "steps": int, "seed": int},
-    "augment": {"enabled": bool, "shift": (int, float), "scale": (int, float), "rotation_degrees": (int, float),
+    "loss": {"photo": _NUMBER, "landmark": _NUMBER, "coefficients": _NUMBER, "texture": _NUMBER,
+             "dense": _NUMBER, "render_size": int},
+    "multiview": {"weight": _NUMBER, "pixel": _NUMBER, "depth": _NUMBER, "epipolar": _NUMBER},
+    "optim": {"learning_rate": _NUMBER, "batch_size": int, "steps": int, "seed": int, "amp": str,
+              "channels_last": str},
+    "augment": {"enabled": bool, "shift": _NUMBER, "scale": _NUMBER, "rotation_degrees": _NUMBER,
                 "flip": bool},
+    "distributed": {"backend": str, "timeout_minutes": _NUMBER},
     "output": {"directory": str, "checkpoint_every": int, "preview_every": int, "validate_every": int},
 }
+
+GROUP_BY = ("none", "folder", "synth")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+SWITCH = ("auto", "on", "off")
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+def _choice(section: str, key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{section}.{key} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+def _check_data(d: dict[str, Any], merged: dict[str, Any]) -> None:
+    for key in ("detections", "images"):
+        if not all(isinstance(v, str) for v in d[key]):
+            raise ConfigError(f"data.{key} must be a list of paths")
+    if not d["detections"] and not d["images"]:
+        raise ConfigError("data.detections or data.images must name at least one file or folder")
+    if not 0.0 <= d["validation_fraction"] < 1.0:
+        raise ConfigError("data.validation_fraction must be in [0, 1)")
+    _choice("data", "group_by", d["group_by"], GROUP_BY)
+    if d["views_per_identity"] < 2:
+        raise ConfigError("data.views_per_identity must be at least 2")
+    batch = merged["optim"]["batch_size"]
+    if d["group_by"] != "none" and batch % d["views_per_identity"]:
+        raise ConfigError(f"optim.batch_size ({batch}) must be a multiple of data.views_per_identity "
+                          f"({d['views_per_identity']}) when data.group_by is {d['group_by']!r}")
+
+
+def _check_network(n: dict[str, Any], merged: dict[str, Any]) -> None:
+    from facerecon.networks.resnet import ARCHITECTURES
+
+    if n["architecture"] not in ARCHITECTURES:
+        raise ConfigError(f"network.architecture must be one of {', '.join(ARCHITECTURES)}")
+
+
+def _check_loss(loss: dict[str, Any], merged: dict[str, Any]) -> None:
+    if loss["render_size"] < 16:
+        raise ConfigError("loss.render_size must be at least 16")
+
+
+def _check_multiview(mv: dict[str, Any], merged: dict[str, Any]) -> None:
+    for key, value in mv.items():
+        if value < 0:
+            raise ConfigError(f"multiview.{key} must not be negative")
+
+
+def _check_optim(o: dict[str, Any], merged: dict[str, Any]) -> None:
+    for key in ("batch_size", "steps"):
+        if o[key] < 1:
+            raise ConfigError(f"optim.{key} must be at least 1")
+    if o["learning_rate"] <= 0:
+        raise ConfigError("optim.learning_rate must be positive")
+    _choice("optim", "amp", o["amp"], AMP_MODES)
+    _choice("optim", "channels_last", o["channels_last"], SWITCH)
+
+
+def _check_augment(aug: dict[str, Any], merged: dict[str, Any]) -> None:
+    if not (0 <= aug["shift"] <= 0.5 and 0 <= aug["scale"] < 1 and 0 <= aug["rotation_degrees"] <= 90):
+        raise ConfigError("augment: shift must be in [0, 0.5], scale in [0, 1), rotation_degrees in [0, 90]")
+
+
+def _check_distributed(dist: dict[str, Any], merged: dict[str, Any]) -> None:
+    _choice("distributed", "backend", dist["backend"], BACKENDS)
+    if dist["timeout_minutes"] <= 0:
+        raise ConfigError("distributed.timeout_minutes must be positive")
+
+
+def _check_output(out: dict[str, Any], merged: dict[str, Any]) -> None:
+    for key in ("checkpoint_every", "preview_every", "validate_every"):
+        if out[key] < 1:
+            raise ConfigError(f"output.{key} must be at least 1")
+
+
+#: Value checks per section, run after the type checks on the merged configuration (a new
+#: section adds its keys to _SCHEMA, its defaults to DEFAULT_CONFIG_TEXT and a check here).
+_CHECKS = {"data": _check_data, "network": _check_network, "loss": _check_loss, "multiview": _check_multiview,
+           "optim": _check_optim, "augment": _check_augment, "distributed": _check_distributed,
+           "output": _check_output}
 
 
 def default_config() -> dict[str, Any]:
@@ -135,37 +266,15 @@ def parse_config(text: str, base: Path = Path(".")) -> TrainConfig:
                 names = expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
                 raise ConfigError(f"{section}.{key} must be {names}, got {value!r}")
             merged[section][key] = value
+    for section, check in _CHECKS.items():
+        check(merged[section], merged)
     d, o, out = merged["data"], merged["optim"], merged["output"]
-    for key in ("detections", "images"):
-        if not all(isinstance(v, str) for v in d[key]):
-            raise ConfigError(f"data.{key} must be a list of paths")
-    if not d["detections"] and not d["images"]:
-        raise ConfigError("data.detections or data.images must name at least one file or folder")
-    if not 0.0 <= d["validation_fraction"] < 1.0:
-        raise ConfigError("data.validation_fraction must be in [0, 1)")
-    from facerecon.networks.resnet import ARCHITECTURES
-
-    if merged["network"]["architecture"] not in ARCHITECTURES:
-        raise ConfigError(f"network.architecture must be one of {', '.join(ARCHITECTURES)}")
-    for key in ("batch_size", "steps"):
-        if o[key] < 1:
-            raise ConfigError(f"optim.{key} must be at least 1")
-    if o["learning_rate"] <= 0:
-        raise ConfigError("optim.learning_rate must be positive")
-    aug = merged["augment"]
-    if not (0 <= aug["shift"] <= 0.5 and 0 <= aug["scale"] < 1 and 0 <= aug["rotation_degrees"] <= 90):
-        raise ConfigError("augment: shift must be in [0, 0.5], scale in [0, 1), rotation_degrees in [0, 90]")
-    if merged["loss"]["render_size"] < 16:
-        raise ConfigError("loss.render_size must be at least 16")
-    for key in ("checkpoint_every", "preview_every", "validate_every"):
-        if out[key] < 1:
-            raise ConfigError(f"output.{key} must be at least 1")
 
     def path(p: str) -> Path:
         q = Path(p).expanduser()
         return q if q.is_absolute() else base / q
 
-    loss = merged["loss"]
+    loss, mv = merged["loss"], merged["multiview"]
     from facerecon.losses.hybrid import PAPER000_WEIGHTS
 
     weights = dict(PAPER000_WEIGHTS)
@@ -181,6 +290,11 @@ def parse_config(text: str, base: Path = Path(".")) -> TrainConfig:
         seed=int(o["seed"]), output=path(out["directory"]), checkpoint_every=int(out["checkpoint_every"]),
         preview_every=int(out["preview_every"]), validate_every=int(out["validate_every"]),
         augment=AugmentSettings(**merged["augment"]), source=merged,
+        group_by=d["group_by"], views_per_identity=int(d["views_per_identity"]) if d["group_by"] != "none" else 1,
+        multiview_weights={"multiview": float(mv["weight"]), "pixel": float(mv["pixel"]), "depth": float(mv["depth"]),
+                           "epipolar": float(mv["epipolar"])},
+        amp=o["amp"], channels_last=o["channels_last"], dist_backend=merged["distributed"]["backend"],
+        dist_timeout_minutes=float(merged["distributed"]["timeout_minutes"]),
     )
 
 

@@ -1,19 +1,26 @@
-"""Self-supervised R-Net training with the hybrid loss of paper 000 (the fit's loss terms).
+"""Self-supervised R-Net training with the hybrid loss of paper 000 (the fit's loss terms),
+plus the multi-view geometry consistency terms of paper 001 when the data have identity groups.
 
 Data are aligned crops with landmarks and skin attention from detections files. Batches follow
 a per-epoch permutation seeded by (seed, epoch), so a run resumed from a checkpoint sees the
-same batches as an uninterrupted one. Checkpoints (network, optimiser, step, config, face-model
-id, code version) are written atomically; metrics go to ``metrics.jsonl``; previews
-(input | render | overlay) to ``previews/``.
+same batches as an uninterrupted one. With ``data.group_by`` set, a batch is made of groups of
+``data.views_per_identity`` views of one identity (consecutive in the batch), and the pixel,
+depth and epipolar consistency terms (:mod:`facerecon.losses.multiview`) are added to the loss.
+The network may run under autocast (``optim.amp``) in channels_last; rendering and losses stay
+float32. Under ``torchrun`` (:mod:`facerecon.training.distributed`) every process trains on its
+share of each global batch with DistributedDataParallel and rank 0 alone writes files.
+Checkpoints (network, optimiser, step, config, face-model id, code version) are written
+atomically; metrics go to ``metrics.jsonl``; previews (input | render | overlay) to ``previews/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -23,26 +30,31 @@ from facerecon import __version__
 from facerecon.export.meshio import write_png
 from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
-from facerecon.fitting.camera import crop_intrinsics, model_to_camera
+from facerecon.fitting.camera import camera_rotation, crop_intrinsics, model_to_camera
 from facerecon.fitting.optimize import FaceFitter, FaceTargets, FitSettings
 from facerecon.io.atomic import atomic_path
+from facerecon.losses import multiview
 from facerecon.networks.resnet import load_backbone_weights
 from facerecon.networks.rnet import RNet
 from facerecon.render.renderer import MeshRenderer
 from facerecon.stages import detect as detect_stage
+from facerecon.training import distributed
 from facerecon.training.augment import augment
 from facerecon.training.config import TrainConfig
+from facerecon.training.distributed import DistContext
 
 
 @dataclass
 class FaceSet:
-    """Training faces as stacked arrays (N, ...) and their image keys."""
+    """Training faces as stacked arrays (N, ...), their image keys and identity groups
+    (``groups[i]`` names face i's identity, None when it belongs to no group)."""
 
     keys: list[str]
     crops: np.ndarray
     landmarks68: np.ndarray
     dense: np.ndarray
     attention: np.ndarray
+    groups: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -53,39 +65,161 @@ class FaceSet:
                            ).to(device)
 
     def subset(self, mask: np.ndarray) -> "FaceSet":
+        groups = None if self.groups is None else [g for g, m in zip(self.groups, mask) if m]
         return FaceSet([k for k, m in zip(self.keys, mask) if m], self.crops[mask], self.landmarks68[mask],
-                       self.dense[mask], self.attention[mask])
+                       self.dense[mask], self.attention[mask], groups)
 
 
-def load_faces(files: list[Path]) -> FaceSet:
-    keys, crops, lm, dense, attention = [], [], [], [], []
+def folder_group(file_name: str, key: str) -> str | None:
+    """Identity of an image for ``group_by = "folder"``: the parent folder of its detections key
+    (the path relative to the input folder), scoped by the detections file; None at the top."""
+    parent = PurePosixPath(key).parent.as_posix()
+    return None if parent in ("", ".") else f"{file_name}:{parent}"
+
+
+class SynthIdentities:
+    """Identity of an image for ``group_by = "synth"``: the ``identity`` that `facerecon synth`
+    recorded for it in ``synth.h5``, looked up in the folder above the image's folder (the synth
+    output ``OUT`` of ``OUT/images/x.png``) and then in the image's own folder."""
+
+    def __init__(self):
+        self.indexes: dict[Path, dict[str, int]] = {}
+
+    def _index(self, store: Path) -> dict[str, int]:
+        if store not in self.indexes:
+            from facerecon.io.store import read_index
+
+            items = read_index(store, "images")
+            self.indexes[store] = {str(a.get("image", key)): int(a["identity"]) for key, a in items.items()
+                                   if "identity" in a}
+        return self.indexes[store]
+
+    def __call__(self, source_path: str | None) -> str | None:
+        if not source_path:
+            return None
+        image = Path(source_path)
+        for folder in (image.parent.parent, image.parent):
+            store = folder / "synth.h5"
+            if store.is_file():
+                relative = image.relative_to(folder).as_posix()
+                identity = self._index(store).get(relative)
+                if identity is not None:
+                    return f"{store}:{identity}"
+        return None
+
+
+def load_faces(files: list[Path], group_by: str = "none") -> FaceSet:
+    """Faces of detections files; with ``group_by`` "folder" or "synth" also their identity groups
+    (only the first, largest face of an image joins its image's group)."""
+    keys, crops, lm, dense, attention, groups = [], [], [], [], [], []
+    synth = SynthIdentities()
     for file in files:
         for key, attrs, faces in detect_stage.iter_detections(file):
+            group = None
+            if group_by == "folder":
+                group = folder_group(file.name, key)
+            elif group_by == "synth":
+                group = synth(attrs.get("source_path"))
             for face in faces:
                 keys.append(f"{file.name}:{key}#{face.index}")
                 crops.append(face.crop)
                 lm.append(face.crop_landmarks68.astype(np.float32))
                 dense.append(face.crop_landmarks478[:468, :2].astype(np.float32))
                 attention.append(face.skin_attention)
+                groups.append(group if face.index == 0 else None)
     if not keys:
         raise ValueError("no faces in the training data (run `facerecon detect` on photos with faces)")
     sizes = {c.shape for c in crops}
     if len(sizes) > 1:
         raise ValueError(f"training crops differ in size ({sorted(sizes)}); detect with one --crop-size")
-    return FaceSet(keys, np.stack(crops), np.stack(lm), np.stack(dense), np.stack(attention))
+    if group_by != "none" and not any(g is not None for g in groups):
+        where = ("no image lies in a sub-folder of an input folder" if group_by == "folder" else
+                 "no image is recorded in a synth.h5 beside or in its folder")
+        raise ValueError(f"data.group_by = {group_by!r} but {where}")
+    return FaceSet(keys, np.stack(crops), np.stack(lm), np.stack(dense), np.stack(attention),
+                   groups if group_by != "none" else None)
 
 
 def split_validation(faces: FaceSet, fraction: float) -> tuple[FaceSet, FaceSet]:
-    """Deterministic split by image key (all faces of an image on one side)."""
+    """Deterministic split by image key (all faces of an image on one side), or by identity
+    group for grouped faces (all views of an identity on one side)."""
     def bucket(key: str) -> float:
-        image = key.split("#")[0]
-        return int(hashlib.sha256(image.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
 
-    held = np.array([bucket(k) < fraction for k in faces.keys])
+    groups = faces.groups or [None] * len(faces)
+    held = np.array([bucket(g if g is not None else k.split("#")[0]) < fraction for k, g in zip(faces.keys, groups)])
     if held.all() or (fraction > 0 and not held.any() and len(faces) > 1):
         held[:] = False
         held[-1] = True  # keep at least one face on each side
     return faces.subset(~held), faces.subset(held)
+
+
+class BatchPlan:
+    """The global batch of every step, as (U, V) face indices: U units of V views.
+
+    Ungrouped (V = 1): a per-epoch permutation of the faces seeded by (seed, epoch), cut into
+    batches. Grouped: each epoch, the members of every identity group are shuffled and cut into
+    tuples of V views (a group of n faces gives n // V tuples; leftovers change from epoch to
+    epoch), the tuples are shuffled and cut into batches of ``batch_size / V`` tuples. Both are
+    pure functions of (seed, step), so a resumed run sees the same batches.
+    """
+
+    def __init__(self, faces: FaceSet, batch_size: int, views: int, seed: int):
+        self.count, self.views, self.seed = len(faces), views, seed
+        self.units = batch_size // views
+        if views > 1:
+            names = faces.groups or [None] * len(faces)
+            table: dict[str, int] = {}
+            self.codes = np.array([-1 if g is None else table.setdefault(g, len(table)) for g in names], np.int64)
+            sizes = np.bincount(self.codes[self.codes >= 0], minlength=len(table))
+            self.groups = int((sizes >= views).sum())
+            self.tuples = int((sizes // views).sum())
+            self.unused = int(sizes[sizes < views].sum() + (self.codes < 0).sum())
+            if self.tuples == 0:
+                raise ValueError(f"no identity group has data.views_per_identity = {views} training images "
+                                 f"({len(table)} groups, largest {int(sizes.max()) if len(sizes) else 0})")
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def _epoch_tuples(self, epoch: int) -> np.ndarray:
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        keys = torch.rand(self.count, generator=generator).numpy()
+        order = np.lexsort((keys, self.codes))  # by group, randomly within a group
+        codes = self.codes[order]
+        starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+        sizes = np.diff(np.r_[starts, len(codes)])
+        rank = np.arange(len(codes)) - np.repeat(starts, sizes)
+        keep = (codes >= 0) & (rank < np.repeat(sizes // self.views * self.views, sizes))
+        tuples = order[keep].reshape(-1, self.views)
+        tuples = tuples[torch.randperm(len(tuples), generator=generator).numpy()]
+        self._cache = (epoch, tuples)
+        return tuples
+
+    def __call__(self, step: int) -> np.ndarray:
+        if self.views == 1:
+            per_epoch = max(1, self.count // self.units)
+            epoch, position = divmod(step, per_epoch)
+            order = torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+            start = position * self.units
+            index = order[start:start + self.units].numpy() if self.count >= self.units else order.numpy()
+            return index[:, None]
+        per_epoch = max(1, self.tuples // self.units)
+        epoch, position = divmod(step, per_epoch)
+        tuples = self._epoch_tuples(epoch)
+        start = position * self.units
+        return tuples[start:start + self.units] if self.tuples >= self.units else tuples
+
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype of ``optim.amp`` on ``device`` (None: full float32)."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if mode == "fp16" and device.type != "cuda":
+        raise ValueError("optim.amp = 'fp16' needs a CUDA device (use 'bf16' or 'off' on CPU)")
+    return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
 @dataclass
@@ -105,9 +239,15 @@ class TrainSummary:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, device: torch.device):
+    """One training process: network, loss, optimiser and the step loop.
+
+    ``ctx`` describes the process group when launched by torchrun (default: one process).
+    """
+
+    def __init__(self, config: TrainConfig, device: torch.device, ctx: DistContext | None = None):
         self.config = config
         self.device = device
+        self.ctx = ctx or DistContext(device=device)
         self.face_model = resolve_face_model(config.face_model)
         self.tensors = FaceModelTensors(self.face_model).to(device)
         oval = None
@@ -119,6 +259,10 @@ class Trainer:
         self.loss = FaceFitter(self.tensors, self.face_model.regions, settings, oval_indices=oval)
         torch.manual_seed(config.seed)
         self.network = RNet(self.tensors, config.architecture).to(device)
+        self.amp_dtype = resolve_amp(config.amp, device)
+        self.channels_last = config.channels_last == "on" or (config.channels_last == "auto" and device.type == "cuda")
+        if self.channels_last:
+            self.network = self.network.to(memory_format=torch.channels_last)
         self.dense_mirror = None
         if self.tensors.dense_triangle is not None:
             from facerecon.training.augment import dense_mirror_map
@@ -126,6 +270,10 @@ class Trainer:
             points = self.tensors.dense_points(self.tensors.mean_shape[None])[0].cpu().numpy()
             self.dense_mirror = torch.as_tensor(dense_mirror_map(points), device=device)
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        #: what the training step calls: the network, in DistributedDataParallel when distributed
+        #: (wrapped in :meth:`run`, after restoring, so every rank starts from rank 0's weights)
+        self.model: torch.nn.Module = self.network
         self.step = 0
 
     # -------------------------------------------------------------- checkpoints
@@ -133,6 +281,8 @@ class Trainer:
         state = {"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
                  "config": self.config.to_dict(), "model_id": self.face_model.model_id, "code_version": __version__,
                  "architecture": self.config.architecture, "sizes": self.network.sizes}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
 
@@ -143,31 +293,84 @@ class Trainer:
                              f"not {self.face_model.model_id!r}")
         self.network.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
 
     # -------------------------------------------------------------- steps
-    def batch_losses(self, targets: FaceTargets) -> dict[str, torch.Tensor]:
-        images = targets.crops.permute(0, 3, 1, 2)
-        params = self.network(images)
-        return self.loss.losses(params, targets, self.config.render_size)
+    def predict(self, crops: torch.Tensor, module: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Network parameters (float32) for crops (B, S, S, 3), under autocast when enabled."""
+        images = crops.permute(0, 3, 1, 2)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        module = self.network if module is None else module
+        if self.amp_dtype is None:
+            return module(images)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype):
+            params = module(images)
+        return {k: v.float() for k, v in params.items()}
 
-    def batch_indices(self, step: int, count: int) -> np.ndarray:
-        per_epoch = max(1, count // self.config.batch_size)
-        epoch, position = divmod(step, per_epoch)
-        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
-        start = position * self.config.batch_size
-        return order[start:start + self.config.batch_size].numpy() if count >= self.config.batch_size else \
-            order.numpy()
+    def _float32(self):
+        """Autocast off around rendering and losses (a no-op context without AMP)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, enabled=False)
+
+    def batch_losses(self, targets: FaceTargets, module: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+        params = self.predict(targets.crops, module)
+        with self._float32():
+            return self.loss.losses(params, targets, self.config.render_size)
+
+    def multiview_terms(self, params: dict[str, torch.Tensor], targets: FaceTargets) -> dict[str, torch.Tensor]:
+        """Paper 001 terms (P,) over the view pairs of a grouped batch (see :mod:`facerecon.losses.multiview`)."""
+        b = targets.crops.shape[0]
+        cam = model_to_camera(self.tensors.shape(params["identity"], params["expression"]), params["angles"],
+                              params["translation"])
+        return multiview.multiview_losses(
+            cam, self.loss.photo_triangles, targets.crops, targets.landmarks68, camera_rotation(params["angles"]),
+            params["translation"], crop_intrinsics(targets.size, b, device=cam.device), self.config.views_per_identity,
+            self.config.render_size)
+
+    def training_loss(self, batch: FaceTargets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The step's scalar loss and the detached per-term means to log."""
+        params = self.predict(batch.crops, self.model)
+        with self._float32():
+            terms = self.loss.losses(params, batch, self.config.render_size)
+            loss = terms["total"].mean()
+            values = {k: v.detach().mean() for k, v in terms.items() if k != "total"}
+            if self.config.grouped:
+                mv = self.multiview_terms(params, batch)
+                loss = loss + multiview.combine(mv, self.config.multiview_weights)
+                values.update({f"multiview_{k}": v.detach().mean() for k, v in mv.items()})
+        return loss, values
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
 
     @torch.no_grad()
     def validate(self, faces: FaceSet) -> float:
+        """Mean paper-000 loss over ``faces`` (each process takes its share when distributed)."""
         self.network.eval()
-        totals = []
-        for start in range(0, len(faces), self.config.batch_size):
-            index = np.arange(start, min(len(faces), start + self.config.batch_size))
+        ctx = self.ctx
+        mine = np.arange(ctx.rank, len(faces), ctx.world_size)
+        totals = [torch.zeros(0, device=self.device)]
+        for start in range(0, len(mine), self.config.batch_size):
+            index = mine[start:start + self.config.batch_size]
             totals.append(self.batch_losses(faces.targets(index, self.device))["total"])
         self.network.train()
-        return float(torch.cat(totals).mean())
+        values = torch.cat(totals)
+        if not ctx.enabled:
+            return float(values.mean())
+        both = distributed.sum_across(ctx, torch.stack([values.sum(), torch.tensor(float(len(values)),
+                                                                                      device=self.device)]))
+        return float(both[0] / both[1].clamp_min(1.0))
 
     @torch.no_grad()
     def preview(self, faces: FaceSet, path: Path, count: int = 4) -> None:
@@ -175,14 +378,15 @@ class Trainer:
         self.network.eval()
         index = np.arange(min(count, len(faces)))
         targets = faces.targets(index, self.device)
-        params = self.network(targets.crops.permute(0, 3, 1, 2))
+        params = self.predict(targets.crops)
         size = targets.size
-        verts = self.tensors.shape(params["identity"], params["expression"])
-        cam = model_to_camera(verts, params["angles"], params["translation"])
-        out = MeshRenderer(image_size=(size, size)).render(cam, self.tensors.triangles,
-                                                           crop_intrinsics(size, len(index), device=self.device),
-                                                           self.tensors.albedo(params["albedo"]).clamp(0, 1),
-                                                           params["sh"])
+        with self._float32():
+            verts = self.tensors.shape(params["identity"], params["expression"])
+            cam = model_to_camera(verts, params["angles"], params["translation"])
+            out = MeshRenderer(image_size=(size, size)).render(cam, self.tensors.triangles,
+                                                               crop_intrinsics(size, len(index), device=self.device),
+                                                               self.tensors.albedo(params["albedo"]).clamp(0, 1),
+                                                               params["sh"])
         mask = out.mask[..., None].float()
         overlay = mask * (0.6 * out.image.clamp(0, 1) + 0.4 * targets.crops) + (1 - mask) * targets.crops
         rows = torch.cat([torch.cat([targets.crops[i], out.image[i].clamp(0, 1), overlay[i]], 1)
@@ -190,20 +394,43 @@ class Trainer:
         write_png(path, (rows * 255).round().byte().cpu().numpy())
         self.network.train()
 
-    def run(self, train: FaceSet, valid: FaceSet, resume: bool, progress=None, should_stop=None) -> TrainSummary:
-        cfg = self.config
-        out = cfg.output
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        summary = TrainSummary(output=str(out))
-        latest = out / "checkpoints" / "latest.pt"
-        if resume and latest.is_file():
+    def _start(self, resume: bool, summary: TrainSummary) -> None:
+        """Restore or initialise, then wrap the network for distributed training."""
+        cfg, ctx = self.config, self.ctx
+        latest = cfg.output / "checkpoints" / "latest.pt"
+        found = resume and latest.is_file()
+        if ctx.enabled and resume and distributed.any_rank(ctx, found) and not distributed.all_ranks(ctx, found):
+            raise ValueError(f"--resume: {latest} is not visible to every process; output.directory must be on a "
+                             "filesystem all nodes share")
+        if found:
             self.restore(latest)
             summary.notes.append(f"resumed at step {self.step}")
         elif cfg.init is not None and self.step == 0:
-            load_backbone_weights(self.network.backbone, cfg.init)
+            if ctx.is_main:  # DistributedDataParallel copies rank 0's weights to the others
+                load_backbone_weights(self.network.backbone, cfg.init)
             summary.notes.append(f"backbone initialised from {cfg.init}")
+        if ctx.enabled and self.model is self.network:
+            self.model = distributed.wrap(self.network, ctx)
+            summary.notes.append(f"{ctx.world_size} processes ({ctx.backend}), {cfg.batch_size // ctx.world_size} "
+                                 "images per process and step")
+
+    def run(self, train: FaceSet, valid: FaceSet, resume: bool, progress=None, should_stop=None) -> TrainSummary:
+        cfg, ctx = self.config, self.ctx
+        main = ctx.is_main
+        out = cfg.output
+        if main:
+            (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        distributed.barrier(ctx)
+        summary = TrainSummary(output=str(out))
+        latest = out / "checkpoints" / "latest.pt"
+        views = cfg.views_per_identity
+        plan = BatchPlan(train, cfg.batch_size, views, cfg.seed)
+        if views > 1:
+            summary.notes.append(f"{plan.groups} identities with >= {views} views ({plan.tuples} tuples per epoch); "
+                                 f"{plan.unused} faces in smaller or no groups are not trained on")
+        self._start(resume, summary)
         metrics_path = out / "metrics.jsonl"
-        if not resume and metrics_path.exists():
+        if main and not resume and metrics_path.exists():
             metrics_path.unlink()
         if progress is not None:
             progress.start(cfg.steps)
@@ -211,43 +438,47 @@ class Trainer:
                 progress.advance()
         self.network.train()
         started, images_done = time.perf_counter(), 0
-        with open(metrics_path, "a") as metrics:
+        with (open(metrics_path, "a") if main else contextlib.nullcontext()) as metrics:
             while self.step < cfg.steps:
-                if should_stop is not None and should_stop():
+                stop = should_stop is not None and should_stop()
+                if distributed.any_rank(ctx, stop):  # every process stops at the same step
                     summary.interrupted = True
                     break
-                index = self.batch_indices(self.step, len(train))
-                generator = torch.Generator().manual_seed(cfg.seed * 104729 + self.step)
-                batch = augment(train.targets(index, self.device), cfg.augment, generator, self.dense_mirror)
-                terms = self.batch_losses(batch)
-                loss = terms["total"].mean()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {float(loss)} at step {self.step}; lower "
+                units = plan(self.step)
+                index = distributed.shard(units, ctx).reshape(-1)
+                generator = torch.Generator().manual_seed(cfg.seed * 104729 + self.step + ctx.rank * 1_000_003)
+                batch = augment(train.targets(index, self.device), cfg.augment, generator, self.dense_mirror,
+                                group_size=views)
+                loss, values = self.training_loss(batch)
+                logged = torch.stack([loss.detach(), *values.values()])
+                if ctx.enabled:  # the global batch's means, identical on every rank
+                    logged = distributed.sum_across(ctx, logged) / ctx.world_size
+                if not torch.isfinite(logged[0]):
+                    raise FloatingPointError(f"loss became {float(logged[0])} at step {self.step}; lower "
                                              "optim.learning_rate")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                self.backward(loss)
                 self.step += 1
-                images_done += len(index)
-                value = float(loss.detach())
-                summary.first_loss = value if summary.first_loss is None else summary.first_loss
-                summary.last_loss = value
-                record = {"step": self.step, "loss": value,
-                          **{k: float(v.detach().mean()) for k, v in terms.items() if k != "total"},
+                images_done += units.size
+                numbers = logged.tolist()
+                summary.first_loss = numbers[0] if summary.first_loss is None else summary.first_loss
+                summary.last_loss = numbers[0]
+                record = {"step": self.step, "loss": numbers[0], **dict(zip(values, numbers[1:])),
                           "images_per_second": images_done / max(time.perf_counter() - started, 1e-9)}
                 if len(valid) and (self.step % cfg.validate_every == 0 or self.step == cfg.steps):
                     record["validation_loss"] = summary.validation_loss = self.validate(valid)
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                if self.step % cfg.preview_every == 0 or self.step == cfg.steps:
-                    self.preview(valid if len(valid) else train, out / "previews" / f"step_{self.step:07d}.png")
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                    self.save(out / "checkpoints" / f"step_{self.step:07d}.pt")
-                    self.save(latest)
+                if main:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    if self.step % cfg.preview_every == 0 or self.step == cfg.steps:
+                        self.preview(valid if len(valid) else train, out / "previews" / f"step_{self.step:07d}.png")
+                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                        self.save(out / "checkpoints" / f"step_{self.step:07d}.pt")
+                        self.save(latest)
                 if progress is not None:
                     progress.advance()
-        if summary.interrupted and self.step:
+        if summary.interrupted and self.step and main:
             self.save(latest)
+        distributed.barrier(ctx)  # rank 0's files are complete before any process returns
         summary.steps_done = self.step
         summary.images_per_second = images_done / max(time.perf_counter() - started, 1e-9) if images_done else None
         summary.checkpoint = str(latest)
@@ -267,3 +498,24 @@ def prepare_data(config: TrainConfig, should_stop=None) -> list[Path]:
                                 detect_stage.DetectOptions(max_faces=1), should_stop=should_stop)
         files.append(target)
     return files
+
+
+def run_training(config: TrainConfig, device: str = "auto", resume: bool = False, progress=None,
+                 should_stop=None) -> tuple[TrainSummary, Trainer]:
+    """The whole ``facerecon train`` run, in one process or as one rank under torchrun.
+
+    Rank 0 prepares the data (detecting image folders) while the others wait; every rank then
+    loads the detections, builds the same split and trains on its share of each batch. Returns
+    the summary and the trainer (its network holds the final weights).
+    """
+    ctx = distributed.setup(device, config.dist_backend, config.dist_timeout_minutes)
+    try:
+        files = distributed.on_main(ctx, lambda: prepare_data(config, should_stop=should_stop))
+        faces = load_faces(files, config.group_by)
+        train_set, valid_set = split_validation(faces, config.validation_fraction)
+        trainer = Trainer(config, ctx.device, ctx)
+        summary = trainer.run(train_set, valid_set, resume, progress=progress if ctx.is_main else None,
+                              should_stop=should_stop)
+    finally:
+        distributed.teardown(ctx)
+    return summary, trainer
