@@ -28,8 +28,8 @@ def test_find_albums_single_and_parent_folders(tmp_path, astronaut_path):
     albums, problems = find_albums([str(person), str(parent), str(tmp_path / "empty"), str(astronaut_path)])
     assert [a.name for a in albums] == ["person", "ann", "bob"]
     assert [len(a.photos) for a in albums] == [1, 1, 1]
-    assert [p[1] for p in problems] == ["no photos found", "not a folder (an album is a folder of one person's "
-                                                           "photos)"]
+    assert [p[1] for p in problems] == ["no photos found", "not a folder or detections file (an album is a folder "
+                                                           "of one person's photos)"]
 
 
 def test_consistency_excludes_the_stranger_and_second_faces():
@@ -84,3 +84,112 @@ def test_aggregate_stage_writes_identity_mesh_and_sheet(ict_embedded_model_file,
         group = f["identities"]["astronaut"]
         singles = group["single_identity"][()]
         np.testing.assert_allclose(group["identity"][()], singles.mean(axis=0), atol=1e-5)
+
+
+def _people(tmp_path, astronaut_path):
+    people = tmp_path / "people"
+    for name, count in (("ann", 2), ("bob", 1)):
+        (people / name).mkdir(parents=True)
+        for i in range(count):
+            shutil.copy(astronaut_path, people / name / f"{i}.png")
+    (people / "ann" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    return people
+
+
+FAST = ["--steps", "30", "4", "0", "--texture-size", "128", "--format", "obj,glb", "-q", "--json", "--no-download"]
+
+
+def test_aggregate_command_runs_resumes_and_reports(ict_embedded_model_file, astronaut_path, tmp_path):
+    import json
+
+    import trimesh
+    from click.testing import CliRunner
+
+    from facerecon.cli import main
+
+    people = _people(tmp_path, astronaut_path)
+    args = ["aggregate", str(people), "--out", str(tmp_path / "out"), "--face-model", str(ict_embedded_model_file),
+            *FAST]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["albums"] == 2 and data["albums_ok"] == 2 and data["method"] == "joint"
+    ann = next(a for a in data["identities"] if a["name"] == "ann")
+    assert ann["faces_used"] == 2 and ann["failures"][0]["photo"] == "broken.jpg"
+    assert set(ann["confidences"]) == {"0.png#0", "1.png#0"}
+    mesh = trimesh.load(tmp_path / "out" / "ann" / "ann_neutral.obj", force="mesh")
+    assert len(mesh.vertices) > 1000 and np.isfinite(mesh.vertices).all()
+    assert (tmp_path / "out" / "bob" / "bob_neutral.glb").is_file()
+    # a second run finds both albums done and redoes nothing
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0
+    data = json.loads(again.stdout)
+    assert data["albums_skipped"] == 2 and data["albums_ok"] == 0
+    assert next(a for a in data["identities"] if a["name"] == "ann")["failures"][0]["photo"] == "broken.jpg"
+    # a changed album is redone, the other one still skipped
+    shutil.copy(astronaut_path, people / "bob" / "1.png")
+    third = json.loads(CliRunner().invoke(main, args).stdout)
+    assert {a["name"]: a["status"] for a in third["identities"]} == {"ann": "skipped", "bob": "ok"}
+
+
+def test_aggregate_takes_albums_from_a_detections_file(ict_embedded_model_file, astronaut_path, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from facerecon.cli import main
+    from facerecon.stages.detect import run_detect
+
+    people = _people(tmp_path, astronaut_path)
+    run_detect([str(people)], tmp_path / "det.h5")
+    result = CliRunner().invoke(main, ["aggregate", str(tmp_path / "det.h5"), "--out", str(tmp_path / "out"),
+                                       "--method", "mean", "--face-model", str(ict_embedded_model_file), *FAST])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert sorted(a["name"] for a in data["identities"]) == ["ann", "bob"]
+    assert next(a for a in data["identities"] if a["name"] == "ann")["faces_used"] == 2
+    assert not (tmp_path / "out" / "ann" / "detections.h5").exists()  # the given detections were used
+
+
+def test_aggregate_with_nothing_usable_exits_1(ict_embedded_model_file, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from facerecon.cli import main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("hello")
+    result = CliRunner().invoke(main, ["aggregate", str(tmp_path / "empty"), str(tmp_path / "notes.txt"),
+                                       "--out", str(tmp_path / "out"), "--face-model",
+                                       str(ict_embedded_model_file), *FAST])
+    assert result.exit_code == 1
+    reasons = [p["reason"] for p in json.loads(result.stdout)["problems"]]
+    assert reasons[0] == "no photos found" and reasons[1].startswith("not a folder or detections file")
+
+
+def test_recognition_embeddings_exclude_the_stranger(ict_embedded_model_file, astronaut_path, tmp_path):
+    from facerecon.aggregation.identity import embedding_distances
+    from facerecon.networks.iresnet import IResNet
+
+    torch.manual_seed(0)
+    weights = tmp_path / "backbone.pth"
+    torch.save(IResNet("r18").state_dict(), weights)
+
+    rng = np.random.default_rng(1)
+    person = rng.normal(size=512)
+    embeddings = np.stack([person + rng.normal(size=512) * 0.4 for _ in range(5)] + [rng.normal(size=512)])
+    keep, reference, threshold = consistent_faces(embedding_distances(embeddings), list(range(6)),
+                                                  min_threshold=0.6, spread=2.0)
+    assert keep[:5].all() and not keep[5]
+    # the stage uses the user's recognition network for the check: copies of one photo are one person
+    album = tmp_path / "astronaut"
+    album.mkdir()
+    for i in range(3):
+        shutil.copy(astronaut_path, album / f"{i}.png")
+    options = AggregateOptions(face_model=str(ict_embedded_model_file), method="mean", texture_size=64,
+                               recognition_weights=str(weights),
+                               settings=FitSettings(landmark_steps=20, coarse_steps=2, fine_steps=0))
+    summary = run_aggregate([str(album)], tmp_path / "out", options)
+    assert summary.albums[0].status == "ok" and summary.albums[0].faces_used == 3
+    assert "face-recognition embeddings" in summary.notes[0]

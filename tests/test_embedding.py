@@ -106,3 +106,11 @@ def test_offsets_make_turned_views_project_onto_the_detections(embedded):
         h = points @ projection[:, :3].T + projection[:, 3]
         errors.append(np.linalg.norm(h[:, :2] / h[:, 2:] - detected, axis=1)[inner].mean())
     assert errors[0] < 0.9 * errors[1], errors
+
+
+def test_numpy_landmark_helper_matches_the_fit_definition(embedded):
+    from facerecon.evaluation.aflw2000 import landmark_points68
+
+    vertices = embedded.mean_shape + 3.0 * embedded.identity_basis[0]
+    expected = FaceModelTensors(embedded).double().landmark_points(torch.as_tensor(vertices, dtype=torch.float64)[None])
+    np.testing.assert_allclose(landmark_points68(embedded, vertices), expected[0].numpy(), atol=1e-6)

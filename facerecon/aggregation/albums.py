@@ -10,11 +10,18 @@ from facerecon.io.images import IMAGE_EXTENSIONS, collect_inputs
 
 @dataclass
 class Album:
-    """One identity: a name and its photos as ``(path, key)`` pairs."""
+    """One identity: a name and its photos as ``(path, key)`` pairs, or, for an album taken
+    from a detections file, that file and the keys of its images."""
 
     name: str
     folder: Path
     photos: list[tuple[Path, str]] = field(default_factory=list)
+    detections: Path | None = None
+    keys: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.keys) if self.detections is not None else len(self.photos)
 
 
 def _direct_images(folder: Path) -> list[Path]:
@@ -22,19 +29,50 @@ def _direct_images(folder: Path) -> list[Path]:
                   and not p.name.startswith("."))
 
 
+def albums_in_detections(path: Path) -> list[Album]:
+    """Albums of a detections file: images grouped by the first folder of their key (the
+    sub-folder of the detected folder, i.e. one identity per sub-folder); keys without a
+    folder form one album named after the file."""
+    from facerecon.stages.detect import ITEMS_GROUP
+    from facerecon.io.store import read_index
+
+    groups: dict[str, list[str]] = {}
+    for key in sorted(read_index(path, ITEMS_GROUP)):
+        parts = key.split("/")
+        groups.setdefault(parts[0] if len(parts) > 1 else path.stem, []).append(key)
+    return [Album(name, path.parent, detections=path, keys=keys) for name, keys in sorted(groups.items())]
+
+
 def find_albums(inputs: list[str]) -> tuple[list[Album], list[tuple[str, str]]]:
-    """Albums from folder arguments, and ``(argument, reason)`` for arguments that give none.
+    """Albums from folder or detections-file arguments, and ``(argument, reason)`` for
+    arguments that give none.
 
     A folder holding image files is one album named after the folder (its sub-folders
     included). A folder holding only sub-folders is a parent: each sub-folder with images is
-    one album (one identity per sub-folder).
+    one album (one identity per sub-folder). A detections ``.h5`` (``facerecon detect``) gives
+    one album per first-level sub-folder of its keys (:func:`albums_in_detections`).
     """
     albums: list[Album] = []
     problems: list[tuple[str, str]] = []
     for argument in inputs:
         folder = Path(argument).expanduser()
+        if folder.is_file() and folder.suffix.lower() in (".h5", ".hdf5"):
+            from facerecon.stages.fit import check_detections_file
+
+            try:
+                check_detections_file(folder)
+                found = albums_in_detections(folder)
+            except (ValueError, OSError) as exc:
+                problems.append((argument, str(exc)))
+                continue
+            if found:
+                albums += found
+            else:
+                problems.append((argument, "no images in this detections file"))
+            continue
         if not folder.is_dir():
-            problems.append((argument, "not a folder (an album is a folder of one person's photos)"))
+            problems.append((argument, "not a folder or detections file (an album is a folder of one "
+                                       "person's photos)"))
             continue
         if _direct_images(folder):
             groups = [folder]

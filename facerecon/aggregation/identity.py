@@ -21,13 +21,14 @@ def shape_distances(shapes: np.ndarray) -> np.ndarray:
     return np.sqrt(d2 / shapes.shape[1])
 
 
-def consistent_faces(distances: np.ndarray, photo_of_face: list[int], min_threshold_mm: float = 2.5,
+def consistent_faces(distances: np.ndarray, photo_of_face: list[int], min_threshold: float = 2.5,
                      spread: float = 2.0) -> tuple[np.ndarray, int, float]:
     """Which faces show the album's person.
 
     The reference is the face with the smallest median distance to the others (the
     medoid). A face is kept when its distance to the reference is at most
-    ``max(min_threshold_mm, spread * median distance of all faces to the reference)``;
+    ``max(min_threshold, spread * median distance of all faces to the reference)`` (the
+    default suits identity-shape distances in mm);
     of several faces in one photo only the closest can be kept.
 
     Returns:
@@ -39,7 +40,7 @@ def consistent_faces(distances: np.ndarray, photo_of_face: list[int], min_thresh
     off_diagonal = np.where(np.eye(n, dtype=bool), np.nan, distances)
     reference = int(np.argmin(np.nanmedian(off_diagonal, axis=1)))
     to_ref = distances[reference]
-    threshold = max(min_threshold_mm, spread * float(np.median(np.delete(to_ref, reference))))
+    threshold = max(min_threshold, spread * float(np.median(np.delete(to_ref, reference))))
     keep = to_ref <= threshold
     for photo in set(photo_of_face):
         faces = [i for i, p in enumerate(photo_of_face) if p == photo and keep[i]]
@@ -55,3 +56,9 @@ def robust_photo_weights(residuals: np.ndarray, factor: float = 1.5) -> np.ndarr
     median = float(np.median(residuals))
     limit = factor * max(median, 1e-12)
     return np.where(residuals <= limit, 1.0, limit / np.maximum(residuals, 1e-12))
+
+
+def embedding_distances(embeddings: np.ndarray) -> np.ndarray:
+    """Pairwise cosine distances (F, F) in [0, 2] between face-recognition embeddings (F, D)."""
+    unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    return np.clip(1.0 - unit @ unit.T, 0.0, 2.0)

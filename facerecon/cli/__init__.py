@@ -17,6 +17,7 @@ def main() -> None:
       facerecon fit photos/ --out meshes/    # detect + fit + textured meshes
       facerecon detect photos/ --out det.h5  # faces, landmarks, crops, masks only
       facerecon export meshes/fits.h5 --out glb/ --format glb --neutral
+      facerecon aggregate album/ --out person/  # one identity from many photos
       facerecon model list                   # face models available
       facerecon evaluate rendered --out eval/  # accuracy by yaw on rendered faces
       facerecon synth --out synth/ --count 1000 --views 4
@@ -30,6 +31,7 @@ def main() -> None:
 
 def _register() -> None:
     # Each command lives in its own module.
+    from facerecon.cli.aggregate import aggregate
     from facerecon.cli.detect import detect
     from facerecon.cli.evaluate import evaluate
     from facerecon.cli.export import export
@@ -38,7 +40,7 @@ def _register() -> None:
     from facerecon.cli.synth import synth
     from facerecon.cli.train import train
 
-    for command in (model, detect, fit, export, evaluate, synth, train):
+    for command in (model, detect, fit, export, aggregate, evaluate, synth, train):
         main.add_command(command)
 
 

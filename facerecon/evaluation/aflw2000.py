@@ -96,17 +96,23 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def landmark_points68(model, vertices: np.ndarray) -> np.ndarray:
     """The 68 landmarks (68, 3) of a mesh (N, 3) of ``model``, with the definition the fit
-    uses (:meth:`FaceModelTensors.landmark_points`): the dense embedding's surface points that
-    make up the detector's 68-point subset when the model has an embedding, otherwise the
-    model's 68 landmark vertices."""
+    uses (:meth:`FaceModelTensors.landmark_points`: the dense embedding's points, offsets
+    included, that make up the detector's 68-point subset when the model has an embedding,
+    otherwise the model's 68 landmark vertices)."""
+    import torch
+
+    from facerecon.detection.landmarks import IBUG68_FROM_MP478
+    from facerecon.facemodel.tensors import embedded_points
+
     vertices = np.asarray(vertices, dtype=np.float64)
     if getattr(model, "dense_triangle", None) is None:
         return vertices[np.asarray(model.landmarks68)]
-    from facerecon.detection.landmarks import IBUG68_FROM_MP478
-
-    corners = vertices[np.asarray(model.triangles)[np.asarray(model.dense_triangle)[IBUG68_FROM_MP478]]]  # (68,3,3)
-    weights = np.asarray(model.dense_barycentric, dtype=np.float64)[IBUG68_FROM_MP478]  # (68, 3)
-    return (corners * weights[..., None]).sum(axis=1)
+    index = np.asarray(IBUG68_FROM_MP478)
+    offset = None if model.dense_offset is None else torch.as_tensor(model.dense_offset[index], dtype=torch.float64)
+    points = embedded_points(torch.as_tensor(vertices)[None],
+                             torch.as_tensor(np.asarray(model.triangles)[model.dense_triangle[index]]),
+                             torch.as_tensor(model.dense_barycentric[index], dtype=torch.float64), offset)
+    return points[0].numpy()
 
 
 def project_to_photo(points_camera: np.ndarray, intrinsics: np.ndarray, align_matrix: np.ndarray) -> np.ndarray:
@@ -305,6 +311,53 @@ def _reason_for(key: str, attrs: dict | None, fit_summary) -> str:
     return f"fit failed: {error.splitlines()[0]}"
 
 
+def _fitted_faces(results, key: str) -> tuple[dict | None, list[dict]]:
+    """A fitted image's attributes and, per face, the arrays the landmarks need
+    (``vertices_camera``, ``intrinsics``, ``align_matrix``) and the face's attributes."""
+    from facerecon.io.store import attrs_dict
+
+    if key not in results:
+        return None, []
+    group = results[key]
+    faces = []
+    container = group.get("faces")
+    for name in sorted(container or {}, key=int):
+        g = container[name]
+        face = {k: g[k][()] for k in ("vertices_camera", "intrinsics", "align_matrix") if k in g}
+        face["attrs"] = attrs_dict(g)
+        faces.append(face)
+    return attrs_dict(group), faces
+
+
+def _score_row(row: dict, key: str, truth: Annotation, status: str | None, attrs: dict | None, faces: list[dict],
+               fit_summary, model, detector: dict[tuple[str, int], np.ndarray]) -> None:
+    """Fill one image's row from its fit: the face matching the annotation and its NME."""
+    from facerecon.stages.fit import STATUS_SKIPPED
+
+    # the stored fit counts only when this run fitted it or found it done with the same settings
+    current = status in ("ok", STATUS_SKIPPED, "no_face")
+    if attrs is None or not current or attrs.get("status") != "ok":
+        row["reason"] = _reason_for(key, attrs if current else None, fit_summary)
+        return
+    row["resumed"] = status == STATUS_SKIPPED
+    row["faces_fitted"] = sum(1 for f in faces if f["attrs"].get("status") == "ok")
+    choice, points, iou = score_faces(faces, truth.landmarks, model)
+    if choice is None:
+        row["reason"] = "no fitted face with finite landmarks"
+        return
+    face_index = int(faces[choice]["attrs"].get("index", choice))
+    row["box_iou"], row["face"] = round(iou, 4), face_index
+    if iou < MIN_BOX_IOU:
+        row["reason"] = (f"no reconstructed face overlaps the annotated face (best landmark-box IoU "
+                         f"{iou:.2f} < {MIN_BOX_IOU})")
+        return
+    row["status"] = STATUS_OK
+    row["nme_percent"] = 100.0 * nme(points, truth.landmarks)
+    detected = detector.get((key, face_index))
+    if detected is not None and detected.shape == (68, 2):
+        row["detector_nme_percent"] = 100.0 * nme(detected, truth.landmarks)
+
+
 def run_aflw2000(root: str | Path, out_dir: str | Path, options: AflwOptions | None = None, progress=None,
                  detect_progress=None, should_stop: Callable[[], bool] | None = None) -> AflwResult:
     """Reconstruct and score every annotated image under ``root``; writes aflw2000_results.json,
@@ -315,7 +368,8 @@ def run_aflw2000(root: str | Path, out_dir: str | Path, options: AflwOptions | N
     interrupted run scores what is fitted and reports ``interrupted``).
     """
     from facerecon.facemodel.resolve import resolve_face_model
-    from facerecon.stages.fit import STATUS_SKIPPED, FitOptions, pick_device, read_fits, run_fit
+    from facerecon.io.store import open_results
+    from facerecon.stages.fit import FitOptions, pick_device, run_fit
 
     options = options or AflwOptions()
     out_dir = Path(out_dir)
@@ -365,43 +419,11 @@ def run_aflw2000(root: str | Path, out_dir: str | Path, options: AflwOptions | N
 
     by_key = {row["image"]: row for row in rows}
     if fit_summary is not None:
-        wanted = set(truths)
-        fitted: dict[str, tuple[dict, list[dict]]] = {}
-        fits_path = fit_dir / "fits.h5"
-        if fits_path.is_file():
-            for key, attrs, faces in read_fits(fits_path):
-                if key in wanted:
-                    fitted[key] = (attrs, faces)
-        detector = _detector_landmarks(fit_dir / "detections.h5", wanted)
-        for key in truths:
-            row = by_key[key]
-            status = fit_summary.images.get(key)
-            attrs, faces = fitted.get(key, (None, []))
-            # the stored fit counts only when this run fitted it or found it done with the same settings
-            current = status in ("ok", STATUS_SKIPPED, "no_face")
-            if attrs is None or not current or attrs.get("status") != "ok":
-                row["reason"] = _reason_for(key, attrs if current else None, fit_summary)
-                continue
-            row["resumed"] = status == STATUS_SKIPPED
-            truth = truths[key].landmarks
-            ok_faces = [f for f in faces if f.get("attrs", {}).get("status") == "ok"]
-            row["faces_fitted"] = len(ok_faces)
-            choice, points, iou = score_faces(faces, truth, model)
-            if choice is None:
-                row["reason"] = "no fitted face with finite landmarks"
-                continue
-            row["box_iou"] = round(iou, 4)
-            face_index = int(faces[choice]["attrs"].get("index", choice))
-            row["face"] = face_index
-            if iou < MIN_BOX_IOU:
-                row["reason"] = (f"no reconstructed face overlaps the annotated face (best landmark-box IoU "
-                                 f"{iou:.2f} < {MIN_BOX_IOU})")
-                continue
-            row["status"] = STATUS_OK
-            row["nme_percent"] = 100.0 * nme(points, truth)
-            detected = detector.get((key, face_index))
-            if detected is not None and detected.shape == (68, 2):
-                row["detector_nme_percent"] = 100.0 * nme(detected, truth)
+        detector = _detector_landmarks(fit_dir / "detections.h5", set(truths))
+        with open_results(fit_dir / "fits.h5", "images") as results:
+            for key in truths:
+                _score_row(by_key[key], key, truths[key], fit_summary.images.get(key),
+                           *_fitted_faces(results, key), fit_summary, model, detector)
 
     by_yaw = aggregate(rows)
     ok = [r for r in rows if r["status"] == STATUS_OK]

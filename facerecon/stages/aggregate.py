@@ -1,13 +1,18 @@
 """The ``aggregate`` stage: one neutral identity per album (a person's photo set).
 
-Per album: detect every photo (``DIR/<album>/detections.h5``), fit each face alone, drop
-faces that are not the album's person (identity-shape consistency with the medoid face;
-of several faces in one photo at most one is kept), then aggregate:
+Per album: detect every photo (``DIR/<album>/detections.h5``; albums taken from a
+detections file use it directly), fit each face alone, drop faces that are not the album's
+person (of several faces in one photo at most one is kept; with face-recognition weights the
+check compares recognition embeddings, otherwise identity shapes), then aggregate:
 
 * ``mean``: the average of the per-photo identity coefficients (paper 000 table 5 baseline);
 * ``joint``: one identity shared by all photos with per-photo expression, albedo, light and
-  pose, optimised together with the fit's hybrid loss; photos whose residual is an outlier
-  (above 1.5x the median) are down-weighted and the fit is repeated (robust reweighting).
+  pose, optimised together with the fit's hybrid loss, starting from each photo's
+  landmark-stage fit; photos whose residual is an outlier (above 1.5x the median) are
+  down-weighted and the photometric stages are repeated at half length (robust reweighting).
+
+Albums already in ``DIR/aggregate.h5`` with the same photos, method and settings are skipped
+(``overwrite`` redoes them).
 
 Outputs: ``DIR/<album>/<album>_neutral.{obj,ply,glb}`` with a texture merged from the
 photos (each texel from the photos that see it most squarely), ``DIR/<album>/contact_sheet.png``
@@ -16,6 +21,8 @@ and the coefficients, per-photo confidences and exclusions in ``DIR/aggregate.h5
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -28,7 +35,8 @@ import torch
 
 from facerecon import __version__
 from facerecon.aggregation.albums import Album, find_albums
-from facerecon.aggregation.identity import consistent_faces, neutral_shapes, robust_photo_weights, shape_distances
+from facerecon.aggregation.identity import (consistent_faces, embedding_distances, neutral_shapes, robust_photo_weights,
+                                            shape_distances)
 from facerecon.detection.align import invert_affine
 from facerecon.export.meshio import TexturedMesh, write_mesh, write_png
 from facerecon.export.overlay import contact_sheet
@@ -37,7 +45,7 @@ from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import crop_intrinsics, model_to_camera
 from facerecon.fitting.optimize import FaceFitter, FitSettings
-from facerecon.io.store import ResultStore
+from facerecon.io.store import ResultStore, read_index
 from facerecon.render.renderer import MeshRenderer
 from facerecon.stages import detect as detect_stage
 from facerecon.stages.fit import _PendingFace, _PhotoCache, _targets, pick_device
@@ -56,13 +64,15 @@ class AggregateOptions:
     formats: list[str] = field(default_factory=lambda: ["obj", "ply"])
     texture_size: int = 1024
     batch_size: int = 16
+    overwrite: bool = False
+    recognition_weights: str | None = None
     settings: FitSettings = field(default_factory=FitSettings)
 
 
 @dataclass
 class AlbumOutcome:
     name: str
-    status: str  # ok | failed
+    status: str  # ok | failed | skipped (already done)
     photos: int = 0
     faces_used: int = 0
     excluded: list[tuple[str, str]] = field(default_factory=list)
@@ -82,16 +92,20 @@ class AggregateSummary:
     interrupted: bool = False
     elapsed: float = 0.0
 
+    notes: list[str] = field(default_factory=list)
+
     @property
     def exit_code(self) -> int:
         if self.interrupted:
             return 130
-        return 0 if any(a.status == "ok" for a in self.albums) else 1
+        return 0 if any(a.status in ("ok", "skipped") for a in self.albums) else 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "output": self.output, "method": self.method, "albums": len(self.albums),
             "albums_ok": sum(a.status == "ok" for a in self.albums),
+            "albums_skipped": sum(a.status == "skipped" for a in self.albums),
+            "albums_failed": sum(a.status == "failed" for a in self.albums), "notes": self.notes,
             "problems": [{"input": i, "reason": r} for i, r in self.problems],
             "elapsed_seconds": round(self.elapsed, 3), "interrupted": self.interrupted, "exit_code": self.exit_code,
             "identities": [{
@@ -102,9 +116,12 @@ class AggregateSummary:
         }
 
 
-def _album_faces(detections: Path, outcome: AlbumOutcome) -> list[_PendingFace]:
+def _album_faces(detections: Path, outcome: AlbumOutcome, keys: list[str] | None = None) -> list[_PendingFace]:
     faces = []
+    wanted = None if keys is None else set(keys)
     for key, attrs, stored in detect_stage.iter_detections(detections):
+        if wanted is not None and key not in wanted:
+            continue
         status = attrs.get("status")
         if status == detect_stage.STATUS_OK:
             faces += [_PendingFace(key, attrs, f) for f in stored]
@@ -122,21 +139,56 @@ def _fit_in_batches(fitter: FaceFitter, faces: list[_PendingFace], batch_size: i
         np.concatenate([r.failed for r in results])
 
 
-def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensors, fitter: FaceFitter,
-                    options: AggregateOptions, store: ResultStore, should_stop=None) -> AlbumOutcome:
+@dataclass
+class _Fitters:
+    full: FaceFitter  # single-photo fits for `mean`, first joint pass
+    landmarks: FaceFitter  # landmark stage only: the start of a joint fit
+    refine: FaceFitter  # half-length photometric stages: the reweighted joint pass
+    recognizer: Any = None  # PerceptualLoss holding the user's face-recognition network, or None
+
+
+def _identity_check(faces: list[_PendingFace], usable: list[int], single: dict[str, np.ndarray], model,
+                    fitters: _Fitters, device) -> tuple[np.ndarray, np.ndarray, float, str]:
+    """Distances between usable faces (F, F), the keep mask, the threshold and the unit."""
+    photo_of_face = [hash(faces[i].key) for i in usable]
+    if fitters.recognizer is not None:
+        from facerecon.losses.perceptual import five_points, similarity_to_template
+        from facerecon.networks.iresnet import ARCFACE_TEMPLATE_112
+
+        targets = _targets([faces[i] for i in usable], device)
+        matrix = similarity_to_template(five_points(targets.landmarks68), ARCFACE_TEMPLATE_112.to(device))
+        with torch.no_grad():
+            embeddings = fitters.recognizer.embed(targets.crops, matrix).cpu().numpy()
+        distances = embedding_distances(embeddings)
+        keep, reference, threshold = consistent_faces(distances, photo_of_face, min_threshold=0.6, spread=2.0)
+        return distances[reference], keep, threshold, "cosine distance of face-recognition embeddings"
+    shapes = neutral_shapes(single["identity"][usable], model.mean_shape, model.identity_basis,
+                            model.regions["photometric"])
+    distances = shape_distances(shapes)
+    keep, reference, threshold = consistent_faces(distances, photo_of_face)
+    return distances[reference], keep, threshold, "mm RMS identity-shape distance"
+
+
+def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensors, fitters: _Fitters,
+                    options: AggregateOptions, store: ResultStore, digest: str = "",
+                    should_stop=None) -> AlbumOutcome:
     """Detect, fit, check and aggregate one album; writes its files and store item."""
     started = time.perf_counter()
     device = tensors.mean_shape.device
-    outcome = AlbumOutcome(album.name, "failed", photos=len(album.photos))
+    outcome = AlbumOutcome(album.name, "failed", photos=album.size)
     folder = out_dir / album.name
     folder.mkdir(parents=True, exist_ok=True)
-    detect_stage.run_detect([str(album.folder)], folder / "detections.h5", should_stop=should_stop)
-    faces = _album_faces(folder / "detections.h5", outcome)
+    if album.detections is None:
+        detect_stage.run_detect([str(album.folder)], folder / "detections.h5", should_stop=should_stop)
+        faces = _album_faces(folder / "detections.h5", outcome)
+    else:
+        faces = _album_faces(album.detections, outcome, album.keys)
     if not faces:
         outcome.reason = "no face found in any photo"
         return outcome
-    # 1. every face alone
-    single, failed = _fit_in_batches(fitter, faces, options.batch_size, device)
+    # 1. every face alone (the landmark stage only when the joint fit takes over from there)
+    single_fitter = fitters.full if options.method == "mean" else fitters.landmarks
+    single, failed = _fit_in_batches(single_fitter, faces, options.batch_size, device)
     for i in np.flatnonzero(failed):
         outcome.failures.append((f"{faces[i].key}#{faces[i].face.index}", "single-photo fit failed"))
     usable = [i for i in range(len(faces)) if not failed[i]]
@@ -144,17 +196,12 @@ def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensor
         outcome.reason = "no face could be fitted"
         return outcome
     # 2. who is the album's person
-    region = model.regions["photometric"]
-    shapes = neutral_shapes(single["identity"][usable], model.mean_shape, model.identity_basis, region)
-    photo_of_face = [hash(faces[i].key) for i in usable]
-    keep, reference, threshold = consistent_faces(shape_distances(shapes), photo_of_face)
+    distances, keep, threshold, unit = _identity_check(faces, usable, single, model, fitters, device)
     kept = [usable[j] for j in range(len(usable)) if keep[j]]
-    distances = shape_distances(shapes)[reference]
     for j, i in enumerate(usable):
         if not keep[j]:
             outcome.excluded.append((f"{faces[i].key}#{faces[i].face.index}",
-                                     f"identity differs from the album's person ({distances[j]:.1f} mm RMS, "
-                                     f"threshold {threshold:.1f} mm)"))
+                                     f"not the album's person: {unit} {distances[j]:.2f} > {threshold:.2f}"))
     kept_faces = [faces[i] for i in kept]
     init = {n: torch.as_tensor(v[kept]) for n, v in single.items()}
     # 3. aggregate
@@ -164,13 +211,18 @@ def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensor
         params = {n: v[kept] for n, v in single.items()}
     else:
         targets = _targets(kept_faces, device)
-        first = fitter.fit(targets, shared_identity=True, init=init)
-        residual = first.losses["photometric"] + fitter.settings.weights["landmark"] * first.losses["landmark"]
+        first = fitters.full.fit(targets, shared_identity=True, init=init, should_stop=should_stop)
+        residual = first.losses["photometric"] + fitters.full.settings.weights["landmark"] * first.losses["landmark"]
         confidences = robust_photo_weights(residual)
-        second = fitter.fit(targets, shared_identity=True, init={n: torch.as_tensor(v) for n, v in
-                                                                 first.parameters.items()},
-                            face_weights=torch.as_tensor(confidences))
-        params = second.parameters
+        result = first
+        if (confidences < 1).any():
+            result = fitters.refine.fit(targets, shared_identity=True, face_weights=torch.as_tensor(confidences),
+                                        init={n: torch.as_tensor(v) for n, v in first.parameters.items()},
+                                        should_stop=should_stop)
+        if result.stopped:
+            outcome.reason = "interrupted"
+            return outcome
+        params = result.parameters
         identity = params["identity"][0]
     outcome.confidences = {f"{f.key}#{f.face.index}": round(float(c), 4) for f, c in zip(kept_faces, confidences)}
     outcome.faces_used = len(kept)
@@ -183,9 +235,9 @@ def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensor
     sheet = folder / "contact_sheet.png"
     write_png(sheet, contact_sheet(tiles, columns=min(len(tiles), 6)))
     outcome.files.append(str(sheet))
-    _store_album(store, album, outcome, identity, single, faces, usable, keep, options)
     outcome.status = "ok"
     outcome.seconds = time.perf_counter() - started
+    _store_album(store, album, outcome, identity, single, faces, usable, keep, options, digest)
     return outcome
 
 
@@ -251,7 +303,7 @@ def _three_views(tensors: FaceModelTensors, neutral: torch.Tensor, albedo: torch
 
 def _store_album(store: ResultStore, album: Album, outcome: AlbumOutcome, identity: np.ndarray,
                  single: dict, faces: list[_PendingFace], usable: list[int], keep: np.ndarray,
-                 options: AggregateOptions) -> None:
+                 options: AggregateOptions, digest: str) -> None:
     import h5py
 
     def write(group: h5py.Group) -> None:
@@ -266,8 +318,53 @@ def _store_album(store: ResultStore, album: Album, outcome: AlbumOutcome, identi
     store.write_item(album.name, write, {
         "status": "ok", "method": options.method, "folder": str(album.folder.resolve()),
         "excluded": json.dumps(outcome.excluded), "failures": json.dumps(outcome.failures),
-        "faces_used": outcome.faces_used, "tool_version": __version__,
+        "faces_used": outcome.faces_used, "photos": outcome.photos, "files": json.dumps(outcome.files),
+        "seconds": outcome.seconds, "inputs_digest": digest, "tool_version": __version__,
     })
+
+
+def album_digest(album: Album, options: AggregateOptions, model_id: str) -> str:
+    """What an album's result depends on: its photos (name, size, modification time; or the
+    detections' content hashes), the method, the fit settings and the face model."""
+    if album.detections is not None:
+        index = read_index(album.detections, detect_stage.ITEMS_GROUP)
+        photos = [(key, index.get(key, {}).get("sha256", "")) for key in album.keys]
+    else:
+        photos = []
+        for path, key in album.photos:
+            try:
+                stat = path.stat()
+                photos.append((key, stat.st_size, stat.st_mtime_ns))
+            except OSError:
+                photos.append((key, None, None))
+    settings = {"method": options.method, "fit": options.settings.to_dict(), "model_id": model_id,
+                "recognition": bool(options.recognition_weights), "texture_size": options.texture_size,
+                "formats": sorted(options.formats), "photos": photos}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _fitters(tensors: FaceModelTensors, model, options: AggregateOptions, device) -> _Fitters:
+    oval = None
+    if model.dense_triangle is not None:
+        from facerecon.facemodel.embedding import face_oval_indices
+
+        oval = face_oval_indices()
+    settings = options.settings
+    recognizer = None
+    if options.recognition_weights:
+        from facerecon.losses.perceptual import PerceptualLoss
+        from facerecon.networks.iresnet import load_iresnet
+
+        recognizer = PerceptualLoss(load_iresnet(options.recognition_weights, device))
+    return _Fitters(
+        full=FaceFitter(tensors, model.regions, settings, oval_indices=oval, perceptual=recognizer),
+        landmarks=FaceFitter(tensors, model.regions, dataclasses.replace(settings, coarse_steps=0, fine_steps=0),
+                             oval_indices=oval),
+        refine=FaceFitter(tensors, model.regions,
+                          dataclasses.replace(settings, coarse_steps=(settings.coarse_steps + 1) // 2,
+                                              fine_steps=(settings.fine_steps + 1) // 2),
+                          oval_indices=oval, perceptual=recognizer),
+        recognizer=recognizer)
 
 
 def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: AggregateOptions | None = None,
@@ -287,15 +384,14 @@ def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: Aggreg
     model = resolve_face_model(options.face_model, options.allow_download)
     device = pick_device(options.device)
     tensors = FaceModelTensors(model).to(device)
-    oval = None
-    if model.dense_triangle is not None:
-        from facerecon.facemodel.embedding import face_oval_indices
-
-        oval = face_oval_indices()
-    fitter = FaceFitter(tensors, model.regions, options.settings, oval_indices=oval)
+    fitters = _fitters(tensors, model, options, device)
+    summary.notes.append("identity check: " + ("face-recognition embeddings" if fitters.recognizer is not None else
+                                               "identity shapes (pass --recognition-weights for a reliable check)"))
     if progress is not None:
         progress.start(len(albums))
-    with ResultStore(out_dir / "aggregate.h5", kind=KIND, items_group=ITEMS_GROUP,
+    store_path = out_dir / "aggregate.h5"
+    done = read_index(store_path, ITEMS_GROUP)
+    with ResultStore(store_path, kind=KIND, items_group=ITEMS_GROUP,
                      file_attrs={"tool": "facerecon", "tool_version": __version__, "model_id": model.model_id,
                                  "method": options.method}) as store:
         try:
@@ -303,11 +399,30 @@ def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: Aggreg
                 if should_stop is not None and should_stop():
                     summary.interrupted = True
                     break
-                summary.albums.append(aggregate_album(album, out_dir, model, tensors, fitter, options, store,
-                                                      should_stop))
+                digest = album_digest(album, options, model.model_id)
+                previous = done.get(album.name)
+                if not options.overwrite and previous and previous.get("status") == "ok" and \
+                        previous.get("inputs_digest") == digest:
+                    summary.albums.append(_skipped_outcome(album, previous))
+                else:
+                    summary.albums.append(aggregate_album(album, out_dir, model, tensors, fitters, options, store,
+                                                          digest, should_stop))
+                    if summary.albums[-1].reason == "interrupted":
+                        summary.interrupted = True
+                        break
                 if progress is not None:
                     progress.advance()
         except KeyboardInterrupt:
             summary.interrupted = True
     summary.elapsed = time.perf_counter() - started
     return summary
+
+
+def _skipped_outcome(album: Album, attrs: dict[str, Any]) -> AlbumOutcome:
+    """An album finished by an earlier run with the same inputs, as that run reported it."""
+    outcome = AlbumOutcome(album.name, "skipped", photos=int(attrs.get("photos", album.size)),
+                           faces_used=int(attrs.get("faces_used", 0)), reason="already done")
+    outcome.excluded = [tuple(x) for x in json.loads(attrs.get("excluded", "[]"))]
+    outcome.failures = [tuple(x) for x in json.loads(attrs.get("failures", "[]"))]
+    outcome.files = json.loads(attrs.get("files", "[]"))
+    return outcome

@@ -1,0 +1,128 @@
+"""``facerecon aggregate``: one neutral 3D identity per photo album."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from facerecon.cli.common import (StageProgress, fail_run, graceful_stop, print_json, problems_table,
+                                  stderr_console, summary_table)
+from facerecon.cli.fit import face_model_options
+
+
+@click.command()
+@click.argument("albums", nargs=-1, required=True)
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: aggregate.h5 and one sub-folder per identity.")
+@click.option("--method", type=click.Choice(["joint", "mean"]), default="joint", show_default=True,
+              help="joint: one identity optimised over all photos, outlier photos down-weighted; "
+                   "mean: average of the single-photo identities (paper 000 baseline).")
+@face_model_options
+@click.option("--format", "formats", default="obj,ply", show_default=True,
+              help="Mesh formats, comma-separated: obj (with MTL + texture PNG), ply, glb.")
+@click.option("--recognition-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="ArcFace IR-ResNet backbone.pth you own: checks who is the album's person with face "
+                   "recognition (reliable) and turns on the perceptual loss.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True,
+              help="Faces fitted together in the single-photo fits.")
+@click.option("--texture-size", type=click.IntRange(64, 8192), default=1024, show_default=True,
+              help="Side of the merged UV texture PNG.")
+@click.option("--steps", type=(click.IntRange(0), click.IntRange(0), click.IntRange(0)), default=(120, 100, 25),
+              show_default=True, metavar="LANDMARK COARSE FINE",
+              help="Iterations of the three fitting stages (landmarks; photometric at 112 px; at crop size).")
+@click.option("--overwrite", is_flag=True, help="Redo albums already in aggregate.h5 (default: skip them).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary table.")
+def aggregate(albums: tuple[str, ...], out_dir: Path, method: str, face_model: str | None, no_download: bool,
+              formats: str, recognition_weights: str | None, device: str, batch_size: int, texture_size: int,
+              steps: tuple[int, int, int], overwrite: bool, as_json: bool, quiet: bool) -> None:
+    """Build one neutral, textured 3D face per person from a photo album.
+
+    \b
+    ALBUMS are folders of one person's photos, or parent folders whose
+    sub-folders are people (one identity per sub-folder), or detections .h5
+    files from `facerecon detect` (images grouped by their first sub-folder).
+    Faces that are not the album's person (a second face in a group photo, a
+    stranger) are excluded and reported; unreadable photos are reported and
+    skipped.
+
+    \b
+    Outputs in OUT/<album>/: <album>_neutral.obj|.mtl|_texture.png|.ply|.glb
+    (texture merged from the photos that see each part best),
+    contact_sheet.png (photos by confidence + the result from three views),
+    detections.h5; OUT/aggregate.h5 holds the identity coefficients,
+    per-photo identities, confidences and exclusions (docs/formats.md).
+
+    \b
+    Exit codes: 0 at least one album done (or already done); 1 none could be
+    done; 2 usage error; 130 interrupted (finished albums are kept; rerun to
+    resume).
+
+    \b
+    Examples:
+      facerecon aggregate album/ --out person/
+      facerecon aggregate people/ --out ids/ --method mean --format obj,glb --json
+      facerecon aggregate det.h5 --out ids/ --recognition-weights backbone.pth
+    """
+    from facerecon.export.meshio import parse_formats
+    from facerecon.facemodel.model import FaceModelError
+    from facerecon.fitting.optimize import FitSettings
+    from facerecon.io.store import StoreError
+    from facerecon.stages.aggregate import AggregateOptions, run_aggregate
+
+    try:
+        format_list = parse_formats(formats)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--format") from None
+    settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2])
+    options = AggregateOptions(face_model=face_model, allow_download=False if no_download else None, device=device,
+                               method=method, formats=format_list, texture_size=texture_size, batch_size=batch_size,
+                               overwrite=overwrite, recognition_weights=recognition_weights, settings=settings)
+    console = stderr_console(quiet=quiet)
+    try:
+        with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:
+            summary = run_aggregate(list(albums), out_dir, options, progress=progress.stage("aggregate", "album"),
+                                    should_stop=stop)
+    except (FaceModelError, StoreError, ValueError, OSError) as exc:
+        fail_run(str(exc), out_dir, as_json)
+    data = summary.to_dict()
+    if not quiet:
+        for note in data["notes"]:
+            console.print(f"note: {note}")
+        _print_summary(console, data)
+    if summary.interrupted:
+        click.echo(f"interrupted: finished albums are saved in {data['output']}; run the same command to resume",
+                   err=True)
+    if as_json:
+        print_json(data)
+    if summary.exit_code:
+        raise SystemExit(summary.exit_code)
+
+
+def _print_summary(console, data: dict) -> None:
+    rows = [(a["name"], f"{a['status']}" + (f" ({a['reason']})" if a["reason"] else ""),
+             f"{a['faces_used']}/{a['photos']}", str(len(a["excluded"])), str(len(a["failures"])),
+             f"{a['seconds']:.1f} s" if a["status"] == "ok" else "-") for a in data["identities"]]
+    from rich.table import Table
+
+    table = Table(title=f"aggregate summary ({data['method']})")
+    for column in ("album", "status", "faces used / photos", "excluded", "failed photos", "time"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(summary_table("totals", [("albums done", data["albums_ok"]),
+                                           ("  already done (skipped)", data["albums_skipped"]),
+                                           ("  failed", data["albums_failed"]),
+                                           ("time", f"{data['elapsed_seconds']:.1f} s"),
+                                           ("output", data["output"])]))
+    problems = [(p["input"], p["reason"]) for p in data["problems"]]
+    for a in data["identities"]:
+        problems += [(f"{a['name']}: {e['face']}", f"excluded: {e['reason']}") for e in a["excluded"]]
+        problems += [(f"{a['name']}: {f['photo']}", f["reason"]) for f in a["failures"]]
+        if a["status"] == "failed":
+            problems.append((a["name"], a["reason"]))
+    if problems:
+        console.print(problems_table("problems", problems))
