@@ -6,7 +6,8 @@
 Images/s of full training steps as ``facerecon train`` runs them (``Trainer.training_loss``:
 network forward, rendering at ``--render-size``, all paper-000 loss terms, with ``--views N``
 also the paper-001 multi-view terms over groups of N views of one face; backward, Adam) on
-synthetic crops with their true landmarks.
+synthetic crops with their true landmarks. Prints the mean over ``--steps`` steps after a warm-up
+and the best single step (less sensitive to other load on a shared machine).
 """
 
 from __future__ import annotations
@@ -74,20 +75,21 @@ def main() -> None:
         trainer.backward(loss)
 
     step()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
+    times = []
     for _ in range(args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - started
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    mean, best = sum(times) / len(times), min(times)
     terms = f"multiview(views={args.views})" if args.views else "paper000"
     print(f"device={device} threads={torch.get_num_threads()} network={args.architecture} batch={args.batch} "
           f"size={args.size} render={args.render_size} amp={args.amp} channels_last={args.channels_last} "
-          f"terms={terms}: {args.steps * args.batch / elapsed:.1f} training images/s "
-          f"({elapsed / args.steps * 1000:.0f} ms/step)")
-
+          f"terms={terms}: {args.batch / mean:.1f} training images/s ({mean * 1000:.0f} ms/step; best step "
+          f"{args.batch / best:.1f} images/s)")
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,6 @@ from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import camera_rotation, crop_intrinsics, model_to_camera
 from facerecon.losses import multiview as mv
 from facerecon.render.camera import project_points
-from facerecon.render.rasterize import rasterize
 from facerecon.render.renderer import MeshRenderer
 from facerecon.synthetic import random_parameters
 from facerecon.training.config import ConfigError, parse_config
@@ -199,6 +198,8 @@ def test_batch_plan_groups_views_and_is_deterministic():
     train, valid = split_validation(faces, 0.5)
     assert not ({g for g in train.groups if g} & {g for g in valid.groups if g})
     assert folder_group("d.h5", "alice/x/1.png") == "d.h5:alice/x" and folder_group("d.h5", "top.png") is None
+    assert folder_group("d.h5", "alice/1.png", "/data/a/alice/1.png") == "/data/a/alice"
+    assert folder_group("d.h5", "top.png", "/data/a/top.png") is None
 
 
 # --------------------------------------------------------------------------- config
@@ -280,6 +281,34 @@ def grouped_data(ict_model_file, tmp_path_factory):
     return _write_detections(root / "detections.h5", root / "synth", [(p.name, p) for p in images])
 
 
+def test_folder_and_synth_grouping_rules(grouped_data, tmp_path):
+    import shutil
+
+    synth_images = sorted((grouped_data.parent / "synth" / "images").glob("*.png"))
+    people = tmp_path / "people"
+    pairs = []
+    for image in synth_images[:6]:
+        target = people / f"person{image.name[5]}" / image.name  # 000000_0.png -> person0/
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, target)
+        pairs.append((target.relative_to(people).as_posix(), target))
+    loose = people / synth_images[6].name  # at the top of the input folder: no identity
+    shutil.copy(synth_images[6], loose)
+    pairs.append((loose.name, loose))
+    detections = _write_detections(tmp_path / "people.h5", grouped_data.parent / "synth", pairs)
+    faces = load_faces([detections], "folder")
+    by_key = dict(zip(faces.keys, faces.groups))
+    assert by_key[f"people.h5:{loose.name}#0"] is None
+    assert by_key["people.h5:person0/000000_0.png#0"] == by_key["people.h5:person0/000000_2.png#0"] == \
+        str(people / "person0")
+    assert len({g for g in faces.groups if g}) == 2
+    assert load_faces([detections], "none").groups is None
+    with pytest.raises(ValueError, match="no image is recorded in a synth.h5"):
+        load_faces([detections], "synth")  # copies outside the synth folder
+    synth = load_faces([grouped_data], "synth")
+    assert synth.groups[0] == f"{grouped_data.parent / 'synth' / 'synth.h5'}:0" and synth.groups[3] != synth.groups[0]
+
+
 def _grouped_config(data: Path, model_file, output: Path, steps: int = 4, extra: str = "") -> str:
     return f"""
 [data]
@@ -342,7 +371,7 @@ def test_grouped_training_logs_multiview_terms_and_resumes_exactly(grouped_data,
 
 
 def test_bf16_autocast_and_channels_last_train_on_cpu(grouped_data, ict_model_file, tmp_path):
-    config = parse_config(_grouped_config(grouped_data, ict_model_file, tmp_path / "amp", steps=2,
+    config = parse_config(_grouped_config(grouped_data, ict_model_file, tmp_path / "amp", steps=1,
                                           extra='amp = "bf16"\nchannels_last = "on"'))
     trainer = Trainer(config, torch.device("cpu"))
     assert trainer.amp_dtype == torch.bfloat16 and trainer.channels_last
@@ -353,7 +382,7 @@ def test_bf16_autocast_and_channels_last_train_on_cpu(grouped_data, ict_model_fi
     assert trainer.network.backbone.fc.weight.dtype == torch.float32  # master weights stay float32
     summary = trainer.run(faces, faces.subset(np.zeros(len(faces), bool)), resume=False)
     records = _records(config.output / "metrics.jsonl")
-    assert summary.steps_done == 2 and all(math.isfinite(r["loss"]) and math.isfinite(r["multiview_pixel"])
+    assert summary.steps_done == 1 and all(math.isfinite(r["loss"]) and math.isfinite(r["multiview_pixel"])
                                            for r in records)
 
 

@@ -94,11 +94,12 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
-def landmark_points68(model, vertices: np.ndarray) -> np.ndarray:
+def landmark_points68(model, vertices: np.ndarray, on_surface: bool = False) -> np.ndarray:
     """The 68 landmarks (68, 3) of a mesh (N, 3) of ``model``, with the definition the fit
     uses (:meth:`FaceModelTensors.landmark_points`: the dense embedding's points, offsets
     included, that make up the detector's 68-point subset when the model has an embedding,
-    otherwise the model's 68 landmark vertices)."""
+    otherwise the model's 68 landmark vertices). ``on_surface`` drops the offsets: the
+    surface points, for comparison with points picked on a scan's skin."""
     import torch
 
     from facerecon.detection.landmarks import IBUG68_FROM_MP478
@@ -108,7 +109,8 @@ def landmark_points68(model, vertices: np.ndarray) -> np.ndarray:
     if getattr(model, "dense_triangle", None) is None:
         return vertices[np.asarray(model.landmarks68)]
     index = np.asarray(IBUG68_FROM_MP478)
-    offset = None if model.dense_offset is None else torch.as_tensor(model.dense_offset[index], dtype=torch.float64)
+    offset = None if model.dense_offset is None or on_surface else \
+        torch.as_tensor(model.dense_offset[index], dtype=torch.float64)
     points = embedded_points(torch.as_tensor(vertices)[None],
                              torch.as_tensor(np.asarray(model.triangles)[model.dense_triangle[index]]),
                              torch.as_tensor(model.dense_barycentric[index], dtype=torch.float64), offset)

@@ -662,7 +662,7 @@ def _predict_and_score(entry: NowEntry, row: dict, results, fit_summary, model, 
     if neutral is None or not np.all(np.isfinite(neutral)):
         row["reason"] = _fit_reason(attrs, status if current else None, fit_summary, entry.key)
         return
-    landmarks = landmark_points68(model, neutral)[list(LANDMARK_INDICES68)]
+    landmarks = landmark_points68(model, neutral, on_surface=True)[list(LANDMARK_INDICES68)]
     write_prediction(obj_path, npy_path, neutral, triangles, landmarks)
     row.update(status=STATUS_PREDICTED, prediction=str(obj_path), landmarks=str(npy_path))
     if entry.subject not in ground_truth:

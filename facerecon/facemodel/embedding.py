@@ -19,6 +19,7 @@ surface from the frontal view only, with no offset.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import torch
@@ -183,7 +184,8 @@ def triangulate(points_xy: np.ndarray, projections: np.ndarray, outlier_factor: 
     reprojected = np.einsum("vij,pj->vpi", projections, homogeneous)
     error = np.linalg.norm(reprojected[..., :2] / reprojected[..., 2:] - xy, axis=2)
     error = np.where(seen, error, np.nan)
-    with np.errstate(invalid="ignore"):
+    with warnings.catch_warnings():  # points no view saw have an all-NaN column; they stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
         limit = np.maximum(outlier_factor * np.nanmedian(error, axis=0), 1.0)
     return solve(seen & (np.nan_to_num(error) <= limit))
 

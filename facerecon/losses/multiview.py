@@ -5,7 +5,7 @@ and a *source* view s are related by the relative pose of the two predicted head
 the camera convention of :mod:`facerecon.fitting.camera` (``v_cam = R X + t`` for canonical
 model points ``X``), a target camera-frame point maps to the source camera frame as
 ``v_s = R_rel v_t + t_rel`` with ``R_rel = R_s R_t^T`` and ``t_rel = t_s - R_rel t_t``
-(sec. 3.2 writes the same transform for its own pose convention).
+(sec. 3.2 gives the corresponding formula for its own pose convention).
 
 * covisible map (sec. 3.4): vertices visible in both views are *covisible points*, triangles
   with a covisible corner are *covisible triangles*, and a target pixel is covisible when the
@@ -316,7 +316,7 @@ def epipolar_loss(points_t: torch.Tensor, points_s: torch.Tensor, fundamental: t
 def multiview_losses(vertices_cam: torch.Tensor, triangles: torch.Tensor, images: torch.Tensor,
                      landmarks: torch.Tensor, rotation: torch.Tensor, translation: torch.Tensor,
                      intrinsics: torch.Tensor, views: int, render_size: int,
-                     landmark_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                     landmark_weights: torch.Tensor | None = None, rasterizer=None) -> dict[str, torch.Tensor]:
     """All paper-001 terms for a batch made of groups of ``views`` consecutive views of one face.
 
     Args:
@@ -327,6 +327,9 @@ def multiview_losses(vertices_cam: torch.Tensor, triangles: torch.Tensor, images
         rotation, translation: (B, 3, 3), (B, 3) predicted model-to-camera poses.
         intrinsics: (B, 3, 3) of the crops.
         views: views per group (B must be a multiple); render_size: side of the depth maps.
+        landmark_weights: (L,) weights of the epipolar term; None means 1 (as the paper).
+        rasterizer: ``(screen_vertices, triangles) -> Fragments`` at ``render_size``, e.g.
+            ``MeshRenderer(...).rasterize`` to use its backend; None: the torch rasterizer.
 
     Returns:
         dict of (P,) tensors over all ordered pairs (see :func:`view_pairs`): ``pixel`` (eq. 3),
@@ -339,7 +342,10 @@ def multiview_losses(vertices_cam: torch.Tensor, triangles: torch.Tensor, images
     size = images.shape[1]
     k_render = scale_intrinsics(intrinsics, render_size / size)
     screen = project_points(vertices_cam, k_render)
-    fragments = rasterize(screen, triangles, (render_size, render_size))
+    if rasterizer is None:
+        fragments = rasterize(screen, triangles, (render_size, render_size))
+    else:
+        fragments = rasterizer(screen, triangles)
     visible = vertex_visibility(fragments.triangle_id, triangles, n)
     t, s = view_pairs(b // views, views, vertices_cam.device)
     rel_r, rel_t = relative_pose(rotation[t], translation[t], rotation[s], translation[s])

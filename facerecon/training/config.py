@@ -102,6 +102,12 @@ validate_every = 200
 '''
 
 
+def _paper001_weights() -> dict[str, float]:
+    from facerecon.losses.multiview import PAPER001_WEIGHTS
+
+    return dict(PAPER001_WEIGHTS)
+
+
 class ConfigError(ValueError):
     """A configuration problem, described in one line naming the key."""
 
@@ -129,7 +135,7 @@ class TrainConfig:
     source: dict[str, Any]
     group_by: str = "none"
     views_per_identity: int = 1
-    multiview_weights: dict[str, float] = field(default_factory=dict)
+    multiview_weights: dict[str, float] = field(default_factory=lambda: _paper001_weights())
     amp: str = "auto"
     channels_last: str = "auto"
     dist_backend: str = "auto"

@@ -113,7 +113,11 @@ def teardown(ctx: DistContext) -> None:
 
 
 def barrier(ctx: DistContext) -> None:
-    if ctx.enabled:
+    if not ctx.enabled:
+        return
+    if ctx.backend == "nccl":
+        dist.barrier(device_ids=[ctx.device.index])  # this process's GPU, not a guessed one
+    else:
         dist.barrier()
 
 

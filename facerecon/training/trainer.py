@@ -70,11 +70,16 @@ class FaceSet:
                        self.dense[mask], self.attention[mask], groups)
 
 
-def folder_group(file_name: str, key: str) -> str | None:
-    """Identity of an image for ``group_by = "folder"``: the parent folder of its detections key
-    (the path relative to the input folder), scoped by the detections file; None at the top."""
+def folder_group(file_name: str, key: str, source_path: str | None = None) -> str | None:
+    """Identity of an image for ``group_by = "folder"``: the folder holding it, when it lies in a
+    sub-folder of its input folder (its detections key, the path relative to the input folder,
+    has a parent); None at the top of an input folder. The folder is named by the image's
+    absolute ``source_path`` when recorded (so equal sub-folder names under two input folders
+    stay apart), else by the key's parent within the detections file."""
     parent = PurePosixPath(key).parent.as_posix()
-    return None if parent in ("", ".") else f"{file_name}:{parent}"
+    if parent in ("", "."):
+        return None
+    return str(Path(source_path).parent) if source_path else f"{file_name}:{parent}"
 
 
 class SynthIdentities:
@@ -117,7 +122,7 @@ def load_faces(files: list[Path], group_by: str = "none") -> FaceSet:
         for key, attrs, faces in detect_stage.iter_detections(file):
             group = None
             if group_by == "folder":
-                group = folder_group(file.name, key)
+                group = folder_group(file.name, key, attrs.get("source_path"))
             elif group_by == "synth":
                 group = synth(attrs.get("source_path"))
             for face in faces:
@@ -271,6 +276,7 @@ class Trainer:
             self.dense_mirror = torch.as_tensor(dense_mirror_map(points), device=device)
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        self.multiview_renderer = MeshRenderer(image_size=(config.render_size, config.render_size))
         #: what the training step calls: the network, in DistributedDataParallel when distributed
         #: (wrapped in :meth:`run`, after restoring, so every rank starts from rank 0's weights)
         self.model: torch.nn.Module = self.network
@@ -329,7 +335,7 @@ class Trainer:
         return multiview.multiview_losses(
             cam, self.loss.photo_triangles, targets.crops, targets.landmarks68, camera_rotation(params["angles"]),
             params["translation"], crop_intrinsics(targets.size, b, device=cam.device), self.config.views_per_identity,
-            self.config.render_size)
+            self.config.render_size, rasterizer=self.multiview_renderer.rasterize)
 
     def training_loss(self, batch: FaceTargets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The step's scalar loss and the detached per-term means to log."""
