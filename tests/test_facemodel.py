@@ -203,3 +203,26 @@ def test_model_cli_without_model_exits_cleanly():
     assert result.exit_code == 1
     assert "model fetch ict" in result.output and "model import" in result.output
     assert "Traceback" not in result.output
+
+
+def test_laplacian_albedo_space_is_the_same_on_every_import(ict_model, tmp_path):
+    """Albedo coefficients must mean the same colours from one import to the next."""
+    import subprocess
+    import sys
+
+    from facerecon.facemodel.annotate import laplacian_albedo_space
+    from facerecon.facemodel.model import save_face_model
+
+    def fingerprint(basis):
+        return repr(basis[:, ::97].sum(axis=(1, 2)).round(5).tolist())
+
+    # fresh processes: a random eigen-solver start would differ between them
+    code = ("import sys; from facerecon.facemodel.annotate import laplacian_albedo_space; "
+            "from facerecon.facemodel.model import load_face_model; m = load_face_model(sys.argv[1]); "
+            "b = laplacian_albedo_space(m.mean_shape, m.triangles, m.regions)[1]; "
+            "print(repr(b[:, ::97].sum(axis=(1, 2)).round(5).tolist()))")
+    path = save_face_model(ict_model, tmp_path / "m.h5")
+    printed = [subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                              check=True).stdout.strip() for _ in range(2)]
+    here = laplacian_albedo_space(ict_model.mean_shape, ict_model.triangles, ict_model.regions)[1]
+    assert printed[0] == printed[1] == fingerprint(here)

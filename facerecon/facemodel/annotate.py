@@ -213,10 +213,16 @@ def laplacian_albedo_space(
     for _ in range(3):  # soften region borders
         mean = 0.5 * mean + 0.5 * (adjacency @ mean) / degree[:, None]
     k = min(n_modes, n - 2)
-    # Shift-invert about a small negative shift finds the smallest eigenvalues quickly.
-    eigenvalues, eigenvectors = eigsh(lap.astype(np.float64), k=k, sigma=-1e-3, which="LM")
+    # Shift-invert about a small negative shift finds the smallest eigenvalues quickly. A fixed
+    # start vector and a sign convention (largest entry positive) make the space the same on
+    # every import: ARPACK's default random start flips modes, so coefficients would mean
+    # different colours from one import to the next.
+    eigenvalues, eigenvectors = eigsh(lap.astype(np.float64), k=k, sigma=-1e-3, which="LM",
+                                      v0=np.linspace(1.0, 2.0, n))
     order = np.argsort(eigenvalues)
     eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]
+    largest = eigenvectors[np.abs(eigenvectors).argmax(axis=0), np.arange(k)]
+    eigenvectors = eigenvectors * np.where(largest < 0, -1.0, 1.0)[None, :]
     eigenvectors = eigenvectors / np.sqrt((eigenvectors**2).mean(axis=0, keepdims=True))
     reference = eigenvalues[1] if k > 1 and eigenvalues[1] > 1e-9 else 1.0
     # Constant mode: overall skin tone (std dc_std). Varying modes: std falling as
