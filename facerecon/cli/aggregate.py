@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from facerecon.cli.common import (StageProgress, fail_run, graceful_stop, print_json, problems_table,
+from facerecon.cli.common import (StageProgress, fail_run, graceful_stop, problems_table, report_stage,
                                   stderr_console, summary_table)
 from facerecon.cli.fit import face_model_options
 
@@ -87,18 +87,7 @@ def aggregate(albums: tuple[str, ...], out_dir: Path, method: str, face_model: s
                                     should_stop=stop)
     except (FaceModelError, StoreError, ValueError, OSError) as exc:
         fail_run(str(exc), out_dir, as_json)
-    data = summary.to_dict()
-    if not quiet:
-        for note in data["notes"]:
-            console.print(f"note: {note}")
-        _print_summary(console, data)
-    if summary.interrupted:
-        click.echo(f"interrupted: finished albums are saved in {data['output']}; run the same command to resume",
-                   err=True)
-    if as_json:
-        print_json(data)
-    if summary.exit_code:
-        raise SystemExit(summary.exit_code)
+    report_stage(console, summary, quiet, as_json, _print_summary, "albums")
 
 
 def _print_summary(console, data: dict) -> None:

@@ -240,3 +240,25 @@ def graceful_stop() -> Iterator[StopRequest]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def report_stage(console, summary, quiet: bool, as_json: bool, print_summary, finished: str) -> None:
+    """End of a batch stage: notes and the summary (unless quiet), the resume hint after an
+    interruption, JSON on stdout with ``--json``, then the stage's exit code.
+
+    ``summary`` has ``to_dict()`` (with ``notes`` and ``output``), ``interrupted`` and
+    ``exit_code``; ``print_summary(console, data)`` draws its tables; ``finished`` names what
+    an interrupted run keeps ("images", "albums").
+    """
+    data = summary.to_dict()
+    if not quiet:
+        for note in data["notes"]:
+            console.print(f"note: {note}")
+        print_summary(console, data)
+    if summary.interrupted:
+        click.echo(f"interrupted: finished {finished} are saved in {data['output']}; run the same command to "
+                   "resume", err=True)
+    if as_json:
+        print_json(data)
+    if summary.exit_code:
+        raise SystemExit(summary.exit_code)

@@ -10,6 +10,29 @@ from facerecon.cli.common import (EXIT_NOTHING_DONE, StageProgress, fail_run, gr
                                   stderr_console)
 
 
+def _run_protocol(console, quiet: bool, out_dir: Path, as_json: bool, run):
+    """``run(progress, should_stop)`` under Ctrl-C handling and a progress display; a run that
+    cannot start (no face model, bad dataset, unwritable output) ends with one error line."""
+    from facerecon.facemodel.model import FaceModelError
+    from facerecon.io.store import StoreError
+
+    try:
+        with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:
+            return run(progress, stop)
+    except (FaceModelError, StoreError, ValueError, OSError) as exc:
+        fail_run(str(exc), out_dir, as_json)
+
+
+def _finish(result, as_json: bool, anything_done: bool) -> None:
+    """JSON on stdout when asked, then the exit code: 130 interrupted, 1 nothing evaluated."""
+    if as_json:
+        print_json(result.to_dict())
+    if result.summary["interrupted"]:
+        raise SystemExit(130)
+    if not anything_done:
+        raise SystemExit(EXIT_NOTHING_DONE)
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())
@@ -61,18 +84,13 @@ def rendered(out_dir: Path, face_model: str | None, samples: int, seed: int, yaw
       facerecon evaluate rendered --out eval/ --samples 5 --seed 1
     """
     from facerecon.evaluation.rendered import RenderedOptions, run_rendered
-    from facerecon.facemodel.model import FaceModelError
-    from facerecon.io.store import StoreError
-
     options = RenderedOptions(face_model=face_model, samples=samples, seed=seed, yaws=_floats(yaws),
                               pitches=_floats(pitches), device=device)
     console = stderr_console(quiet=quiet)
-    try:
-        with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:
-            result = run_rendered(out_dir, options, progress=progress.stage("fit", "face"),
-                                  detect_progress=progress.stage("detect"), should_stop=stop)
-    except (FaceModelError, StoreError, ValueError, OSError) as exc:
-        fail_run(str(exc), out_dir, as_json)
+    result = _run_protocol(console, quiet, out_dir, as_json,
+                           lambda progress, stop: run_rendered(
+                               out_dir, options, progress=progress.stage("fit", "face"),
+                               detect_progress=progress.stage("detect"), should_stop=stop))
     if not quiet:
         from rich.table import Table
 
@@ -87,12 +105,7 @@ def rendered(out_dir: Path, face_model: str | None, samples: int, seed: int, yaw
         console.print(table)
         console.print(f"results: {out_dir / 'results.json'}, {out_dir / 'results.csv'}, "
                       f"{out_dir / 'error_by_yaw.png'}")
-    if as_json:
-        print_json(result.to_dict())
-    if result.summary["interrupted"]:
-        raise SystemExit(130)
-    if not any(row["reconstructed"] for row in result.by_yaw):
-        raise SystemExit(EXIT_NOTHING_DONE)
+    _finish(result, as_json, anything_done=any(row["reconstructed"] for row in result.by_yaw))
 
 
 def _scenarios(text: str) -> tuple[str, ...]:
@@ -152,9 +165,7 @@ def micc(root: Path, out_dir: Path, scenarios: str, frames: int, face_model: str
       facerecon evaluate micc /data/MICC --out eval/micc --scenarios cooperative
     """
     from facerecon.evaluation.micc import MiccOptions, run_micc
-    from facerecon.facemodel.model import FaceModelError
     from facerecon.fitting.optimize import FitSettings
-    from facerecon.io.store import StoreError
 
     settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2])
     options = MiccOptions(face_model=face_model, scenarios=_scenarios(scenarios), frames=frames, device=device,
@@ -169,20 +180,13 @@ def micc(root: Path, out_dir: Path, scenarios: str, frames: int, face_model: str
         else:
             console.print(f"{what}: [yellow]{row['reason']}[/]")
 
-    try:
-        with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:
-            result = run_micc(root, out_dir, options, progress=progress.stage("micc", "video"), on_video=report,
-                              should_stop=stop)
-    except (FaceModelError, StoreError, ValueError, OSError) as exc:
-        fail_run(str(exc), out_dir, as_json)
+    result = _run_protocol(console, quiet, out_dir, as_json,
+                           lambda progress, stop: run_micc(
+                               root, out_dir, options, progress=progress.stage("micc", "video"), on_video=report,
+                               should_stop=stop))
     if not quiet:
         _print_micc_tables(console, result, out_dir)
-    if as_json:
-        print_json(result.to_dict())
-    if result.summary["interrupted"]:
-        raise SystemExit(130)
-    if not result.summary["scored"]:
-        raise SystemExit(EXIT_NOTHING_DONE)
+    _finish(result, as_json, anything_done=bool(result.summary["scored"]))
 
 
 def _print_micc_tables(console, result, out_dir: Path) -> None:
@@ -311,30 +315,21 @@ def now(root: Path, out_dir: Path, split: str, image_list: str | None, challenge
       facerecon evaluate now /data/NoW_Dataset/final_release_version --split val --out eval/now
     """
     from facerecon.evaluation.now import NowOptions, run_now
-    from facerecon.facemodel.model import FaceModelError
     from facerecon.fitting.optimize import FitSettings
-    from facerecon.io.store import StoreError
 
     settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2])
     options = NowOptions(face_model=face_model, split=split, image_list=image_list,
                          challenges=_challenges(challenges), limit=limit, device=device, batch_size=batch_size,
                          checkpoint=checkpoint, refine=refine, settings=settings)
     console = stderr_console(quiet=quiet)
-    try:
-        with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:
-            result = run_now(root, out_dir, options, progress=progress.stage("fit", "face"),
-                             detect_progress=progress.stage("detect"), score_progress=progress.stage("score"),
-                             should_stop=stop)
-    except (FaceModelError, StoreError, ValueError, OSError) as exc:
-        fail_run(str(exc), out_dir, as_json)
+    result = _run_protocol(console, quiet, out_dir, as_json,
+                           lambda progress, stop: run_now(
+                               root, out_dir, options, progress=progress.stage("fit", "face"),
+                               detect_progress=progress.stage("detect"), score_progress=progress.stage("score"),
+                               should_stop=stop))
     if not quiet:
         _print_now_tables(console, result, out_dir)
-    if as_json:
-        print_json(result.to_dict())
-    if result.summary["interrupted"]:
-        raise SystemExit(130)
-    if not result.summary["predicted"]:
-        raise SystemExit(EXIT_NOTHING_DONE)
+    _finish(result, as_json, anything_done=bool(result.summary["predicted"]))
 
 
 def _print_now_tables(console, result, out_dir: Path) -> None:
@@ -406,28 +401,19 @@ def aflw2000(root: Path, out_dir: Path, face_model: str | None, device: str, che
       facerecon evaluate aflw2000 /data/AFLW2000 --out eval/aflw2000
     """
     from facerecon.evaluation.aflw2000 import AflwOptions, run_aflw2000
-    from facerecon.facemodel.model import FaceModelError
     from facerecon.fitting.optimize import FitSettings
-    from facerecon.io.store import StoreError
 
     settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2])
     options = AflwOptions(face_model=face_model, device=device, batch_size=batch_size, limit=limit,
                           checkpoint=checkpoint, refine=refine, settings=settings)
     console = stderr_console(quiet=quiet)
-    try:
-        with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:
-            result = run_aflw2000(root, out_dir, options, progress=progress.stage("fit", "face"),
-                                  detect_progress=progress.stage("detect"), should_stop=stop)
-    except (FaceModelError, StoreError, ValueError, OSError) as exc:
-        fail_run(str(exc), out_dir, as_json)
+    result = _run_protocol(console, quiet, out_dir, as_json,
+                           lambda progress, stop: run_aflw2000(
+                               root, out_dir, options, progress=progress.stage("fit", "face"),
+                               detect_progress=progress.stage("detect"), should_stop=stop))
     if not quiet:
         _print_aflw_tables(console, result, out_dir)
-    if as_json:
-        print_json(result.to_dict())
-    if result.summary["interrupted"]:
-        raise SystemExit(130)
-    if not result.summary["scored"]:
-        raise SystemExit(EXIT_NOTHING_DONE)
+    _finish(result, as_json, anything_done=bool(result.summary["scored"]))
 
 
 def _print_aflw_tables(console, result, out_dir: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from facerecon.cli.common import (StageProgress, fail_run, graceful_stop, print_json, problems_table,
+from facerecon.cli.common import (StageProgress, fail_run, graceful_stop, problems_table, report_stage,
                                   stderr_console, summary_table)
 
 
@@ -104,19 +104,7 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
                               detect_progress=progress.stage("detect"), should_stop=stop)
     except (FaceModelError, StoreError, ValueError, OSError) as exc:
         fail_run(str(exc), out_dir, as_json)
-    data = summary.to_dict()
-    if not quiet:
-        for note in data["notes"]:
-            console.print(f"note: {note}")
-        _print_summary(console, data)
-    if summary.interrupted:
-        click.echo(f"interrupted: finished images are saved in {data['output']}; run the same command to resume",
-                   err=True)
-    if as_json:
-        print_json(data)
-    code = summary.exit_code
-    if code:
-        raise SystemExit(code)
+    report_stage(console, summary, quiet, as_json, _print_summary, "images")
 
 
 def _fmt(value, pattern: str) -> str:

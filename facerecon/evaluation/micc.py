@@ -43,6 +43,7 @@ from scipy.spatial import cKDTree
 
 from facerecon.evaluation.geometry import Similarity, crop_sphere, find_nose_tip, icp_similarity, surface_distances
 from facerecon.fitting.optimize import FitSettings
+from facerecon.evaluation.results import load_finished, store_finished
 from facerecon.io.atomic import atomic_path, atomic_write_text
 from facerecon.io.images import IMAGE_EXTENSIONS
 
@@ -474,24 +475,12 @@ def _result_paths(out_dir: Path, subject: str, scenario: str) -> tuple[Path, Pat
 
 
 def _load_finished(out_dir: Path, subject: str, scenario: str, digest: str) -> tuple[dict, np.ndarray] | None:
-    json_path, npy_path = _result_paths(out_dir, subject, scenario)
-    if not json_path.is_file() or not npy_path.is_file():
-        return None
-    try:
-        stored = json.loads(json_path.read_text())
-        if stored.get("digest") != digest or stored.get("row", {}).get("status") != STATUS_OK:
-            return None
-        return stored["row"], np.load(npy_path)
-    except (ValueError, KeyError, OSError):
-        return None
+    return load_finished(*_result_paths(out_dir, subject, scenario), digest, STATUS_OK)
 
 
 def _store_finished(out_dir: Path, row: dict, vertex_errors: np.ndarray, digest: str) -> None:
-    json_path, npy_path = _result_paths(out_dir, row["subject"], row["scenario"])
-    with atomic_path(npy_path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, vertex_errors)
-    atomic_write_text(json_path, json.dumps({"digest": digest, "version": RESULT_VERSION, "row": row}, indent=1))
+    store_finished(*_result_paths(out_dir, row["subject"], row["scenario"]), row, vertex_errors, digest,
+                   RESULT_VERSION)
 
 
 def _no_shape_reason(fits_path: Path, files: list[str], fit_summary) -> str:

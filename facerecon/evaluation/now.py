@@ -52,6 +52,7 @@ import numpy as np
 
 from facerecon.evaluation.geometry import Similarity, umeyama
 from facerecon.fitting.optimize import FitSettings
+from facerecon.evaluation.results import load_finished, store_finished
 from facerecon.io.atomic import atomic_path, atomic_write_text
 
 SPLIT_FILES = {"val": "imagepathsvalidation.txt", "test": "imagepathstest.txt"}
@@ -486,24 +487,11 @@ def _result_paths(out_dir: Path, entry: NowEntry) -> tuple[Path, Path]:
 
 
 def _load_finished(out_dir: Path, entry: NowEntry, digest: str) -> tuple[dict, np.ndarray] | None:
-    json_path, npy_path = _result_paths(out_dir, entry)
-    if not json_path.is_file() or not npy_path.is_file():
-        return None
-    try:
-        stored = json.loads(json_path.read_text())
-        if stored.get("digest") != digest or stored.get("row", {}).get("status") != STATUS_OK:
-            return None
-        return stored["row"], np.load(npy_path)
-    except (ValueError, KeyError, OSError):
-        return None
+    return load_finished(*_result_paths(out_dir, entry), digest, STATUS_OK)
 
 
 def _store_finished(out_dir: Path, entry: NowEntry, row: dict, distances: np.ndarray, digest: str) -> None:
-    json_path, npy_path = _result_paths(out_dir, entry)
-    with atomic_path(npy_path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, distances.astype(np.float32))
-    atomic_write_text(json_path, json.dumps({"digest": digest, "version": RESULT_VERSION, "row": row}, indent=1))
+    store_finished(*_result_paths(out_dir, entry), row, distances.astype(np.float32), digest, RESULT_VERSION)
 
 
 def _fitted_neutral(results, key: str) -> tuple[dict | None, np.ndarray | None]:

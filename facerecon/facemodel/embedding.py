@@ -212,11 +212,10 @@ def embed_dense_landmarks(model: FaceModel, yaws: tuple[float, ...] = DEFAULT_YA
     generator = torch.Generator().manual_seed(0)
     views = [(y, p) for y in yaws for p in pitches]
     lights = torch.cat([standard_light()[None].expand(len(views), 27)[:, None],
-                        varied_lights(len(views) * (lights_per_view - 1), generator).reshape(len(views), -1, 27)],
-                       dim=1)[:, :lights_per_view]
+                        varied_lights(len(views) * (lights_per_view - 1), generator).reshape(
+                            len(views), lights_per_view - 1, 27)], dim=1)
     rolls = torch.cat([torch.zeros(len(views), 1), -8 + 16 * torch.rand(len(views), lights_per_view - 1,
                                                                             generator=generator)], dim=1)
-    backgrounds = textured_backgrounds(len(views) * lights_per_view, 512, generator)
     detected = np.full((len(views) * lights_per_view, N_DENSE, 2), np.nan)
     projections = np.zeros((len(views) * lights_per_view, 3, 4))
     frontal = int(np.argmin([abs(y) + abs(p) for y, p in views]))
@@ -227,7 +226,8 @@ def embed_dense_landmarks(model: FaceModel, yaws: tuple[float, ...] = DEFAULT_YA
                 n = v * lights_per_view + j
                 image, triangle_id, screen, projections[n] = render_mean_face(
                     model, yaw, pitch_degrees=pitch, roll_degrees=float(rolls[v, j]), sh=lights[v, j],
-                    background=None if j == 0 else backgrounds[n], return_projection=True)
+                    background=None if j == 0 else textured_backgrounds(1, 512, generator)[0],
+                    return_projection=True)
                 faces = analyzer.analyze(image)
                 if not faces:
                     continue

@@ -45,7 +45,7 @@ from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import crop_intrinsics, model_to_camera
 from facerecon.fitting.optimize import FaceFitter, FitSettings
-from facerecon.io.store import ResultStore, read_index
+from facerecon.io.store import ResultStore, attrs_dict, open_results, read_index
 from facerecon.render.renderer import MeshRenderer
 from facerecon.stages import detect as detect_stage
 from facerecon.stages.fit import _PendingFace, _PhotoCache, _targets, pick_device
@@ -117,18 +117,20 @@ class AggregateSummary:
 
 
 def _album_faces(detections: Path, outcome: AlbumOutcome, keys: list[str] | None = None) -> list[_PendingFace]:
+    """Faces of the album's images (all images of ``detections``, or only ``keys``); images
+    that could not be read or show no face go to ``outcome.failures``."""
     faces = []
-    wanted = None if keys is None else set(keys)
-    for key, attrs, stored in detect_stage.iter_detections(detections):
-        if wanted is not None and key not in wanted:
-            continue
-        status = attrs.get("status")
-        if status == detect_stage.STATUS_OK:
-            faces += [_PendingFace(key, attrs, f) for f in stored]
-        elif status == detect_stage.STATUS_NO_FACE:
-            outcome.failures.append((key, "no face found"))
-        else:
-            outcome.failures.append((key, attrs.get("error") or "could not be read"))
+    with open_results(detections, detect_stage.ITEMS_GROUP) as results:
+        for key in results.keys() if keys is None else [k for k in keys if k in results]:
+            group = results[key]
+            attrs = attrs_dict(group)
+            status = attrs.get("status")
+            if status == detect_stage.STATUS_OK:
+                faces += [_PendingFace(key, attrs, f) for f in detect_stage.read_faces(group)]
+            elif status == detect_stage.STATUS_NO_FACE:
+                outcome.failures.append((key, "no face found"))
+            else:
+                outcome.failures.append((key, attrs.get("error") or "could not be read"))
     return faces
 
 
@@ -323,11 +325,14 @@ def _store_album(store: ResultStore, album: Album, outcome: AlbumOutcome, identi
     })
 
 
-def album_digest(album: Album, options: AggregateOptions, model_id: str) -> str:
+def album_digest(album: Album, options: AggregateOptions, model_id: str,
+                 detections_index: dict[str, dict] | None = None) -> str:
     """What an album's result depends on: its photos (name, size, modification time; or the
-    detections' content hashes), the method, the fit settings and the face model."""
+    detections' content hashes, from ``detections_index`` of ``album.detections`` when given),
+    the method, the fit settings and the face model."""
     if album.detections is not None:
-        index = read_index(album.detections, detect_stage.ITEMS_GROUP)
+        index = detections_index if detections_index is not None else \
+            read_index(album.detections, detect_stage.ITEMS_GROUP)
         photos = [(key, index.get(key, {}).get("sha256", "")) for key in album.keys]
     else:
         photos = []
@@ -391,6 +396,7 @@ def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: Aggreg
         progress.start(len(albums))
     store_path = out_dir / "aggregate.h5"
     done = read_index(store_path, ITEMS_GROUP)
+    indexes: dict[Path, dict[str, dict]] = {}
     with ResultStore(store_path, kind=KIND, items_group=ITEMS_GROUP,
                      file_attrs={"tool": "facerecon", "tool_version": __version__, "model_id": model.model_id,
                                  "method": options.method}) as store:
@@ -399,7 +405,12 @@ def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: Aggreg
                 if should_stop is not None and should_stop():
                     summary.interrupted = True
                     break
-                digest = album_digest(album, options, model.model_id)
+                index = None
+                if album.detections is not None:  # one read per detections file, not per album
+                    if album.detections not in indexes:
+                        indexes[album.detections] = read_index(album.detections, detect_stage.ITEMS_GROUP)
+                    index = indexes[album.detections]
+                digest = album_digest(album, options, model.model_id, index)
                 previous = done.get(album.name)
                 if not options.overwrite and previous and previous.get("status") == "ok" and \
                         previous.get("inputs_digest") == digest:
