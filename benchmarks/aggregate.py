@@ -11,11 +11,13 @@ similarity alignment) of
 * ``single``: the mean of the single-photo errors,
 * ``mean``:   the averaged identity coefficients,
 * ``joint``:  one identity optimised over all photos (robustly reweighted),
+* ``cnet``:   with ``--cnet CKPT``, R-Net predictions merged with C-Net's confidences (eq. 7),
 * ``mean face``: the model's mean shape (no reconstruction at all),
 
 and, with ``--robustness``, one album of 6 photos plus a stranger and a corrupt file.
 
     python benchmarks/aggregate.py --sizes 1,2,4,8 --albums 3 --robustness
+    python benchmarks/aggregate.py --cnet runs/cnet/checkpoints/latest.pt   # adds a cnet column
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,2,4,8", help="album sizes (photos per album)")
     parser.add_argument("--albums", type=int, default=3, help="albums per size")
     parser.add_argument("--methods", default="mean,joint")
+    parser.add_argument("--cnet", default=None, help="C-Net checkpoint: adds the method cnet")
     parser.add_argument("--photo-size", type=int, default=512)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -99,6 +102,10 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     sizes = [int(s) for s in args.sizes.split(",")]
     methods = args.methods.split(",")
+    if args.cnet and "cnet" not in methods:
+        methods.append("cnet")
+    if "cnet" in methods and not args.cnet:
+        parser.error("method cnet needs --cnet CKPT")
     report: dict = {"by_size": [], "robustness": None}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -113,7 +120,8 @@ def main() -> None:
         for method in methods:
             for size in sizes:
                 options = AggregateOptions(face_model=args.face_model, device=args.device, method=method,
-                                           formats=["obj"], texture_size=256)
+                                           formats=["obj"], texture_size=256,
+                                           cnet=args.cnet if method == "cnet" else None)
                 out = root / f"out_{method}_{size}"
                 summary = run_aggregate([str(root / "albums" / f"size{size}")], out, options)
                 for album in summary.albums:

@@ -15,9 +15,13 @@ from facerecon.cli.fit import face_model_options
 @click.argument("albums", nargs=-1, required=True)
 @click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: aggregate.h5 and one sub-folder per identity.")
-@click.option("--method", type=click.Choice(["joint", "mean"]), default="joint", show_default=True,
-              help="joint: one identity optimised over all photos, outlier photos down-weighted; "
-                   "mean: average of the single-photo identities (paper 000 baseline).")
+@click.option("--method", type=click.Choice(["joint", "mean", "cnet"]), default=None,
+              help="joint (default): one identity optimised over all photos, outlier photos down-weighted; "
+                   "mean: average of the single-photo identities (paper 000 baseline); cnet: R-Net "
+                   "predictions aggregated with C-Net's per-coefficient confidences (paper 000 sec. 5; "
+                   "the default when --cnet is given).")
+@click.option("--cnet", "cnet", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="C-Net checkpoint from `facerecon train` with [cnet] enabled (it holds its R-Net too).")
 @face_model_options
 @click.option("--format", "formats", default="obj,ply", show_default=True,
               help="Mesh formats, comma-separated: obj (with MTL + texture PNG), ply, glb.")
@@ -35,7 +39,8 @@ from facerecon.cli.fit import face_model_options
 @click.option("--overwrite", is_flag=True, help="Redo albums already in aggregate.h5 (default: skip them).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary table.")
-def aggregate(albums: tuple[str, ...], out_dir: Path, method: str, face_model: str | None, no_download: bool,
+def aggregate(albums: tuple[str, ...], out_dir: Path, method: str | None, cnet: str | None, face_model: str | None,
+              no_download: bool,
               formats: str, recognition_weights: str | None, device: str, batch_size: int, texture_size: int,
               steps: tuple[int, int, int], overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Build one neutral, textured 3D face per person from a photo album.
@@ -53,7 +58,8 @@ def aggregate(albums: tuple[str, ...], out_dir: Path, method: str, face_model: s
     (texture merged from the photos that see each part best),
     contact_sheet.png (photos by confidence + the result from three views),
     detections.h5; OUT/aggregate.h5 holds the identity coefficients,
-    per-photo identities, confidences and exclusions (docs/formats.md).
+    per-photo identities, confidences (with --method cnet also each photo's
+    confidence vector) and exclusions (docs/aggregation.md).
 
     \b
     Exit codes: 0 at least one album done (or already done); 1 none could be
@@ -65,6 +71,7 @@ def aggregate(albums: tuple[str, ...], out_dir: Path, method: str, face_model: s
       facerecon aggregate album/ --out person/
       facerecon aggregate people/ --out ids/ --method mean --format obj,glb --json
       facerecon aggregate det.h5 --out ids/ --recognition-weights backbone.pth
+      facerecon aggregate people/ --out ids/ --cnet runs/cnet/checkpoints/latest.pt
     """
     from facerecon.export.meshio import parse_formats
     from facerecon.facemodel.model import FaceModelError
@@ -72,6 +79,13 @@ def aggregate(albums: tuple[str, ...], out_dir: Path, method: str, face_model: s
     from facerecon.io.store import StoreError
     from facerecon.stages.aggregate import AggregateOptions, run_aggregate
 
+    if method is None:
+        method = "cnet" if cnet else "joint"
+    if method == "cnet" and not cnet:
+        raise click.UsageError("--method cnet needs --cnet CKPT (a checkpoint of `facerecon train` with [cnet] "
+                               "enabled)")
+    if cnet and method != "cnet":
+        raise click.UsageError(f"--cnet is used only by --method cnet, not {method}")
     try:
         format_list = parse_formats(formats)
     except ValueError as exc:
@@ -79,7 +93,8 @@ def aggregate(albums: tuple[str, ...], out_dir: Path, method: str, face_model: s
     settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2])
     options = AggregateOptions(face_model=face_model, allow_download=False if no_download else None, device=device,
                                method=method, formats=format_list, texture_size=texture_size, batch_size=batch_size,
-                               overwrite=overwrite, recognition_weights=recognition_weights, settings=settings)
+                               overwrite=overwrite, recognition_weights=recognition_weights, settings=settings,
+                               cnet=cnet)
     console = stderr_console(quiet=quiet)
     try:
         with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:

@@ -23,7 +23,11 @@ def train(config_path: Path | None, print_config: bool, resume: bool, device: st
     """Train R-Net (ResNet regressing face-model coefficients, light and pose)
     with the self-supervised hybrid loss of Deng et al. 2019, plus the
     multi-view consistency losses of Shang et al. 2020 when data.group_by
-    groups the images by identity.
+    groups the images by identity. With [cnet] enabled = true, train C-Net
+    instead (Deng et al. 2019 sec. 5): confidences for aggregating the
+    identity over several photos of a person, over a frozen trained R-Net
+    (one process; not under torchrun). Use it with
+    `facerecon aggregate --cnet CKPT`.
 
     \b
     Writes to output.directory: checkpoints/ (atomic, with config, face-model
@@ -36,6 +40,7 @@ def train(config_path: Path | None, print_config: bool, resume: bool, device: st
       facerecon train --config train.toml
       facerecon train --config train.toml --resume
       torchrun --nproc_per_node 4 -m facerecon train --config train.toml
+      facerecon train --config cnet.toml        # [cnet] enabled, own output.directory
     """
     from facerecon.training.config import DEFAULT_CONFIG_TEXT, ConfigError, load_config
 

@@ -74,8 +74,8 @@ ARCHITECTURES = {
 
 class ResNet(nn.Module):
     """torchvision-compatible ResNet; ``features(x)`` returns the pooled (B, C) features and
-    ``forward`` applies ``fc``. ``stage_outputs`` keeps the first residual stage's output of the
-    last forward (C-Net of paper 000 reads it)."""
+    ``forward`` applies ``fc``. ``first_stage`` keeps the first residual stage's output and
+    ``pooled`` the globally pooled features of the last forward (C-Net of paper 000 reads both)."""
 
     def __init__(self, architecture: str = "resnet50", num_classes: int = 1000):
         super().__init__()
@@ -103,13 +103,15 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         self.first_stage: torch.Tensor | None = None
+        self.pooled: torch.Tensor | None = None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer1(x)
         self.first_stage = x
         x = self.layer4(self.layer3(self.layer2(x)))
-        return torch.flatten(self.avgpool(x), 1)
+        self.pooled = torch.flatten(self.avgpool(x), 1)
+        return self.pooled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))

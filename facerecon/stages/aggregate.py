@@ -9,10 +9,13 @@ check compares recognition embeddings, otherwise identity shapes), then aggregat
 * ``joint``: one identity shared by all photos with per-photo expression, albedo, light and
   pose, optimised together with the fit's hybrid loss, starting from each photo's
   landmark-stage fit; photos whose residual is an outlier (above 1.5x the median) are
-  down-weighted and the photometric stages are repeated at half length (robust reweighting).
+  down-weighted and the photometric stages are repeated at half length (robust reweighting);
+* ``cnet``: paper 000 sec. 5: the single-photo parameters are the predictions of the R-Net
+  stored in a C-Net checkpoint, and the identity (and albedo, when that C-Net aggregates it)
+  is the element-wise confidence-weighted average of eq. 7 with C-Net's confidence vectors.
 
-Albums already in ``DIR/aggregate.h5`` with the same photos, method and settings are skipped
-(``overwrite`` redoes them).
+Albums already in ``DIR/aggregate.h5`` with the same photos, method and settings (for
+``cnet`` also the same checkpoint file content) are skipped (``overwrite`` redoes them).
 
 Outputs: ``DIR/<album>/<album>_neutral.{obj,ply,glb}`` with a texture merged from the
 photos (each texel from the photos that see it most squarely), ``DIR/<album>/contact_sheet.png``
@@ -52,7 +55,7 @@ from facerecon.stages.fit import _PendingFace, _PhotoCache, _targets, pick_devic
 
 KIND = "aggregates"
 ITEMS_GROUP = "identities"
-METHODS = ("mean", "joint")
+METHODS = ("mean", "joint", "cnet")
 
 
 @dataclass
@@ -67,6 +70,8 @@ class AggregateOptions:
     overwrite: bool = False
     recognition_weights: str | None = None
     settings: FitSettings = field(default_factory=FitSettings)
+    #: C-Net checkpoint (``facerecon train`` with [cnet] enabled) for method ``cnet``
+    cnet: str | None = None
 
 
 @dataclass
@@ -147,6 +152,36 @@ class _Fitters:
     landmarks: FaceFitter  # landmark stage only: the start of a joint fit
     refine: FaceFitter  # half-length photometric stages: the reweighted joint pass
     recognizer: Any = None  # PerceptualLoss holding the user's face-recognition network, or None
+    cnet: Any = None  # CNetPredictor for method "cnet"
+    cnet_sha256: str = ""  # content hash of its checkpoint file (part of the album digest)
+
+
+def _predict_in_batches(predictor, faces: list[_PendingFace], batch_size: int, device
+                        ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """R-Net parameters {name: (F, ...)}, C-Net confidences (F, K) and a (F,) failed mask
+    (non-finite prediction) for every face."""
+    params, confidences = [], []
+    for i in range(0, len(faces), batch_size):
+        p, c = predictor(_targets(faces[i:i + batch_size], device).crops)
+        params.append({n: v.cpu().numpy() for n, v in p.items()})
+        confidences.append(c.cpu().numpy())
+    single = {n: np.concatenate([p[n] for p in params]) for n in params[0]}
+    vectors = np.concatenate(confidences)
+    finite = np.isfinite(vectors).all(axis=1)
+    for v in single.values():
+        finite &= np.isfinite(v.reshape(len(v), -1)).all(axis=1)
+    return single, vectors, ~finite
+
+
+def cnet_aggregate(single: dict[str, np.ndarray], vectors: np.ndarray, sizes: dict[str, int]
+                   ) -> dict[str, np.ndarray]:
+    """Eq. 7 over the F kept faces: {name: (k_name,)} from parameters {name: (F, ...)} and
+    confidences (F, K) laid out as ``sizes``."""
+    from facerecon.networks.cnet import aggregate_coefficients, concat_coefficients, split_coefficients
+
+    coefficients = concat_coefficients({n: torch.as_tensor(single[n]) for n in sizes}, sizes)
+    merged = aggregate_coefficients(coefficients, torch.as_tensor(vectors, dtype=coefficients.dtype))
+    return {n: v.numpy() for n, v in split_coefficients(merged, sizes).items()}
 
 
 def _identity_check(faces: list[_PendingFace], usable: list[int], single: dict[str, np.ndarray], model,
@@ -188,11 +223,17 @@ def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensor
     if not faces:
         outcome.reason = "no face found in any photo"
         return outcome
-    # 1. every face alone (the landmark stage only when the joint fit takes over from there)
-    single_fitter = fitters.full if options.method == "mean" else fitters.landmarks
-    single, failed = _fit_in_batches(single_fitter, faces, options.batch_size, device)
+    # 1. every face alone (the landmark stage only when the joint fit takes over from there;
+    #    the R-Net's prediction for cnet)
+    vectors = None
+    if options.method == "cnet":
+        single, vectors, failed = _predict_in_batches(fitters.cnet, faces, options.batch_size, device)
+    else:
+        single_fitter = fitters.full if options.method == "mean" else fitters.landmarks
+        single, failed = _fit_in_batches(single_fitter, faces, options.batch_size, device)
     for i in np.flatnonzero(failed):
-        outcome.failures.append((f"{faces[i].key}#{faces[i].face.index}", "single-photo fit failed"))
+        outcome.failures.append((f"{faces[i].key}#{faces[i].face.index}", "single-photo fit failed" if vectors is None
+                                 else "R-Net or C-Net prediction is not finite"))
     usable = [i for i in range(len(faces)) if not failed[i]]
     if not usable:
         outcome.reason = "no face could be fitted"
@@ -207,10 +248,18 @@ def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensor
     kept_faces = [faces[i] for i in kept]
     init = {n: torch.as_tensor(v[kept]) for n, v in single.items()}
     # 3. aggregate
+    merged: dict[str, np.ndarray] = {}
     if options.method == "mean":
         identity = single["identity"][kept].mean(axis=0)
         confidences = np.ones(len(kept))
         params = {n: v[kept] for n, v in single.items()}
+    elif options.method == "cnet":
+        merged = cnet_aggregate({n: v[kept] for n, v in single.items()}, vectors[kept], fitters.cnet.sizes)
+        identity = merged["identity"]
+        confidences = vectors[kept].sum(axis=1)  # per-photo scalar: the vector's sum (paper fig. 12)
+        # each photo keeps its own expression, light and pose; the aggregated coefficients replace its own
+        params = {n: np.broadcast_to(merged[n], v[kept].shape).copy() if n in merged else v[kept]
+                  for n, v in single.items()}
     else:
         targets = _targets(kept_faces, device)
         first = fitters.full.fit(targets, shared_identity=True, init=init, should_stop=should_stop)
@@ -239,7 +288,11 @@ def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensor
     outcome.files.append(str(sheet))
     outcome.status = "ok"
     outcome.seconds = time.perf_counter() - started
-    _store_album(store, album, outcome, identity, single, faces, usable, keep, options, digest)
+    cnet_record = None
+    if vectors is not None:
+        cnet_record = {"vectors": vectors[usable] * np.asarray(keep, np.float32)[:, None],  # zeros if excluded
+                       "merged": merged, "sizes": fitters.cnet.sizes, "sha256": fitters.cnet_sha256}
+    _store_album(store, album, outcome, identity, single, faces, usable, keep, options, digest, cnet_record)
     return outcome
 
 
@@ -305,8 +358,13 @@ def _three_views(tensors: FaceModelTensors, neutral: torch.Tensor, albedo: torch
 
 def _store_album(store: ResultStore, album: Album, outcome: AlbumOutcome, identity: np.ndarray,
                  single: dict, faces: list[_PendingFace], usable: list[int], keep: np.ndarray,
-                 options: AggregateOptions, digest: str) -> None:
+                 options: AggregateOptions, digest: str, cnet_record: dict | None = None) -> None:
     import h5py
+
+    extra_attrs = {}
+    if cnet_record is not None:
+        extra_attrs = {"cnet_checkpoint": str(Path(options.cnet).resolve()), "cnet_sha256": cnet_record["sha256"],
+                       "aggregated": json.dumps([[n, k] for n, k in cnet_record["sizes"].items()])}
 
     def write(group: h5py.Group) -> None:
         group.create_dataset("identity", data=np.asarray(identity, np.float32))
@@ -315,21 +373,28 @@ def _store_album(store: ResultStore, album: Album, outcome: AlbumOutcome, identi
         group.create_dataset("faces", data=np.array(names, dtype=object), dtype=h5py.string_dtype("utf-8"))
         group.create_dataset("kept", data=np.asarray(keep, bool))
         conf = np.array([outcome.confidences.get(n, 0.0) for n in names], np.float32)
+        if cnet_record is not None:  # unrounded: the sum of each stored confidence vector
+            conf = cnet_record["vectors"].astype(np.float32).sum(axis=1)
         group.create_dataset("confidence", data=conf)
+        if cnet_record is not None:
+            group.create_dataset("confidence_vector", data=cnet_record["vectors"].astype(np.float32))
+            if "albedo" in cnet_record["merged"]:
+                group.create_dataset("albedo", data=cnet_record["merged"]["albedo"].astype(np.float32))
 
     store.write_item(album.name, write, {
         "status": "ok", "method": options.method, "folder": str(album.folder.resolve()),
         "excluded": json.dumps(outcome.excluded), "failures": json.dumps(outcome.failures),
         "faces_used": outcome.faces_used, "photos": outcome.photos, "files": json.dumps(outcome.files),
-        "seconds": outcome.seconds, "inputs_digest": digest, "tool_version": __version__,
+        "seconds": outcome.seconds, "inputs_digest": digest, "tool_version": __version__, **extra_attrs,
     })
 
 
 def album_digest(album: Album, options: AggregateOptions, model_id: str,
-                 detections_index: dict[str, dict] | None = None) -> str:
+                 detections_index: dict[str, dict] | None = None, cnet_sha256: str = "") -> str:
     """What an album's result depends on: its photos (name, size, modification time; or the
     detections' content hashes, from ``detections_index`` of ``album.detections`` when given),
-    the method, the fit settings and the face model."""
+    the method, the fit settings (for ``cnet``: the C-Net checkpoint's content hash
+    ``cnet_sha256`` instead, as nothing is fitted) and the face model."""
     if album.detections is not None:
         index = detections_index if detections_index is not None else \
             read_index(album.detections, detect_stage.ITEMS_GROUP)
@@ -345,6 +410,9 @@ def album_digest(album: Album, options: AggregateOptions, model_id: str,
     settings = {"method": options.method, "fit": options.settings.to_dict(), "model_id": model_id,
                 "recognition": bool(options.recognition_weights), "texture_size": options.texture_size,
                 "formats": sorted(options.formats), "photos": photos}
+    if options.method == "cnet":  # only then, so digests of the other methods stay as they were
+        settings["fit"] = None
+        settings["cnet_sha256"] = cnet_sha256
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -378,6 +446,8 @@ def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: Aggreg
     options = options or AggregateOptions()
     if options.method not in METHODS:
         raise ValueError(f"unknown method {options.method!r}; choose from {', '.join(METHODS)}")
+    if options.method == "cnet" and not options.cnet:
+        raise ValueError("method 'cnet' needs a C-Net checkpoint (--cnet CKPT)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -390,6 +460,13 @@ def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: Aggreg
     device = pick_device(options.device)
     tensors = FaceModelTensors(model).to(device)
     fitters = _fitters(tensors, model, options, device)
+    if options.method == "cnet":
+        from facerecon.networks.cnet import CNetPredictor
+
+        fitters.cnet = CNetPredictor(options.cnet, tensors, model.model_id)
+        fitters.cnet_sha256 = _file_sha256(Path(options.cnet))
+        summary.notes.append(f"C-Net {options.cnet} (sha256 {fitters.cnet_sha256[:12]}) aggregates "
+                             f"{'+'.join(fitters.cnet.sizes)}")
     summary.notes.append("identity check: " + ("face-recognition embeddings" if fitters.recognizer is not None else
                                                "identity shapes (pass --recognition-weights for a reliable check)"))
     if progress is not None:
@@ -410,7 +487,7 @@ def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: Aggreg
                     if album.detections not in indexes:
                         indexes[album.detections] = read_index(album.detections, detect_stage.ITEMS_GROUP)
                     index = indexes[album.detections]
-                digest = album_digest(album, options, model.model_id, index)
+                digest = album_digest(album, options, model.model_id, index, fitters.cnet_sha256)
                 previous = done.get(album.name)
                 if not options.overwrite and previous and previous.get("status") == "ok" and \
                         previous.get("inputs_digest") == digest:
@@ -427,6 +504,14 @@ def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: Aggreg
             summary.interrupted = True
     summary.elapsed = time.perf_counter() - started
     return summary
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _skipped_outcome(album: Album, attrs: dict[str, Any]) -> AlbumOutcome:

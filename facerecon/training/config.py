@@ -88,6 +88,33 @@ scale = 0.1
 rotation_degrees = 10.0
 flip = true
 
+[cnet]
+# Paper 000 sec. 5: train C-Net, the confidence network that aggregates the identity of several
+# photos of one person (eq. 7), instead of R-Net. R-Net (rnet_checkpoint) stays frozen; the
+# loss is eq. 8: the hybrid loss of every image rendered with the aggregated identity and its
+# own expression, albedo, light and pose. Needs data.group_by = "folder" or "synth". When
+# enabled, the settings below replace optim.learning_rate, optim.batch_size, optim.steps,
+# loss.photo and loss.landmark and data.views_per_identity; use an output.directory of its own.
+enabled = false
+# A `facerecon train` R-Net checkpoint (its weights are copied into every C-Net checkpoint).
+rnet_checkpoint = ""
+# Images of one identity aggregated together (paper: 5); groups with fewer are not trained on.
+images_per_identity = 5
+# Identities per step (paper: batch size 5 = one identity of 5 images).
+identities_per_batch = 1
+learning_rate = 2e-5   # Adam, paper
+steps = 10000          # paper: 10K iterations
+# Eq. 8 weights of the multi-image stage (paper: w_lm 1.6e-3, w_photo 1.9, w_id 0.1); the
+# regularisers keep loss.coefficients and loss.texture.
+photo = 1.9
+landmark = 1.6e-3
+perceptual = 0.1
+# ArcFace IR-ResNet backbone.pth you own for the perceptual (identity) term; without it the
+# term is off.
+recognition_weights = ""
+# Also aggregate the albedo coefficients (not in the paper, which bypasses texture).
+aggregate_albedo = false
+
 [distributed]
 # Used when launched by torchrun (WORLD_SIZE > 1): "auto" (nccl on CUDA, gloo on CPU),
 # "nccl" or "gloo"; minutes a process waits for the others (e.g. while rank 0 detects faces).
@@ -110,6 +137,19 @@ def _paper001_weights() -> dict[str, float]:
 
 class ConfigError(ValueError):
     """A configuration problem, described in one line naming the key."""
+
+
+@dataclass
+class CNetSettings:
+    """``[cnet]`` of an enabled C-Net run (paper 000 sec. 5). The run's batch, steps, learning
+    rate, loss weights and views per identity in :class:`TrainConfig` already hold the C-Net
+    values; these are the rest."""
+
+    rnet_checkpoint: Path
+    images_per_identity: int
+    identities_per_batch: int
+    recognition_weights: Path | None
+    aggregated: tuple[str, ...]
 
 
 @dataclass
@@ -140,6 +180,8 @@ class TrainConfig:
     channels_last: str = "auto"
     dist_backend: str = "auto"
     dist_timeout_minutes: float = 60.0
+    #: C-Net training settings (``[cnet] enabled``), None when training R-Net
+    cnet: CNetSettings | None = None
 
     @property
     def grouped(self) -> bool:
@@ -164,6 +206,9 @@ _SCHEMA: dict[str, dict[str, type | tuple]] = {
               "channels_last": str},
     "augment": {"enabled": bool, "shift": _NUMBER, "scale": _NUMBER, "rotation_degrees": _NUMBER,
                 "flip": bool},
+    "cnet": {"enabled": bool, "rnet_checkpoint": str, "images_per_identity": int, "identities_per_batch": int,
+             "learning_rate": _NUMBER, "steps": int, "photo": _NUMBER, "landmark": _NUMBER, "perceptual": _NUMBER,
+             "recognition_weights": str, "aggregate_albedo": bool},
     "distributed": {"backend": str, "timeout_minutes": _NUMBER},
     "output": {"directory": str, "checkpoint_every": int, "preview_every": int, "validate_every": int},
 }
@@ -191,7 +236,8 @@ def _check_data(d: dict[str, Any], merged: dict[str, Any]) -> None:
     if d["views_per_identity"] < 2:
         raise ConfigError("data.views_per_identity must be at least 2")
     batch = merged["optim"]["batch_size"]
-    if d["group_by"] != "none" and batch % d["views_per_identity"]:
+    # C-Net runs size their batches from [cnet] (checked there)
+    if d["group_by"] != "none" and not merged["cnet"]["enabled"] and batch % d["views_per_identity"]:
         raise ConfigError(f"optim.batch_size ({batch}) must be a multiple of data.views_per_identity "
                           f"({d['views_per_identity']}) when data.group_by is {d['group_by']!r}")
 
@@ -229,6 +275,24 @@ def _check_augment(aug: dict[str, Any], merged: dict[str, Any]) -> None:
         raise ConfigError("augment: shift must be in [0, 0.5], scale in [0, 1), rotation_degrees in [0, 90]")
 
 
+def _check_cnet(c: dict[str, Any], merged: dict[str, Any]) -> None:
+    if c["enabled"] and merged["data"]["group_by"] == "none":
+        raise ConfigError("cnet.enabled needs data.group_by = 'folder' or 'synth' (C-Net trains on several "
+                          "images of one identity)")
+    if c["enabled"] and not c["rnet_checkpoint"]:
+        raise ConfigError("cnet.rnet_checkpoint must name the trained R-Net checkpoint when cnet.enabled")
+    if c["images_per_identity"] < 2:
+        raise ConfigError("cnet.images_per_identity must be at least 2")
+    for key in ("identities_per_batch", "steps"):
+        if c[key] < 1:
+            raise ConfigError(f"cnet.{key} must be at least 1")
+    if c["learning_rate"] <= 0:
+        raise ConfigError("cnet.learning_rate must be positive")
+    for key in ("photo", "landmark", "perceptual"):
+        if c[key] < 0:
+            raise ConfigError(f"cnet.{key} must not be negative")
+
+
 def _check_distributed(dist: dict[str, Any], merged: dict[str, Any]) -> None:
     _choice("distributed", "backend", dist["backend"], BACKENDS)
     if dist["timeout_minutes"] <= 0:
@@ -244,7 +308,7 @@ def _check_output(out: dict[str, Any], merged: dict[str, Any]) -> None:
 #: Value checks per section, run after the type checks on the merged configuration (a new
 #: section adds its keys to _SCHEMA, its defaults to DEFAULT_CONFIG_TEXT and a check here).
 _CHECKS = {"data": _check_data, "network": _check_network, "loss": _check_loss, "multiview": _check_multiview,
-           "optim": _check_optim, "augment": _check_augment, "distributed": _check_distributed,
+           "optim": _check_optim, "augment": _check_augment, "cnet": _check_cnet, "distributed": _check_distributed,
            "output": _check_output}
 
 
@@ -286,21 +350,38 @@ def parse_config(text: str, base: Path = Path(".")) -> TrainConfig:
     weights = dict(PAPER000_WEIGHTS)
     weights.update({"photo": loss["photo"], "landmark": loss["landmark"], "coefficients": loss["coefficients"],
                     "texture": loss["texture"]})
+    c = merged["cnet"]
+    cnet, learning_rate, batch_size, steps, views = None, o["learning_rate"], o["batch_size"], o["steps"], \
+        d["views_per_identity"]
+    if c["enabled"]:
+        cnet = CNetSettings(
+            rnet_checkpoint=path(c["rnet_checkpoint"]), images_per_identity=int(c["images_per_identity"]),
+            identities_per_batch=int(c["identities_per_batch"]),
+            recognition_weights=path(c["recognition_weights"]) if c["recognition_weights"] else None,
+            aggregated=("identity", "albedo") if c["aggregate_albedo"] else ("identity",))
+        checkpoints = path(out["directory"]).resolve() / "checkpoints"
+        if cnet.rnet_checkpoint.resolve().parent == checkpoints:
+            raise ConfigError("cnet.rnet_checkpoint lies in output.directory's checkpoints, which C-Net training "
+                              "would overwrite; set output.directory to a folder of its own")
+        # eq. 8 weights; the regularisers keep the [loss] values
+        weights.update({"photo": c["photo"], "landmark": c["landmark"], "perceptual": c["perceptual"]})
+        learning_rate, steps, views = c["learning_rate"], c["steps"], c["images_per_identity"]
+        batch_size = c["images_per_identity"] * c["identities_per_batch"]
     return TrainConfig(
         detections=[path(p) for p in d["detections"]], images=[path(p) for p in d["images"]],
         validation_fraction=float(d["validation_fraction"]), face_model=merged["model"]["face_model"],
         architecture=merged["network"]["architecture"],
         init=path(merged["network"]["init"]) if merged["network"]["init"] else None,
         weights=weights, dense_weight=float(loss["dense"]), render_size=int(loss["render_size"]),
-        learning_rate=float(o["learning_rate"]), batch_size=int(o["batch_size"]), steps=int(o["steps"]),
+        learning_rate=float(learning_rate), batch_size=int(batch_size), steps=int(steps),
         seed=int(o["seed"]), output=path(out["directory"]), checkpoint_every=int(out["checkpoint_every"]),
         preview_every=int(out["preview_every"]), validate_every=int(out["validate_every"]),
         augment=AugmentSettings(**merged["augment"]), source=merged,
-        group_by=d["group_by"], views_per_identity=int(d["views_per_identity"]) if d["group_by"] != "none" else 1,
+        group_by=d["group_by"], views_per_identity=int(views) if d["group_by"] != "none" else 1,
         multiview_weights={"multiview": float(mv["weight"]), "pixel": float(mv["pixel"]), "depth": float(mv["depth"]),
                            "epipolar": float(mv["epipolar"])},
         amp=o["amp"], channels_last=o["channels_last"], dist_backend=merged["distributed"]["backend"],
-        dist_timeout_minutes=float(merged["distributed"]["timeout_minutes"]),
+        dist_timeout_minutes=float(merged["distributed"]["timeout_minutes"]), cnet=cnet,
     )
 
 

@@ -11,6 +11,7 @@ float32. Under ``torchrun`` (:mod:`facerecon.training.distributed`) every proces
 share of each global batch with DistributedDataParallel and rank 0 alone writes files.
 Checkpoints (network, optimiser, step, config, face-model id, code version) are written
 atomically; metrics go to ``metrics.jsonl``; previews (input | render | overlay) to ``previews/``.
+C-Net training (paper 000 sec. 5, :mod:`facerecon.training.cnet_training`) reuses this loop.
 """
 
 from __future__ import annotations
@@ -154,8 +155,15 @@ def split_validation(faces: FaceSet, fraction: float) -> tuple[FaceSet, FaceSet]
     groups = faces.groups or [None] * len(faces)
     held = np.array([bucket(g if g is not None else k.split("#")[0]) < fraction for k, g in zip(faces.keys, groups)])
     if held.all() or (fraction > 0 and not held.any() and len(faces) > 1):
+        # keep at least one face on each side: the last face, with its whole identity group
+        # when that leaves something to train on (an identity must not straddle the split)
         held[:] = False
-        held[-1] = True  # keep at least one face on each side
+        last = groups[-1]
+        if last is not None:
+            same = np.array([g == last for g in groups])
+            if not same.all():
+                held |= same
+        held[-1] = True
     return faces.subset(~held), faces.subset(held)
 
 
@@ -169,7 +177,8 @@ class BatchPlan:
     pure functions of (seed, step), so a resumed run sees the same batches.
     """
 
-    def __init__(self, faces: FaceSet, batch_size: int, views: int, seed: int):
+    def __init__(self, faces: FaceSet, batch_size: int, views: int, seed: int,
+                 views_key: str = "data.views_per_identity"):
         self.count, self.views, self.seed = len(faces), views, seed
         self.units = batch_size // views
         if views > 1:
@@ -181,7 +190,7 @@ class BatchPlan:
             self.tuples = int((sizes // views).sum())
             self.unused = int(sizes[sizes < views].sum() + (self.codes < 0).sum())
             if self.tuples == 0:
-                raise ValueError(f"no identity group has data.views_per_identity = {views} training images "
+                raise ValueError(f"no identity group has {views_key} = {views} training images "
                                  f"({len(table)} groups, largest {int(sizes.max()) if len(sizes) else 0})")
         self._cache: tuple[int, np.ndarray] | None = None
 
@@ -249,7 +258,28 @@ class Trainer:
     ``ctx`` describes the process group when launched by torchrun (default: one process).
     """
 
+    #: ``kind`` written into checkpoints (R-Net checkpoints predate it and have none)
+    checkpoint_kind = "rnet"
+    #: the configuration key that sets :attr:`views` (named in messages)
+    views_key = "data.views_per_identity"
+
     def __init__(self, config: TrainConfig, device: torch.device, ctx: DistContext | None = None):
+        self._setup_common(config, device, ctx)
+        torch.manual_seed(config.seed)
+        self.network = RNet(self.tensors, config.architecture).to(device)
+        if self.channels_last:
+            self.network = self.network.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        self.multiview_renderer = MeshRenderer(image_size=(config.render_size, config.render_size))
+        #: what the training step calls: the network, in DistributedDataParallel when distributed
+        #: (wrapped in :meth:`run`, after restoring, so every rank starts from rank 0's weights)
+        self.model: torch.nn.Module = self.network
+
+    def _setup_common(self, config: TrainConfig, device: torch.device, ctx: DistContext | None,
+                      perceptual=None) -> None:
+        """What every trainer needs: face model, the fit's loss (:class:`FaceFitter`), precision
+        settings and the dense mirror map of the augmentation."""
         self.config = config
         self.device = device
         self.ctx = ctx or DistContext(device=device)
@@ -261,30 +291,31 @@ class Trainer:
 
             oval = face_oval_indices()
         settings = FitSettings(dense_weight=config.dense_weight, weights=dict(config.weights))
-        self.loss = FaceFitter(self.tensors, self.face_model.regions, settings, oval_indices=oval)
-        torch.manual_seed(config.seed)
-        self.network = RNet(self.tensors, config.architecture).to(device)
+        self.loss = FaceFitter(self.tensors, self.face_model.regions, settings, oval_indices=oval,
+                               perceptual=perceptual)
         self.amp_dtype = resolve_amp(config.amp, device)
         self.channels_last = config.channels_last == "on" or (config.channels_last == "auto" and device.type == "cuda")
-        if self.channels_last:
-            self.network = self.network.to(memory_format=torch.channels_last)
         self.dense_mirror = None
         if self.tensors.dense_triangle is not None:
             from facerecon.training.augment import dense_mirror_map
 
             points = self.tensors.dense_points(self.tensors.mean_shape[None])[0].cpu().numpy()
             self.dense_mirror = torch.as_tensor(dense_mirror_map(points), device=device)
-        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
-        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
-        self.multiview_renderer = MeshRenderer(image_size=(config.render_size, config.render_size))
-        #: what the training step calls: the network, in DistributedDataParallel when distributed
-        #: (wrapped in :meth:`run`, after restoring, so every rank starts from rank 0's weights)
-        self.model: torch.nn.Module = self.network
         self.step = 0
+
+    @property
+    def views(self) -> int:
+        """Images of one identity that are consecutive in every batch (1: ungrouped)."""
+        return self.config.views_per_identity
+
+    def train_mode(self) -> None:
+        """Put the trained network(s) in training mode."""
+        self.network.train()
 
     # -------------------------------------------------------------- checkpoints
     def save(self, path: Path) -> None:
-        state = {"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+        state = {"kind": self.checkpoint_kind, "network": self.network.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "step": self.step,
                  "config": self.config.to_dict(), "model_id": self.face_model.model_id, "code_version": __version__,
                  "architecture": self.config.architecture, "sizes": self.network.sizes}
         if self.scaler is not None:
@@ -292,11 +323,20 @@ class Trainer:
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
 
-    def restore(self, path: Path) -> None:
+    def load_checkpoint(self, path: Path) -> dict:
+        """A checkpoint of this trainer's kind and face model (ValueError with one line otherwise)."""
         state = torch.load(path, map_location=self.device, weights_only=False)
+        kind = state.get("kind", "rnet")
+        if kind != self.checkpoint_kind:
+            raise ValueError(f"checkpoint {path} is a {kind} checkpoint, not {self.checkpoint_kind} (--resume needs "
+                             "an output.directory of this kind of training)")
         if state.get("model_id") != self.face_model.model_id:
             raise ValueError(f"checkpoint {path} was trained with face model {state.get('model_id')!r}, "
                              f"not {self.face_model.model_id!r}")
+        return state
+
+    def restore(self, path: Path) -> None:
+        state = self.load_checkpoint(path)
         self.network.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and "scaler" in state:
@@ -385,20 +425,17 @@ class Trainer:
         index = np.arange(min(count, len(faces)))
         targets = faces.targets(index, self.device)
         params = self.predict(targets.crops)
-        size = targets.size
         with self._float32():
-            verts = self.tensors.shape(params["identity"], params["expression"])
-            cam = model_to_camera(verts, params["angles"], params["translation"])
-            out = MeshRenderer(image_size=(size, size)).render(cam, self.tensors.triangles,
-                                                               crop_intrinsics(size, len(index), device=self.device),
-                                                               self.tensors.albedo(params["albedo"]).clamp(0, 1),
-                                                               params["sh"])
-        mask = out.mask[..., None].float()
-        overlay = mask * (0.6 * out.image.clamp(0, 1) + 0.4 * targets.crops) + (1 - mask) * targets.crops
-        rows = torch.cat([torch.cat([targets.crops[i], out.image[i].clamp(0, 1), overlay[i]], 1)
-                          for i in range(len(index))], 0)
-        write_png(path, (rows * 255).round().byte().cpu().numpy())
+            render, overlay = render_preview(self.tensors, params, targets.crops)
+        write_preview(path, [targets.crops, render, overlay])
         self.network.train()
+
+    def start_notes(self, plan: BatchPlan) -> list[str]:
+        """Notes on the data a run trains on."""
+        if self.views == 1:
+            return []
+        return [f"{plan.groups} identities with >= {self.views} views ({plan.tuples} tuples per epoch); "
+                f"{plan.unused} faces in smaller or no groups are not trained on"]
 
     def _start(self, resume: bool, summary: TrainSummary) -> None:
         """Restore or initialise, then wrap the network for distributed training."""
@@ -429,12 +466,10 @@ class Trainer:
         distributed.barrier(ctx)
         summary = TrainSummary(output=str(out))
         latest = out / "checkpoints" / "latest.pt"
-        views = cfg.views_per_identity
-        plan = BatchPlan(train, cfg.batch_size, views, cfg.seed)
-        if views > 1:
-            summary.notes.append(f"{plan.groups} identities with >= {views} views ({plan.tuples} tuples per epoch); "
-                                 f"{plan.unused} faces in smaller or no groups are not trained on")
+        views = self.views
+        plan = BatchPlan(train, cfg.batch_size, views, cfg.seed, self.views_key)
         self._start(resume, summary)
+        summary.notes += self.start_notes(plan)
         metrics_path = out / "metrics.jsonl"
         if main and not resume and metrics_path.exists():
             metrics_path.unlink()
@@ -442,7 +477,7 @@ class Trainer:
             progress.start(cfg.steps)
             for _ in range(self.step):
                 progress.advance()
-        self.network.train()
+        self.train_mode()
         started, images_done = time.perf_counter(), 0
         with (open(metrics_path, "a") if main else contextlib.nullcontext()) as metrics:
             while self.step < cfg.steps:
@@ -471,7 +506,9 @@ class Trainer:
                 record = {"step": self.step, "loss": numbers[0], **dict(zip(values, numbers[1:])),
                           "images_per_second": images_done / max(time.perf_counter() - started, 1e-9)}
                 if len(valid) and (self.step % cfg.validate_every == 0 or self.step == cfg.steps):
-                    record["validation_loss"] = summary.validation_loss = self.validate(valid)
+                    value = self.validate(valid)
+                    if value is not None:  # None: nothing in the validation set to measure
+                        record["validation_loss"] = summary.validation_loss = value
                 if main:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
@@ -489,6 +526,33 @@ class Trainer:
         summary.images_per_second = images_done / max(time.perf_counter() - started, 1e-9) if images_done else None
         summary.checkpoint = str(latest)
         return summary
+
+
+def render_preview(tensors: FaceModelTensors, params: dict[str, torch.Tensor], crops: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The faces of ``params`` rendered on the crops' camera, and blended over the crops.
+
+    Args:
+        params: {name: (B, ...)} face parameters; crops: (B, S, S, 3) in [0, 1].
+
+    Returns:
+        render (B, S, S, 3) and overlay (B, S, S, 3), both in [0, 1].
+    """
+    b, size = crops.shape[0], crops.shape[1]
+    verts = tensors.shape(params["identity"], params["expression"])
+    cam = model_to_camera(verts, params["angles"], params["translation"])
+    out = MeshRenderer(image_size=(size, size)).render(cam, tensors.triangles,
+                                                       crop_intrinsics(size, b, device=crops.device),
+                                                       tensors.albedo(params["albedo"]).clamp(0, 1), params["sh"])
+    render = out.image.clamp(0, 1)
+    mask = out.mask[..., None].float()
+    return render, mask * (0.6 * render + 0.4 * crops) + (1 - mask) * crops
+
+
+def write_preview(path: Path, columns: list[torch.Tensor]) -> None:
+    """A PNG with one row per face and one column per (B, S, S, 3) image batch in [0, 1]."""
+    rows = torch.cat([torch.cat([column[i] for column in columns], 1) for i in range(columns[0].shape[0])], 0)
+    write_png(path, (rows * 255).round().byte().cpu().numpy())
 
 
 def prepare_data(config: TrainConfig, should_stop=None) -> list[Path]:
@@ -514,12 +578,19 @@ def run_training(config: TrainConfig, device: str = "auto", resume: bool = False
     loads the detections, builds the same split and trains on its share of each batch. Returns
     the summary and the trainer (its network holds the final weights).
     """
+    if config.cnet is not None and distributed.env_ranks()[0] > 1:
+        raise ValueError("C-Net training ([cnet] enabled = true) runs in one process; start it without torchrun")
     ctx = distributed.setup(device, config.dist_backend, config.dist_timeout_minutes)
     try:
         files = distributed.on_main(ctx, lambda: prepare_data(config, should_stop=should_stop))
         faces = load_faces(files, config.group_by)
         train_set, valid_set = split_validation(faces, config.validation_fraction)
-        trainer = Trainer(config, ctx.device, ctx)
+        if config.cnet is not None:
+            from facerecon.training.cnet_training import CNetTrainer
+
+            trainer = CNetTrainer(config, ctx.device)
+        else:
+            trainer = Trainer(config, ctx.device, ctx)
         summary = trainer.run(train_set, valid_set, resume, progress=progress if ctx.is_main else None,
                               should_stop=should_stop)
     finally:
