@@ -77,7 +77,8 @@ def test_diverging_face_is_marked_failed(synthetic_fit):
     assert "invalid" in result.reasons[1]
     assert np.isfinite(result.parameters["identity"][0]).all()
     # a face whose optimisation explodes is reset, retried, then marked failed
-    exploding = FitSettings(landmark_steps=3, coarse_steps=4, fine_steps=0, learning_rate=1e6, max_retries=1)
+    exploding = FitSettings(landmark_steps=3, coarse_steps=4, fine_steps=0, learning_rate=1e6, max_retries=1,
+                            warmup_steps=0)
     regions = {"photometric": np.arange(fitter.model.n_vertices), "skin": np.arange(100)}
     result = FaceFitter(fitter.model, regions, exploding).fit(targets)
     assert result.failed.all() and all("diverged" in r for r in result.reasons)
@@ -273,3 +274,46 @@ def test_inner_mouth_can_be_left_out_of_the_photometric_term(ict_embedded_model)
     touches = lambda tris: any(v in mouth for v in tris.flatten().tolist())  # noqa: E731
     assert touches(default.photo_triangles) and not touches(without.photo_triangles)
     assert 0 < len(default.photo_triangles) - len(without.photo_triangles) < 0.2 * len(default.photo_triangles)
+
+
+def test_landmark_trust_follows_the_photometric_error():
+    from facerecon.losses.hybrid import landmark_trust
+
+    error = torch.tensor([0.0, 0.015, 0.075, 0.15, 0.4])
+    trust = landmark_trust(error, reference=0.15, power=2.0, minimum=0.01)
+    assert trust[0] == pytest.approx(0.01) and trust[1] == pytest.approx(0.01)  # clamped at the minimum
+    assert trust[2] == pytest.approx(0.25)  # (0.5) ** 2
+    assert trust[3] == pytest.approx(1.0) and trust[4] == pytest.approx(1.0)  # a typical photo keeps the weight
+    assert not landmark_trust(error.requires_grad_(), 0.15).requires_grad
+
+
+def test_adaptive_trust_weakens_landmarks_only_on_well_explained_faces(synthetic_fit, ict_embedded_model):
+    params, _, fitter, result, targets = synthetic_fit
+    good = {n: torch.as_tensor(v) for n, v in result.parameters.items()}
+    terms = fitter.losses(good, targets, 112)
+    assert (terms["landmark_trust"] < 0.5).all()  # a render of the model itself: the image wins
+    noisy = FaceTargets((targets.crops + 0.3 * torch.rand_like(targets.crops)).clamp(0, 1), targets.landmarks68,
+                        targets.dense, targets.attention)
+    assert (fitter.losses(good, noisy, 112)["landmark_trust"] == 1.0).all()
+    full = FaceFitter(fitter.model, ict_embedded_model.regions, FitSettings(landmark_trust_reference=0.0))
+    assert "landmark_trust" not in full.losses(good, targets, 112)
+
+
+def test_a_photometric_stage_never_returns_a_face_worse_than_it_was_given(synthetic_fit, ict_embedded_model):
+    _, _, fitter, result, targets = synthetic_fit
+    good = {n: torch.as_tensor(v) for n, v in result.parameters.items()}
+    # a step size large enough to throw every face off its optimum on the first step
+    rough = FaceFitter(fitter.model, ict_embedded_model.regions,
+                       FitSettings(coarse_steps=6, coarse_size=224, fine_steps=0, learning_rate=3.0, warmup_steps=0),
+                       oval_indices=face_oval_indices())
+    before = rough.losses({**good, "sh": rough.solve_light(good, targets, 224)}, targets, 224)["total"]
+    after = rough.fit(targets, init=good)
+    assert not after.failed.any()
+    assert (after.losses["total"] <= before.numpy() * 1.001).all(), (after.losses["total"], before)
+
+
+def test_command_line_step_defaults_match_the_fit_settings():
+    from facerecon.cli.common import FIT_STEPS
+
+    defaults = FitSettings()
+    assert FIT_STEPS == (defaults.landmark_steps, defaults.coarse_steps, defaults.fine_steps)

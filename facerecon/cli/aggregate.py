@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from facerecon.cli.common import (StageProgress, fail_run, graceful_stop, problems_table, report_stage,
+from facerecon.cli.common import (FIT_STEPS, StageProgress, fail_run, graceful_stop, problems_table, report_stage,
                                   stderr_console, summary_table)
 from facerecon.cli.fit import face_model_options
 
@@ -33,7 +33,7 @@ from facerecon.cli.fit import face_model_options
               help="Faces fitted together in the single-photo fits.")
 @click.option("--texture-size", type=click.IntRange(64, 8192), default=1024, show_default=True,
               help="Side of the merged UV texture PNG.")
-@click.option("--steps", type=(click.IntRange(0), click.IntRange(0), click.IntRange(0)), default=(120, 100, 25),
+@click.option("--steps", type=(click.IntRange(0), click.IntRange(0), click.IntRange(0)), default=FIT_STEPS,
               show_default=True, metavar="LANDMARK COARSE FINE",
               help="Iterations of the three fitting stages (landmarks; photometric at 112 px; at crop size).")
 @click.option("--overwrite", is_flag=True, help="Redo albums already in aggregate.h5 (default: skip them).")

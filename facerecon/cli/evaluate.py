@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from facerecon.cli.common import (EXIT_NOTHING_DONE, StageProgress, fail_run, graceful_stop, print_json,
+from facerecon.cli.common import (FIT_STEPS, EXIT_NOTHING_DONE, StageProgress, fail_run, graceful_stop, print_json,
                                   stderr_console)
 
 
@@ -129,7 +129,7 @@ def _scenarios(text: str) -> tuple[str, ...]:
               help="Evenly spaced frames reconstructed per video (all when the video is shorter).")
 @click.option("--face-model", default=None, metavar="NAME|PATH", help="Face model to fit with.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--steps", type=(click.IntRange(0), click.IntRange(0), click.IntRange(0)), default=(120, 100, 25),
+@click.option("--steps", type=(click.IntRange(0), click.IntRange(0), click.IntRange(0)), default=FIT_STEPS,
               hidden=True, help="Fit iterations (landmark, coarse, fine), as `fit --steps`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or tables.")
@@ -246,7 +246,7 @@ def _fit_method_options(function):
         click.option("--limit", type=click.IntRange(1), default=None,
                      help="Evaluate only the first N images (a quick check; the numbers are not the benchmark's)."),
         click.option("--steps", type=(click.IntRange(0), click.IntRange(0), click.IntRange(0)),
-                     default=(120, 100, 25), hidden=True, help="Fit iterations (landmark, coarse, fine), as `fit --steps`."),
+                     default=FIT_STEPS, hidden=True, help="Fit iterations (landmark, coarse, fine), as `fit --steps`."),
     ]
     for option in reversed(options):
         function = option(function)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from facerecon.cli.common import (StageProgress, fail_run, graceful_stop, problems_table, report_stage,
+from facerecon.cli.common import (FIT_STEPS, StageProgress, fail_run, graceful_stop, problems_table, report_stage,
                                   stderr_console, summary_table)
 
 
@@ -36,10 +36,13 @@ def face_model_options(function):
 @click.option("--texture-size", type=click.IntRange(64, 8192), default=1024, show_default=True,
               help="Side of the UV texture PNG.")
 @click.option("--no-overlays", is_flag=True, help="Skip overlay PNGs and the contact sheet.")
-@click.option("--steps", type=(click.IntRange(0), click.IntRange(0), click.IntRange(0)), default=(120, 100, 25),
+@click.option("--steps", type=(click.IntRange(0), click.IntRange(0), click.IntRange(0)), default=FIT_STEPS,
               show_default=True, metavar="LANDMARK COARSE FINE",
               help="Iterations of the three stages (landmarks; photometric at 112 px; at crop size).")
 @click.option("--no-dense", is_flag=True, help="Use the 68 landmarks only, not the 468-point dense embedding.")
+@click.option("--landmark-trust", type=click.Choice(["adaptive", "full"]), default="adaptive", show_default=True,
+              help="adaptive: once the rendered face explains the photo much better than a typical photo "
+                   "allows, landmarks weigh less than the image (docs/fitting.md); full: the paper's fixed weight.")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Trained R-Net checkpoint (facerecon train): method 'network' instead of 'optimize'.")
 @click.option("--refine", type=click.IntRange(0), default=0, show_default=True,
@@ -52,7 +55,7 @@ def face_model_options(function):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary table.")
 def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_download: bool, formats: str, pose: str,
         device: str, batch_size: int, largest: bool, texture_size: int, no_overlays: bool,
-        steps: tuple[int, int, int], no_dense: bool, checkpoint: str | None, refine: int,
+        steps: tuple[int, int, int], no_dense: bool, landmark_trust: str, checkpoint: str | None, refine: int,
         recognition_weights: str | None, seed: int, overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Reconstruct a textured 3D mesh for every face in the photos.
 
@@ -91,7 +94,8 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--format") from None
     settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2],
-                           use_dense_landmarks=not no_dense)
+                           use_dense_landmarks=not no_dense,
+                           **({"landmark_trust_reference": 0.0} if landmark_trust == "full" else {}))
     options = FitOptions(face_model=face_model, allow_download=False if no_download else None, device=device,
                          batch_size=batch_size, formats=format_list, pose=pose, texture_size=texture_size,
                          overlays=not no_overlays, largest=largest, overwrite=overwrite, seed=seed,

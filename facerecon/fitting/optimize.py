@@ -27,6 +27,7 @@ from facerecon.fitting.camera import crop_intrinsics, model_to_camera, pose_from
 from facerecon.losses.hybrid import (
     PAPER000_WEIGHTS,
     coefficient_regularizer,
+    landmark_trust,
     landmark_weights_68,
     photometric_loss,
     texture_flatness,
@@ -37,6 +38,9 @@ from facerecon.render.shading import SH_CONSTANTS, sh_basis, vertex_normals
 
 #: Landmarks on the face contour slide along the silhouette: weighted by visibility.
 JAW_68 = np.arange(0, 17)
+#: a stage's loss this many times its first value means the optimisation is diverging
+EXPLODING_LOSS_FACTOR = 1e4
+
 PARAMETER_NAMES = ("identity", "expression", "albedo", "sh", "angles", "translation")
 
 
@@ -45,7 +49,7 @@ class FitSettings:
     """Options of the ``optimize`` method (defaults: paper 000 weights)."""
 
     landmark_steps: int = 120
-    coarse_steps: int = 100
+    coarse_steps: int = 200
     fine_steps: int = 25
     coarse_size: int = 112
     learning_rate: float = 0.03
@@ -54,6 +58,12 @@ class FitSettings:
     use_dense_landmarks: bool = True
     dense_weight: float = 20.0
     photometric_landmark_scale: float = 1.0  # < 1 lets photometry override landmarks
+    # adaptive landmark trust in the photometric stages (docs/fitting.md): the landmark term is
+    # scaled by clamp((photometric error / reference) ** power, minimum, 1); reference 0 = off
+    landmark_trust_reference: float = 0.15
+    landmark_trust_power: float = 2.0
+    landmark_trust_minimum: float = 0.01
+    warmup_steps: int = 20  # Adam steps over which a photometric stage ramps up its step size
     exclude_inner_mouth: bool = False
     max_retries: int = 1
     weights: dict[str, float] = field(default_factory=lambda: dict(PAPER000_WEIGHTS))
@@ -234,7 +244,9 @@ class FaceFitter:
         # photometric_landmark_scale < 1 weakens landmarks once the photometric term is on
         # (helps when the detector is unreliable, e.g. on renders; hurts on real photos).
         lan_weight = w["landmark"] * (self.settings.photometric_landmark_scale if render_size is not None else 1.0)
-        total = lan_weight * lan + w["coefficients"] * terms["coefficients"]
+        total = w["coefficients"] * terms["coefficients"]
+        if render_size is None:
+            total = total + lan_weight * lan
         if render_size is not None:
             albedo = m.albedo(p["albedo"])
             terms["texture"] = texture_flatness(albedo, self.skin)
@@ -244,6 +256,12 @@ class FaceFitter:
             attention = _resize(targets.attention[..., None], render_size)[..., 0]
             terms["photometric"] = photometric_loss(out.image, target, out.mask, attention)
             total = total + w["photo"] * terms["photometric"] + w["texture"] * terms["texture"]
+            cfg = self.settings
+            if cfg.landmark_trust_reference > 0:
+                terms["landmark_trust"] = landmark_trust(terms["photometric"], cfg.landmark_trust_reference,
+                                                         cfg.landmark_trust_power, cfg.landmark_trust_minimum)
+                lan_weight = lan_weight * terms["landmark_trust"]
+            total = total + lan_weight * lan
             if self.perceptual is not None:
                 ratio = render_size / s
                 landmarks = (targets.landmarks68 + 0.5) * ratio - 0.5
@@ -297,8 +315,18 @@ class FaceFitter:
             [{"params": [tensors[n]], "lr": cfg.learning_rate * scale[n] * state["lr_factor"]} for n in names])
         # cosine decay to 5 % of the step size: large moves first, then settle
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda i: 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(i, steps) / steps)))
-        best, stale, done = math.inf, 0, 0
+            optimizer, lambda i: min(1.0, (i + 1) / (cfg.warmup_steps + 1)) *
+            (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(i, steps) / steps))))
+        b = targets.crops.shape[0]
+        device = targets.crops.device
+        # per face: the best parameters seen (Adam's first steps after a restart can make things
+        # worse; a stage never returns a face worse than it was given) and a convergence count
+        best_value = torch.full((b,), math.inf, device=device)
+        best = {n: t.detach().clone() for n, t in tensors.items()}
+        stale = torch.zeros(b, dtype=torch.int64, device=device)
+        shared = any(t.shape[0] != b for t in tensors.values())
+        first_value = torch.full((b,), math.inf, device=device)
+        done = 0
         for step in range(steps):
             if state.get("should_stop") is not None and state["should_stop"]():
                 state["stopped"] = True
@@ -309,9 +337,26 @@ class FaceFitter:
             bad = ~torch.isfinite(total) & ~state["failed"]
             for t in tensors.values():
                 bad |= ~torch.isfinite(t.detach()).all(dim=1)
+            # an exploding loss counts as diverging too, before it overflows
+            bad |= (total.detach() > EXPLODING_LOSS_FACTOR * first_value) & ~state["failed"]
             if bad.any():
                 self._reset_faces(bad, tensors, start, optimizer, state)
                 continue
+            with torch.no_grad():
+                value = total.detach()
+                first_value = torch.where(torch.isfinite(first_value), first_value, value.abs().clamp_min(1e-6))
+                improved = (value < best_value * (1.0 - cfg.tolerance)) & ~state["failed"]
+                if shared:  # one identity for all faces: the best step of the batch as a whole
+                    live = ~state["failed"]
+                    better = ((value[live].sum() < best_value[live].sum()) | ~torch.isfinite(best_value[live]).all()
+                              ).expand(b)
+                else:
+                    better = value < best_value
+                for n, t in tensors.items():
+                    best[n] = torch.where(better[:, None], t.detach(), best[n]) if t.shape[0] == b else \
+                        torch.where(better[:1, None], t.detach(), best[n])
+                best_value = torch.where(better, value, best_value)
+                stale = torch.where(improved, torch.zeros_like(stale), stale + 1)
             total = torch.where(state["failed"], torch.zeros_like(total), total)
             active = (~state["failed"]).to(total.dtype) * state.get("weights", 1.0)
             optimizer.zero_grad(set_to_none=True)
@@ -321,16 +366,11 @@ class FaceFitter:
             with torch.no_grad():
                 if self.model.expression_kind == "blendshape" and "expression" in tensors:
                     tensors["expression"].clamp_(0.0, 1.0)
-                value = float((total.detach() * active).sum() / active.sum().clamp_min(1.0))
             done = step + 1
-            if value < best * (1.0 - cfg.tolerance):
-                best, stale = value, 0
-            else:
-                stale += 1
-                if stale >= cfg.patience:
-                    break
+            if bool(((stale >= cfg.patience) | state["failed"]).all()):
+                break
         for n in names:
-            params[n] = tensors[n].detach()
+            params[n] = best[n]
         return done
 
     def _run_landmark_stage(self, params: dict[str, torch.Tensor], start: dict[str, torch.Tensor],

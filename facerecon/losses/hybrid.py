@@ -112,3 +112,25 @@ def texture_flatness(albedo: torch.Tensor, skin_vertices: torch.Tensor) -> torch
     """
     skin = albedo[:, skin_vertices]
     return skin.var(dim=1, unbiased=False).sum(dim=-1)
+
+
+def landmark_trust(photometric: torch.Tensor, reference: float, power: float = 2.0,
+                   minimum: float = 0.01) -> torch.Tensor:
+    """How far to trust detected landmarks once the photometric term is on, per face.
+
+    A landmark detector is off by a few per cent of the eye distance whatever the photo, while
+    the photometric error says how well the rendered face explains this photo: on a photo that
+    the model reproduces much better than a typical in-the-wild photo (``reference``, in the
+    units of :func:`photometric_loss`), the image is the better witness and the landmark term
+    is scaled down; at or above the reference it keeps its full weight. Detached: a weight, not
+    something to optimise.
+
+    Args:
+        photometric: (B,) photometric error (eq. 2).
+        reference, power, minimum: scale = clamp((photometric / reference) ** power, minimum, 1).
+
+    Returns:
+        (B,) scale in [minimum, 1].
+    """
+    ratio = photometric.detach().clamp_min(0.0) / reference
+    return (ratio ** power).clamp(minimum, 1.0)

@@ -290,7 +290,10 @@ class Trainer:
             from facerecon.facemodel.embedding import face_oval_indices
 
             oval = face_oval_indices()
-        settings = FitSettings(dense_weight=config.dense_weight, weights=dict(config.weights))
+        # the paper's fixed weights: the adaptive landmark trust is a per-photo fitting aid,
+        # not part of the training objective
+        settings = FitSettings(dense_weight=config.dense_weight, weights=dict(config.weights),
+                               landmark_trust_reference=0.0)
         self.loss = FaceFitter(self.tensors, self.face_model.regions, settings, oval_indices=oval,
                                perceptual=perceptual)
         self.amp_dtype = resolve_amp(config.amp, device)
