@@ -119,3 +119,30 @@ def can_make_unreadable(path: Path) -> bool:
     except PermissionError:
         return True
     return False
+
+
+def write_synth_detections(path: Path, synth_dir: Path, keys_and_images: list[tuple[str, Path]]) -> Path:
+    """A detections file whose faces are the synthetic images themselves (zoom-1 synth images are
+    aligned crops) with their true landmarks, so no detector runs."""
+    import h5py
+    from PIL import Image
+
+    from facerecon.io.store import ResultStore
+
+    with h5py.File(synth_dir / "synth.h5") as f:
+        truth = {name: f["images"][name]["landmarks68"][()] for name in f["images"]}
+    with ResultStore(path, kind="detections", items_group="images") as store:
+        for key, image in keys_and_images:
+            crop = np.asarray(Image.open(image).convert("RGB"))
+
+            def write(group, crop=crop, lm=truth[image.name]):
+                g = group.create_group("faces").create_group("0")
+                g.attrs["index"], g.attrs["score"] = 0, 1.0
+                g.create_dataset("crop", data=crop)
+                g.create_dataset("crop_landmarks68", data=lm.astype(np.float32))
+                g.create_dataset("crop_landmarks478", data=np.zeros((478, 3), np.float32))
+                g.create_dataset("skin_attention", data=np.full(crop.shape[:2], 255, np.uint8))
+                g.create_dataset("align_matrix", data=np.array([[1.0, 0, 0], [0, 1.0, 0]]))
+
+            store.write_item(key, write, {"status": "ok", "n_faces": 1, "source_path": str(image.resolve())})
+    return path

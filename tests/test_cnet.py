@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 from facerecon.cli import main
 from facerecon.networks.cnet import CNet, aggregate_coefficients, grouped_aggregate
 from facerecon.training.config import ConfigError, parse_config
+from tests.helpers_detect import write_synth_detections
 
 SIZE = 64
 
@@ -72,30 +72,6 @@ def test_cnet_has_the_papers_size_on_resnet50_features():
 # --------------------------------------------------------------------------- data
 
 
-def _write_detections(path: Path, synth_dir: Path, keys_and_images: list[tuple[str, Path]]) -> Path:
-    """A detections file whose faces are the synthetic images themselves (zoom-1 synth images are
-    aligned crops) with their true landmarks, so no detector runs."""
-    from facerecon.io.store import ResultStore
-
-    with h5py.File(synth_dir / "synth.h5") as f:
-        truth = {name: f["images"][name]["landmarks68"][()] for name in f["images"]}
-    with ResultStore(path, kind="detections", items_group="images") as store:
-        for key, image in keys_and_images:
-            crop = np.asarray(Image.open(image).convert("RGB"))
-
-            def write(group, crop=crop, lm=truth[image.name]):
-                g = group.create_group("faces").create_group("0")
-                g.attrs["index"], g.attrs["score"] = 0, 1.0
-                g.create_dataset("crop", data=crop)
-                g.create_dataset("crop_landmarks68", data=lm.astype(np.float32))
-                g.create_dataset("crop_landmarks478", data=np.zeros((478, 3), np.float32))
-                g.create_dataset("skin_attention", data=np.full(crop.shape[:2], 255, np.uint8))
-                g.create_dataset("align_matrix", data=np.array([[1.0, 0, 0], [0, 1.0, 0]]))
-
-            store.write_item(key, write, {"status": "ok", "n_faces": 1, "source_path": str(image.resolve())})
-    return path
-
-
 @pytest.fixture(scope="module")
 def grouped_data(ict_model_file, tmp_path_factory):
     from facerecon.stages.synth import SynthOptions, run_synth
@@ -104,7 +80,7 @@ def grouped_data(ict_model_file, tmp_path_factory):
     run_synth(root / "synth", SynthOptions(face_model=str(ict_model_file), count=8, views=3, size=SIZE, zoom=1.0,
                                            max_yaw=30, max_pitch=10))
     images = sorted((root / "synth" / "images").glob("*.png"))
-    return _write_detections(root / "detections.h5", root / "synth", [(p.name, p) for p in images])
+    return write_synth_detections(root / "detections.h5", root / "synth", [(p.name, p) for p in images])
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +284,7 @@ def test_aggregate_with_cnet_stores_confidence_vectors_and_follows_eq7(grouped_d
     synth = grouped_data.parent / "synth"
     images = sorted((synth / "images").glob("*.png"))
     pairs = [(f"ann/{p.name}", p) for p in images[:3]] + [(f"bob/{p.name}", p) for p in images[3:5]]
-    detections = _write_detections(tmp_path / "people.h5", synth, pairs)
+    detections = write_synth_detections(tmp_path / "people.h5", synth, pairs)
     # a C-Net with clearly unequal confidences (two training steps barely move them from 0.5)
     state = torch.load(cnet_checkpoint, weights_only=False)
     state["cnet"]["fc2.weight"] = torch.randn(state["cnet"]["fc2.weight"].shape,

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 from facerecon.cli import main
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import camera_rotation, crop_intrinsics, model_to_camera
 from facerecon.losses import multiview as mv
 from facerecon.render.camera import project_points
+from tests.helpers_detect import write_synth_detections
 from facerecon.render.renderer import MeshRenderer
 from facerecon.synthetic import random_parameters
 from facerecon.training.config import ConfigError, parse_config
@@ -245,31 +245,6 @@ def test_defaults_are_the_papers_and_the_cli_reports_bad_keys(tmp_path):
 # --------------------------------------------------------------------------- training
 
 
-def _write_detections(path: Path, synth_dir: Path, keys_and_images: list[tuple[str, Path]]) -> Path:
-    """A detections file whose faces are the synthetic images themselves (zoom 1 synth images are
-    aligned crops on the fitting camera), with their true landmarks."""
-    import h5py
-
-    from facerecon.io.store import ResultStore
-
-    with h5py.File(synth_dir / "synth.h5") as f:
-        truth = {name: f["images"][name]["landmarks68"][()] for name in f["images"]}
-    with ResultStore(path, kind="detections", items_group="images") as store:
-        for key, image in keys_and_images:
-            crop = np.asarray(Image.open(image).convert("RGB"))
-
-            def write(group, crop=crop, lm=truth[image.name]):
-                g = group.create_group("faces").create_group("0")
-                g.attrs["index"], g.attrs["score"] = 0, 1.0
-                g.create_dataset("crop", data=crop)
-                g.create_dataset("crop_landmarks68", data=lm.astype(np.float32))
-                g.create_dataset("crop_landmarks478", data=np.zeros((478, 3), np.float32))
-                g.create_dataset("skin_attention", data=np.full(crop.shape[:2], 255, np.uint8))
-
-            store.write_item(key, write, {"status": "ok", "n_faces": 1, "source_path": str(image.resolve())})
-    return path
-
-
 @pytest.fixture(scope="module")
 def grouped_data(ict_model_file, tmp_path_factory):
     from facerecon.stages.synth import SynthOptions, run_synth
@@ -278,7 +253,7 @@ def grouped_data(ict_model_file, tmp_path_factory):
     run_synth(root / "synth", SynthOptions(face_model=str(ict_model_file), count=12, views=3, size=SIZE, zoom=1.0,
                                            max_yaw=30, max_pitch=10))
     images = sorted((root / "synth" / "images").glob("*.png"))
-    return _write_detections(root / "detections.h5", root / "synth", [(p.name, p) for p in images])
+    return write_synth_detections(root / "detections.h5", root / "synth", [(p.name, p) for p in images])
 
 
 def test_folder_and_synth_grouping_rules(grouped_data, tmp_path):
@@ -295,7 +270,7 @@ def test_folder_and_synth_grouping_rules(grouped_data, tmp_path):
     loose = people / synth_images[6].name  # at the top of the input folder: no identity
     shutil.copy(synth_images[6], loose)
     pairs.append((loose.name, loose))
-    detections = _write_detections(tmp_path / "people.h5", grouped_data.parent / "synth", pairs)
+    detections = write_synth_detections(tmp_path / "people.h5", grouped_data.parent / "synth", pairs)
     faces = load_faces([detections], "folder")
     by_key = dict(zip(faces.keys, faces.groups))
     assert by_key[f"people.h5:{loose.name}#0"] is None
