@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Collection
 
 import click
 
@@ -108,15 +109,15 @@ def rendered(out_dir: Path, face_model: str | None, samples: int, seed: int, yaw
     _finish(result, as_json, anything_done=any(row["reconstructed"] for row in result.by_yaw))
 
 
-def _scenarios(text: str) -> tuple[str, ...]:
-    from facerecon.evaluation.micc import SCENARIOS
-
+def _subset(text: str, allowed: Collection[str], option: str) -> tuple[str, ...]:
+    """A comma-separated, non-empty subset of ``allowed`` (case-insensitive, duplicates dropped)."""
+    lookup = {name.lower(): name for name in allowed}
     names = tuple(dict.fromkeys(v.strip().lower() for v in text.split(",") if v.strip()))
-    unknown = [n for n in names if n not in SCENARIOS]
+    unknown = [n for n in names if n not in lookup]
     if unknown or not names:
-        raise click.BadParameter(f"expected a comma-separated subset of {','.join(SCENARIOS)}, got {text!r}",
-                                 param_hint="--scenarios")
-    return names
+        raise click.BadParameter(f"expected a comma-separated subset of {','.join(allowed)}, got {text!r}",
+                                 param_hint=option)
+    return tuple(lookup[n] for n in names)
 
 
 @evaluate.command("micc")
@@ -164,12 +165,12 @@ def micc(root: Path, out_dir: Path, scenarios: str, frames: int, face_model: str
     Example:
       facerecon evaluate micc /data/MICC --out eval/micc --scenarios cooperative
     """
-    from facerecon.evaluation.micc import MiccOptions, run_micc
+    from facerecon.evaluation.micc import SCENARIOS, MiccOptions, run_micc
     from facerecon.fitting.optimize import FitSettings
 
     settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2])
-    options = MiccOptions(face_model=face_model, scenarios=_scenarios(scenarios), frames=frames, device=device,
-                          settings=settings)
+    options = MiccOptions(face_model=face_model, scenarios=_subset(scenarios, SCENARIOS, "--scenarios"),
+                          frames=frames, device=device, settings=settings)
     console = stderr_console(quiet=quiet)
 
     def report(row: dict) -> None:
@@ -257,17 +258,6 @@ def _fmt(value, pattern: str = "{:.2f}") -> str:
     return "-" if value is None else pattern.format(value)
 
 
-def _challenges(text: str) -> tuple[str, ...]:
-    from facerecon.evaluation.now import CHALLENGES
-
-    names = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
-    unknown = [n for n in names if n not in CHALLENGES]
-    if unknown or not names:
-        raise click.BadParameter(f"expected a comma-separated subset of {','.join(CHALLENGES)}, got {text!r}",
-                                 param_hint="--challenges")
-    return names
-
-
 @evaluate.command("now")
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -314,12 +304,13 @@ def now(root: Path, out_dir: Path, split: str, image_list: str | None, challenge
     Example:
       facerecon evaluate now /data/NoW_Dataset/final_release_version --split val --out eval/now
     """
-    from facerecon.evaluation.now import NowOptions, run_now
+    from facerecon.evaluation.now import CHALLENGES, NowOptions, run_now
     from facerecon.fitting.optimize import FitSettings
 
     settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2])
     options = NowOptions(face_model=face_model, split=split, image_list=image_list,
-                         challenges=_challenges(challenges), limit=limit, device=device, batch_size=batch_size,
+                         challenges=_subset(challenges, CHALLENGES, "--challenges"), limit=limit, device=device,
+                         batch_size=batch_size,
                          checkpoint=checkpoint, refine=refine, settings=settings)
     console = stderr_console(quiet=quiet)
     result = _run_protocol(console, quiet, out_dir, as_json,

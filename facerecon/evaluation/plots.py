@@ -50,17 +50,8 @@ def plot_cumulative_errors(curves: Mapping[str, Sequence[float]], path: str | Pa
         xs = np.concatenate([[0.0], values])
         ys = np.concatenate([[0.0], np.arange(1, len(values) + 1) / len(values)])
         axis.step(xs, ys, where="post", label=f"{label} (n={len(values)})")
-    axis.set_xlim(0, top * 1.1 if top > 0 else 1.0)
-    axis.set_ylim(0, 1.02)
-    axis.set_xlabel(xlabel)
-    axis.set_ylabel(ylabel)
-    if title:
-        axis.set_title(title)
-    axis.grid(alpha=0.3)
-    if axis.get_legend_handles_labels()[0]:
-        axis.legend(loc="upper left", fontsize=8)
-    figure.tight_layout()
-    save_figure(figure, path)
+    _finish_cumulative(figure, axis, path, top * 1.1 if top > 0 else 1.0, xlabel, ylabel, title,
+                       "upper left" if axis.get_legend_handles_labels()[0] else None)
 
 
 def vertex_colors(values: np.ndarray, vmax: float, cmap: str = "viridis") -> np.ndarray:
@@ -185,6 +176,13 @@ def plot_cumulative_distribution(curves: Mapping[str, np.ndarray], path: str | P
     for label, values in prepared.items():
         ys = np.searchsorted(values, xs, side="right") / len(values)
         axis.plot(xs, ys, label=f"{label} (n={len(values)})")
+    _finish_cumulative(figure, axis, path, x_max, xlabel, ylabel, title, "lower right" if prepared else None)
+
+
+def _finish_cumulative(figure, axis, path: str | Path, x_max: float, xlabel: str, ylabel: str, title: str,
+                       legend: str | None) -> None:
+    """Axes of a cumulative plot (x from 0 to ``x_max``, fractions 0-1), legend at ``legend``
+    (None: no legend), then save."""
     axis.set_xlim(0, x_max)
     axis.set_ylim(0, 1.02)
     axis.set_xlabel(xlabel)
@@ -192,7 +190,7 @@ def plot_cumulative_distribution(curves: Mapping[str, np.ndarray], path: str | P
     if title:
         axis.set_title(title)
     axis.grid(alpha=0.3)
-    if prepared:
-        axis.legend(loc="lower right", fontsize=8)
+    if legend:
+        axis.legend(loc=legend, fontsize=8)
     figure.tight_layout()
     save_figure(figure, path)

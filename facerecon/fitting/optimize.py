@@ -241,12 +241,10 @@ class FaceFitter:
             lan = lan + self.settings.dense_weight * terms["landmark_dense"]
         terms["landmark"] = lan
         terms["coefficients"] = coefficient_regularizer(identity, expression, p["albedo"], w)
-        # photometric_landmark_scale < 1 weakens landmarks once the photometric term is on
-        # (helps when the detector is unreliable, e.g. on renders; hurts on real photos).
+        # photometric_landmark_scale < 1 weakens landmarks once the photometric term is on, by a
+        # fixed factor; the adaptive landmark trust below does so per face
         lan_weight = w["landmark"] * (self.settings.photometric_landmark_scale if render_size is not None else 1.0)
         total = w["coefficients"] * terms["coefficients"]
-        if render_size is None:
-            total = total + lan_weight * lan
         if render_size is not None:
             albedo = m.albedo(p["albedo"])
             terms["texture"] = texture_flatness(albedo, self.skin)
@@ -261,12 +259,12 @@ class FaceFitter:
                 terms["landmark_trust"] = landmark_trust(terms["photometric"], cfg.landmark_trust_reference,
                                                          cfg.landmark_trust_power, cfg.landmark_trust_minimum)
                 lan_weight = lan_weight * terms["landmark_trust"]
-            total = total + lan_weight * lan
-            if self.perceptual is not None:
-                ratio = render_size / s
-                landmarks = (targets.landmarks68 + 0.5) * ratio - 0.5
-                terms["perceptual"] = self.perceptual(out.image, target, out.mask, landmarks)
-                total = total + w["perceptual"] * terms["perceptual"]
+        total = total + lan_weight * lan
+        if render_size is not None and self.perceptual is not None:
+            ratio = render_size / s
+            landmarks = (targets.landmarks68 + 0.5) * ratio - 0.5
+            terms["perceptual"] = self.perceptual(out.image, target, out.mask, landmarks)
+            total = total + w["perceptual"] * terms["perceptual"]
         terms["total"] = total
         return terms
 

@@ -48,6 +48,7 @@ from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import crop_intrinsics, model_to_camera
 from facerecon.fitting.optimize import FaceFitter, FitSettings
+from facerecon.io.images import file_sha256
 from facerecon.io.store import ResultStore, attrs_dict, open_results, read_index
 from facerecon.render.renderer import MeshRenderer
 from facerecon.stages import detect as detect_stage
@@ -464,7 +465,7 @@ def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: Aggreg
         from facerecon.networks.cnet import CNetPredictor
 
         fitters.cnet = CNetPredictor(options.cnet, tensors, model.model_id)
-        fitters.cnet_sha256 = _file_sha256(Path(options.cnet))
+        fitters.cnet_sha256 = file_sha256(options.cnet)
         summary.notes.append(f"C-Net {options.cnet} (sha256 {fitters.cnet_sha256[:12]}) aggregates "
                              f"{'+'.join(fitters.cnet.sizes)}")
     summary.notes.append("identity check: " + ("face-recognition embeddings" if fitters.recognizer is not None else
@@ -504,14 +505,6 @@ def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: Aggreg
             summary.interrupted = True
     summary.elapsed = time.perf_counter() - started
     return summary
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _skipped_outcome(album: Album, attrs: dict[str, Any]) -> AlbumOutcome:
