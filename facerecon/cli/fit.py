@@ -43,6 +43,9 @@ def face_model_options(function):
 @click.option("--landmark-trust", type=click.Choice(["adaptive", "full"]), default="adaptive", show_default=True,
               help="adaptive: once the rendered face explains the photo much better than a typical photo "
                    "allows, landmarks weigh less than the image (docs/fitting.md); full: the paper's fixed weight.")
+@click.option("--detector-bias/--no-detector-bias", default=True, show_default=True,
+              help="Correct the detector's pose-dependent landmark bias with the face model's table "
+                   "(`facerecon model calibrate`; docs/fitting.md); off: fit the raw detections.")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Trained R-Net checkpoint (facerecon train): method 'network' instead of 'optimize'.")
 @click.option("--refine", type=click.IntRange(0), default=0, show_default=True,
@@ -55,7 +58,8 @@ def face_model_options(function):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary table.")
 def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_download: bool, formats: str, pose: str,
         device: str, batch_size: int, largest: bool, texture_size: int, no_overlays: bool,
-        steps: tuple[int, int, int], no_dense: bool, landmark_trust: str, checkpoint: str | None, refine: int,
+        steps: tuple[int, int, int], no_dense: bool, landmark_trust: str, detector_bias: bool,
+        checkpoint: str | None, refine: int,
         recognition_weights: str | None, seed: int, overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Reconstruct a textured 3D mesh for every face in the photos.
 
@@ -95,6 +99,7 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
         raise click.BadParameter(str(exc), param_hint="--format") from None
     settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2],
                            use_dense_landmarks=not no_dense,
+                           detector_bias_iterations=FitSettings.detector_bias_iterations if detector_bias else 0,
                            **({"landmark_trust_reference": 0.0} if landmark_trust == "full" else {}))
     options = FitOptions(face_model=face_model, allow_download=False if no_download else None, device=device,
                          batch_size=batch_size, formats=format_list, pose=pose, texture_size=texture_size,

@@ -1,7 +1,8 @@
-"""``facerecon model``: import, fetch, list and describe face models."""
+"""``facerecon model``: import, fetch, calibrate, list and describe face models."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -44,9 +45,12 @@ def model() -> None:
 @click.option("--include-head", is_flag=True, help="ICT: keep head and neck vertices, not only the face area.")
 @click.option("--embed/--no-embed", default=True, show_default=True,
               help="Compute the dense (468-point) landmark embedding with the detector.")
+@click.option("--calibrate/--no-calibrate", default=True, show_default=True,
+              help="Measure the detector's pose-dependent landmark bias on renders (about a minute; "
+                   "see `facerecon model calibrate`).")
 @click.option("--force", is_flag=True, help="Replace an installed model of the same name.")
 def import_cmd(kind: str, sources: tuple[Path, ...], name: str | None, out_path: Path | None,
-               include_head: bool, embed: bool, force: bool) -> None:
+               include_head: bool, embed: bool, calibrate: bool, force: bool) -> None:
     """Convert face-model files you own into facerecon's format.
 
     \b
@@ -55,7 +59,7 @@ def import_cmd(kind: str, sources: tuple[Path, ...], name: str | None, out_path:
     bfm SOURCE.. BFM_model_front.mat, or 01_MorphableModel.mat + Exp_Pca.bin
                  (see docs/bfm.md for the optional index files)
     """
-    from facerecon.facemodel.install import add_dense_embedding, import_model
+    from facerecon.facemodel.install import add_dense_embedding, add_detector_bias, import_model
     from facerecon.facemodel.model import save_face_model
     from facerecon.facemodel.resolve import install_model
 
@@ -65,6 +69,10 @@ def import_cmd(kind: str, sources: tuple[Path, ...], name: str | None, out_path:
         converted = import_model(kind, sources, include_head=include_head)
         if embed:
             converted = add_dense_embedding(converted, log=lambda msg: click.echo(f"warning: {msg}", err=True))
+        if calibrate and converted.has_albedo:
+            with _cell_progress("measuring the detector's landmark bias") as progress:
+                converted = add_detector_bias(converted, log=lambda msg: click.echo(f"warning: {msg}", err=True),
+                                              progress=progress)
         if out_path is not None:
             if out_path.exists() and not force:
                 _fail(f"{out_path} exists; pass --force to replace it")
@@ -88,7 +96,9 @@ def import_cmd(kind: str, sources: tuple[Path, ...], name: str | None, out_path:
 @click.option("--sha256", default=None, help="Expected SHA-256 of the archive (verified before use).")
 @click.option("--embed/--no-embed", default=True, show_default=True,
               help="Compute the dense (468-point) landmark embedding after import.")
-def fetch_cmd(kind: str, name: str, url: str | None, sha256: str | None, embed: bool) -> None:
+@click.option("--calibrate/--no-calibrate", default=True, show_default=True,
+              help="Measure the detector's pose-dependent landmark bias after import.")
+def fetch_cmd(kind: str, name: str, url: str | None, sha256: str | None, embed: bool, calibrate: bool) -> None:
     """Download a freely licensed face model and install it.
 
     The download resumes where it stopped if interrupted; run the command again.
@@ -96,10 +106,94 @@ def fetch_cmd(kind: str, name: str, url: str | None, sha256: str | None, embed: 
     from facerecon.facemodel.install import fetch_and_install_ict
 
     try:
-        path = fetch_and_install_ict(name=name, url=url, sha256=sha256, embed=embed)
+        path = fetch_and_install_ict(name=name, url=url, sha256=sha256, embed=embed, calibrate=calibrate)
     except FaceModelError as exc:
         _fail(str(exc))
     click.echo(f"installed {kind} as {name!r} -> {path}")
+
+
+@contextlib.contextmanager
+def _cell_progress(description: str):
+    """A rich progress bar on stderr; yields a (done, total) callback."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def _angle_grid(text: str, option: str) -> tuple[float, ...]:
+    """'-90:90:15' (inclusive) or '0,30' -> angles in degrees; a usage error otherwise."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(x) for x in text.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            count = int(round((stop - start) / step)) + 1
+            values = tuple(start + i * step for i in range(count) if start + i * step <= stop + 1e-9)
+        else:
+            values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.UsageError(f"{option}: expected START:STOP:STEP or a comma list of degrees, got {text!r}")
+    if not values or any(abs(v) > 180 for v in values):
+        raise click.UsageError(f"{option}: angles must lie in [-180, 180] degrees, got {text!r}")
+    return values
+
+
+@model.command("calibrate")
+@click.argument("reference", required=False)
+@click.option("--yaws", default="-90:90:15", show_default=True,
+              help="Yaw grid in degrees: START:STOP:STEP or a comma list.")
+@click.option("--pitches", default="-30:30:15", show_default=True,
+              help="Pitch grid in degrees: START:STOP:STEP or a comma list.")
+@click.option("--faces-per-cell", default=4, show_default=True, type=click.IntRange(1, 64),
+              help="Random faces rendered per (yaw, pitch) cell of the grid.")
+@click.option("--seed", default=11, show_default=True, type=int, help="Seed of the random faces.")
+@click.option("--remove", is_flag=True, help="Delete the model's table instead (fits then use raw detections).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def calibrate_cmd(reference: str | None, yaws: str, pitches: str, faces_per_cell: int, seed: int, remove: bool,
+                  as_json: bool) -> None:
+    """Measure the landmark detector's bias by head pose and store it in a face model.
+
+    \b
+    mediapipe pulls the landmarks of turned faces towards frontal. This renders random faces
+    of the model at yaw -90..90 and pitch -30..30 (every 15 degrees), detects them like
+    `facerecon detect`, and stores the mean offset of every landmark from its true position
+    by pose. `fit`, `aggregate` and `evaluate` subtract the offset expected at the pose they
+    find (see docs/fitting.md). `model import` and `model fetch` run this already; run it
+    again after upgrading mediapipe. REFERENCE is an installed NAME or a model PATH
+    (default: the model commands would use); the file is rewritten atomically.
+
+    \b
+    example:  facerecon model calibrate ict
+    """
+    import dataclasses
+
+    from facerecon.facemodel.model import save_face_model
+    from facerecon.fitting.calibration import calibrate_detector_bias
+
+    grid = {"yaws": _angle_grid(yaws, "--yaws"), "pitches": _angle_grid(pitches, "--pitches")}
+    try:
+        path, face_model = _load(reference)
+        if remove:
+            bias = None
+        else:
+            with _cell_progress("measuring the detector's landmark bias") as progress:
+                bias = calibrate_detector_bias(face_model, faces_per_cell=faces_per_cell, seed=seed,
+                                               progress=progress, **grid)
+        save_face_model(dataclasses.replace(face_model, detector_bias=bias), path)
+    except FaceModelError as exc:
+        _fail(str(exc))
+    result = {"path": str(path), "samples": 0 if bias is None else bias.n_samples,
+              "detector": None if bias is None else bias.detector}
+    if as_json:
+        click.echo(json.dumps(result))
+    elif bias is None:
+        click.echo(f"removed the detector-bias table from {path}")
+    else:
+        click.echo(f"stored a detector-bias table ({bias.n_samples} views, {bias.detector}) in {path}")
 
 
 def _load(reference: str | None):
@@ -130,6 +224,9 @@ def info_cmd(reference: str | None, as_json: bool) -> None:
     for key, value in summary.items():
         if key == "regions":
             value = ", ".join(f"{k} {v}" for k, v in value.items())
+        elif key == "detector_bias":
+            value = "none (fits use raw detections)" if value is None else \
+                f"{value['samples']} views, {value['detector']}"
         table.add_row(key.replace("_", " "), str(value))
     Console().print(table)
 

@@ -30,6 +30,25 @@ def add_dense_embedding(model: FaceModel, log: Callable[[str], None] | None = No
         return model
 
 
+def add_detector_bias(model: FaceModel, log: Callable[[str], None] | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> FaceModel:
+    """Attach the detector-bias table (see :mod:`facerecon.fitting.calibration`).
+
+    Like the embedding, optional: a model without it fits raw detections, so a failure is
+    reported, not raised.
+    """
+    import dataclasses
+
+    from facerecon.fitting.calibration import calibrate_detector_bias
+
+    try:
+        return dataclasses.replace(model, detector_bias=calibrate_detector_bias(model, progress=progress))
+    except Exception as exc:  # noqa: BLE001 - report and keep the usable model
+        if log:
+            log(f"detector-bias calibration skipped: {exc}")
+        return model
+
+
 def import_model(kind: str, sources: Sequence[str | Path], include_head: bool = False) -> FaceModel:
     """Convert user-owned model files of ``kind`` ('ict' or 'bfm') into a FaceModel."""
     if kind == "ict":
@@ -67,6 +86,7 @@ def fetch_and_install_ict(
     url: str | None = None,
     sha256: str | None = None,
     embed: bool = True,
+    calibrate: bool = True,
     overwrite: bool = True,
     opener=None,
 ) -> Path:
@@ -89,7 +109,9 @@ def fetch_and_install_ict(
     model.provenance += f"; archive sha256 {digest}"
     if embed:
         model = add_dense_embedding(model, log=lambda msg: print(msg, file=sys.stderr))
+    if calibrate:
+        model = add_detector_bias(model, log=lambda msg: print(msg, file=sys.stderr))
     return install_model(model, name, overwrite=overwrite)
 
 
-__all__ = ["add_dense_embedding", "fetch_and_install_ict", "import_model", "model_path_for_name"]
+__all__ = ["add_dense_embedding", "add_detector_bias", "fetch_and_install_ict", "import_model", "model_path_for_name"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from facerecon.facemodel.detector_bias import DetectorBias
 from facerecon.io.atomic import atomic_path
 
 FORMAT_NAME = "facerecon-face-model"
@@ -57,6 +58,8 @@ class FaceModel:
             in-plane perpendicular, and the outward normal. The detector's
             landmarks are 3D points that need not lie on the skin (eyelid points sit over the
             eye opening); the offset moves and turns with the triangle.
+        detector_bias: the landmark detector's mean offsets by head pose, measured on
+            renders of this model (:mod:`facerecon.facemodel.detector_bias`), or None.
     """
 
     model_id: str
@@ -78,6 +81,7 @@ class FaceModel:
     dense_triangle: np.ndarray | None = None
     dense_barycentric: np.ndarray | None = None
     dense_offset: np.ndarray | None = None
+    detector_bias: DetectorBias | None = None
     attributes: dict[str, str] = field(default_factory=dict)
 
     # ----------------------------------------------------------------- sizes
@@ -120,6 +124,9 @@ class FaceModel:
             "units": "mm",
             "landmarks68": int(self.landmarks68.shape[0]),
             "dense_landmarks": 0 if self.dense_triangle is None else int(self.dense_triangle.shape[0]),
+            "detector_bias": None if self.detector_bias is None else {
+                "samples": self.detector_bias.n_samples, "detector": self.detector_bias.detector,
+                "bandwidth_degrees": self.detector_bias.bandwidth_degrees},
             "regions": {k: int(v.shape[0]) for k, v in sorted(self.regions.items())},
             "symmetric_pairs": int(self.symmetric_pairs.shape[0]),
             "provenance": self.provenance,
@@ -166,6 +173,11 @@ class FaceModel:
                 problems.append("dense_triangle has out-of-range triangle indices")
             if self.dense_offset is not None and self.dense_offset.shape != (len(self.dense_triangle), 3):
                 problems.append("dense_offset must be (L, 3) matching dense_triangle")
+        if self.detector_bias is not None:
+            problems.extend(self.detector_bias.problems())
+            dense = self.detector_bias.offsets_dense
+            if dense is not None and (self.dense_triangle is None or dense.shape[1] != len(self.dense_triangle)):
+                problems.append("detector_bias offsets_dense needs the dense embedding with as many points")
         for name in ("mean_shape", "identity_basis", "expression_basis", "albedo_mean", "albedo_basis"):
             arr = getattr(self, name)
             if arr is not None and not np.all(np.isfinite(arr)):
@@ -212,6 +224,16 @@ def save_face_model(model: FaceModel, path: str | Path) -> Path:
                 lmk.create_dataset("dense_barycentric", data=model.dense_barycentric.astype(np.float32))
                 if model.dense_offset is not None:
                     lmk.create_dataset("dense_offset", data=model.dense_offset.astype(np.float32))
+            if model.detector_bias is not None:
+                bias = lmk.create_group("detector_bias")
+                bias.attrs["bandwidth_degrees"] = float(model.detector_bias.bandwidth_degrees)
+                bias.attrs["detector"] = model.detector_bias.detector
+                bias.attrs["description"] = model.detector_bias.description
+                bias.create_dataset("angles", data=model.detector_bias.angles.astype(np.float32))
+                bias.create_dataset("offsets68", data=model.detector_bias.offsets68.astype(np.float32), **comp)
+                if model.detector_bias.offsets_dense is not None:
+                    bias.create_dataset("offsets_dense", data=model.detector_bias.offsets_dense.astype(np.float32),
+                                        **comp)
             reg = f.create_group("regions")
             for name, idx in sorted(model.regions.items()):
                 reg.create_dataset(name, data=np.asarray(idx, dtype=np.int32))
@@ -221,6 +243,14 @@ def save_face_model(model: FaceModel, path: str | Path) -> Path:
 
 def _attr_str(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _read_detector_bias(group) -> DetectorBias:
+    return DetectorBias(
+        angles=group["angles"][()], offsets68=group["offsets68"][()],
+        offsets_dense=group["offsets_dense"][()] if "offsets_dense" in group else None,
+        bandwidth_degrees=float(group.attrs.get("bandwidth_degrees", 10.0)),
+        detector=_attr_str(group.attrs.get("detector", "")), description=_attr_str(group.attrs.get("description", "")))
 
 
 def load_face_model(path: str | Path) -> FaceModel:
@@ -263,6 +293,7 @@ def load_face_model(path: str | Path) -> FaceModel:
                 dense_triangle=lmk["dense_triangle"][()] if "dense_triangle" in lmk else None,
                 dense_barycentric=lmk["dense_barycentric"][()] if "dense_barycentric" in lmk else None,
                 dense_offset=lmk["dense_offset"][()] if "dense_offset" in lmk else None,
+                detector_bias=_read_detector_bias(lmk["detector_bias"]) if "detector_bias" in lmk else None,
                 attributes={
                     k[len("extra_"):]: _attr_str(v) for k, v in f.attrs.items() if k.startswith("extra_")
                 },

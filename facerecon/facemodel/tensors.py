@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from torch import nn
 
+from facerecon.facemodel.detector_bias import canonical_pitch_yaw, interpolate_offsets
 from facerecon.facemodel.model import FaceModel
 
 
@@ -83,6 +87,14 @@ class FaceModelTensors(nn.Module):
             self.dense_triangle = None
             self.dense_barycentric = None
             self.dense_offset = None
+        bias = model.detector_bias
+        self.detector_bias_bandwidth = None if bias is None else math.radians(bias.bandwidth_degrees)
+        if bias is not None:
+            self.register_buffer("detector_bias_angles", torch.as_tensor(bias.angles, dtype=dtype))
+            self.register_buffer("detector_bias68", torch.as_tensor(bias.offsets68, dtype=dtype))
+            dense = bias.offsets_dense if bias.offsets_dense is not None and model.dense_triangle is not None \
+                else np.zeros((bias.n_samples, 0, 2), np.float32)
+            self.register_buffer("detector_bias_dense", torch.as_tensor(dense, dtype=dtype))
 
     @property
     def n_vertices(self) -> int:
@@ -153,3 +165,43 @@ class FaceModelTensors(nn.Module):
             raise ValueError(f"face model {self.model_id!r} has no dense landmark embedding")
         corners = values[:, self.triangles[self.dense_triangle]]
         return (corners * self.dense_barycentric[None, :, :, None]).sum(dim=2)
+
+    @property
+    def has_detector_bias(self) -> bool:
+        return self.detector_bias_bandwidth is not None
+
+    def detector_offsets(self, angles: torch.Tensor, crop_size: int, relative_to_frontal: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The detector's expected landmark offsets in crop pixels at head poses ``angles``.
+
+        Args:
+            angles: (B, 3) (pitch, yaw, roll) radians, as fitted on the aligned crop.
+            crop_size: the crop's side in pixels.
+            relative_to_frontal: only how the offsets change with the pose (minus those of a
+                frontal face), so a frontal face is not corrected.
+
+        Returns:
+            (B, 68, 2) and (B, 468, 2) (None without a dense table): detected minus true
+            positions; zeros when the model has no detector-bias table.
+        """
+        b = angles.shape[0]
+        if not self.has_detector_bias:
+            zeros = angles.new_zeros(b, 68, 2)
+            return zeros, None if self.dense_triangle is None else angles.new_zeros(b, len(self.dense_triangle), 2)
+        query = canonical_pitch_yaw(angles.detach())
+        if relative_to_frontal:
+            query = torch.cat([query, query.new_zeros(1, 2)])
+
+        def lookup(table: torch.Tensor) -> torch.Tensor:
+            values = interpolate_offsets(query, self.detector_bias_angles, table, self.detector_bias_bandwidth)
+            if relative_to_frontal:
+                values = values[:-1] - values[-1:]
+            return values * crop_size
+
+        offsets68 = lookup(self.detector_bias68)
+        dense = None
+        if self.detector_bias_dense.shape[1] > 0:
+            dense = lookup(self.detector_bias_dense)
+        elif self.dense_triangle is not None:
+            dense = angles.new_zeros(b, len(self.dense_triangle), 2)
+        return offsets68, dense

@@ -64,6 +64,17 @@ class FitSettings:
     landmark_trust_power: float = 2.0
     landmark_trust_minimum: float = 0.01
     warmup_steps: int = 20  # Adam steps over which a photometric stage ramps up its step size
+    # detector-bias correction (docs/fitting.md): landmark targets minus the detector's expected
+    # offset at the fitted pose, re-estimated this many times after the landmark stage;
+    # 0 = raw detections. No effect with a face model that has no detector-bias table.
+    detector_bias_iterations: int = 3
+    # "pose": correct only how the offsets change away from a frontal view (a frontal face
+    # keeps its detections); "full": also the offsets the table holds for a frontal view
+    detector_bias_mode: str = "pose"
+    # correct the face-contour landmarks too: off, because a render of a face-only mesh ends at
+    # the jaw line where a photo goes on into the neck, so the detector's contour offsets
+    # measured on renders do not carry over to photos (contour points also slide, see JAW_68)
+    detector_bias_contour: bool = False
     exclude_inner_mouth: bool = False
     max_retries: int = 1
     weights: dict[str, float] = field(default_factory=lambda: dict(PAPER000_WEIGHTS))
@@ -436,6 +447,21 @@ class FaceFitter:
                 group["lr"] *= 0.5
             state["lr_factor"] *= 0.5
 
+    def _debiased(self, targets: FaceTargets, angles: torch.Tensor) -> FaceTargets:
+        """``targets`` with the detector's expected offsets at poses ``angles`` (B, 3) removed."""
+        with torch.no_grad():
+            offsets68, offsets_dense = self.model.detector_offsets(
+                angles, targets.size, relative_to_frontal=self.settings.detector_bias_mode == "pose")
+            if not self.settings.detector_bias_contour:
+                offsets68 = torch.where(self.contour68[:, None], torch.zeros_like(offsets68), offsets68)
+                if offsets_dense is not None and offsets_dense.shape[1] == self.contour_dense.shape[0]:
+                    offsets_dense = torch.where(self.contour_dense[:, None], torch.zeros_like(offsets_dense),
+                                                offsets_dense)
+        dense = targets.dense
+        if dense is not None and offsets_dense is not None and offsets_dense.shape[1] == dense.shape[1]:
+            dense = dense - offsets_dense
+        return FaceTargets(targets.crops, targets.landmarks68 - offsets68, dense, targets.attention)
+
     def fit(self, targets: FaceTargets, shared_identity: bool = False,
             init: dict[str, torch.Tensor] | None = None, face_weights: torch.Tensor | None = None,
             should_stop=None) -> FitResult:
@@ -468,10 +494,20 @@ class FaceFitter:
         state = {"retries": torch.zeros(b, dtype=torch.int64, device=targets.crops.device),
                  "failed": invalid.clone(), "lr_factor": 1.0, "weights": weights, "should_stop": should_stop,
                  "stopped": False}
+        raw_targets = targets
         steps = {
             "landmarks": self._run_landmark_stage(params, start, targets, 0 if init is not None else
                                                   cfg.landmark_steps, state),
         }
+        if cfg.detector_bias_iterations > 0 and self.model.has_detector_bias:
+            # the detector's offsets depend on the pose, which depends on the corrected
+            # landmarks: alternate (a fixed point in a few rounds); with ``init`` the given
+            # pose decides
+            rounds = 1 if init is not None else cfg.detector_bias_iterations
+            for _ in range(rounds):
+                targets = self._debiased(raw_targets, params["angles"])
+                if init is None:
+                    steps["landmarks"] += self._run_landmark_stage(params, start, targets, cfg.landmark_steps, state)
         coarse = min(cfg.coarse_size, targets.size)
         if cfg.coarse_steps > 0 or cfg.fine_steps > 0:
             params["sh"] = self.solve_light(params, targets, coarse)
@@ -484,13 +520,14 @@ class FaceFitter:
             params["identity"] = params["identity"].expand(b, -1)
             verts = self.model.shape(params["identity"], params["expression"])
             cam = model_to_camera(verts, params["angles"], params["translation"])
+            # reprojection errors against the detector's own landmarks, corrected or not
             proj = project_points(self.model.landmark_points(cam), crop_intrinsics(targets.size, b, device=cam.device))
-            error = (proj[..., :2] - targets.landmarks68).norm(dim=-1).mean(dim=1)
+            error = (proj[..., :2] - raw_targets.landmarks68).norm(dim=-1).mean(dim=1)
             dense_error = torch.full_like(error, float("nan"))
-            if self.model.dense_triangle is not None and targets.dense is not None:
+            if self.model.dense_triangle is not None and raw_targets.dense is not None:
                 dense_proj = project_points(self.model.dense_points(cam),
                                             crop_intrinsics(targets.size, b, device=cam.device))
-                dense_error = (dense_proj[..., :2] - targets.dense).norm(dim=-1).mean(dim=1)
+                dense_error = (dense_proj[..., :2] - raw_targets.dense).norm(dim=-1).mean(dim=1)
             finite = torch.isfinite(terms["total"]) & torch.isfinite(verts).flatten(1).all(dim=1)
             finite &= cam[..., 2].min(dim=1).values > 0
         failed = state["failed"] | ~finite | invalid

@@ -171,7 +171,16 @@ def _settings(options: FitOptions, model: FaceModel) -> dict[str, Any]:
     return {"method": options.method, "checkpoint": options.checkpoint or "", "refine": options.refine,
             "model_id": model.model_id, "fit": options.settings.to_dict(),
             "texture_size": options.texture_size, "format_version": FORMAT_VERSION,
-            "perceptual": bool(options.recognition_weights)}
+            "perceptual": bool(options.recognition_weights),
+            "detector_bias": _detector_bias_label(options, model)}
+
+
+def _detector_bias_label(options: FitOptions, model: FaceModel) -> str:
+    """Which detector-bias correction the fit applies ("" = none)."""
+    bias = model.detector_bias
+    if bias is None or options.settings.detector_bias_iterations <= 0:
+        return ""
+    return f"{bias.n_samples} views, {bias.detector}"
 
 
 def _digest(settings: dict[str, Any]) -> str:
@@ -514,6 +523,10 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
                              (f", {options.refine} refinement steps" if options.refine else ""))
     if model.dense_triangle is None and options.settings.use_dense_landmarks:
         summary.notes.append("face model has no dense landmark embedding: fitting with the 68 landmarks only")
+    if options.settings.detector_bias_iterations > 0:
+        summary.notes.append(
+            f"detector-bias correction on ({_detector_bias_label(options, model)})" if model.detector_bias is not None
+            else "detector-bias correction off: the face model has no table (`facerecon model calibrate`)")
     settings = _settings(options, model)
     digest = _digest(settings)
     writer = _FaceWriter(model, tensors, options, out_dir)
