@@ -193,3 +193,48 @@ def test_recognition_embeddings_exclude_the_stranger(ict_embedded_model_file, as
     summary = run_aggregate([str(album)], tmp_path / "out", options)
     assert summary.albums[0].status == "ok" and summary.albums[0].faces_used == 3
     assert "face-recognition embeddings" in summary.notes[0]
+
+
+def test_albedo_distances_ignore_colour_balance_and_occluders():
+    from facerecon.aggregation.identity import albedo_distances
+
+    rng = np.random.default_rng(2)
+    person = 0.5 + 0.1 * rng.random((400, 3))
+    warm_light = person * np.array([1.2, 1.0, 0.8])  # the same skin under another light's colour
+    occluded = person.copy()
+    occluded[:120] = [0.1, 0.1, 0.1]  # a dark occluder over 30 % of the skin
+    stranger = 0.5 + 0.1 * rng.random((400, 3))
+    d = albedo_distances(np.stack([person, warm_light, occluded, stranger]))
+    assert d.shape == (4, 4) and np.allclose(np.diag(d), 0)
+    assert d[0, 1] < 1e-6 and d[0, 2] < 1e-6
+    assert d[0, 3] > 0.05
+
+
+def test_joint_aggregation_excludes_a_stranger_by_skin_pattern(ict_embedded_model, ict_embedded_model_file, tmp_path):
+    from facerecon.export.meshio import write_png
+    from facerecon.synthetic import random_parameters, render_faces, textured_backgrounds, to_uint8
+
+    tensors = FaceModelTensors(ict_embedded_model)
+    generator = torch.Generator().manual_seed(8)
+    params = random_parameters(tensors, 5, generator, pitch_degrees=0.0)
+    params["angles"][:, 1] = torch.deg2rad(torch.tensor([-25.0, -10.0, 5.0, 20.0, 0.0]))
+    params["identity"][:4] = params["identity"][0]
+    params["albedo"][:4] = params["albedo"][0]
+    params["albedo"][4] = -1.5 * params["albedo"][0]  # the stranger: another skin pattern
+    album = tmp_path / "person"
+    album.mkdir()
+    batch = render_faces(tensors, params, 320, textured_backgrounds(5, 320, generator), zoom=0.6)
+    for i, image in enumerate(to_uint8(batch.images)):
+        write_png(album / (f"photo_{i}.png" if i < 4 else "stranger.png"), image)
+    options = AggregateOptions(face_model=str(ict_embedded_model_file), method="joint", texture_size=64,
+                               settings=FitSettings(landmark_steps=40, coarse_steps=60, fine_steps=0))
+    summary = run_aggregate([str(album)], tmp_path / "out", options)
+    outcome = summary.albums[0]
+    assert outcome.status == "ok", outcome.reason
+    assert [face for face, _ in outcome.excluded] == ["stranger.png#0"], outcome.excluded
+    assert "skin-pattern distance" in outcome.excluded[0][1]
+    assert outcome.faces_used == 4 and "stranger.png#0" not in outcome.confidences
+    kept = []
+    with h5py.File(tmp_path / "out" / "aggregate.h5") as f:
+        f.visititems(lambda name, obj: kept.append(obj[()]) if name.endswith("kept") else None)
+    assert len(kept) == 1 and kept[0].tolist() == [True] * 4 + [False]

@@ -62,3 +62,22 @@ def embedding_distances(embeddings: np.ndarray) -> np.ndarray:
     """Pairwise cosine distances (F, F) in [0, 2] between face-recognition embeddings (F, D)."""
     unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
     return np.clip(1.0 - unit @ unit.T, 0.0, 2.0)
+
+
+def albedo_distances(albedo: np.ndarray) -> np.ndarray:
+    """Pairwise distances (F, F) between per-photo skin albedos (F, S, 3), colour-balanced.
+
+    The overall colour and brightness of a fitted albedo trade against the light's (a warm
+    lamp, a dark exposure); the pattern (brows, lips, cheeks against forehead) belongs to the
+    person. So each albedo is scaled by its median per channel, and each pair is balanced by
+    the median per-channel ratio of its points before comparing. The distance is the median
+    over the S points of the mean absolute channel difference, symmetrised, so an occluder or
+    a highlight over part of one photo decides neither the balance nor the distance.
+    """
+    scaled = albedo / np.maximum(np.median(albedo, axis=1, keepdims=True), 1e-6)
+    n = len(scaled)
+    out = np.zeros((n, n))
+    for i in range(n):  # F rows of (F, S, 3) work each, not one (F, F, S, 3) array
+        ratio = np.median(scaled[i][None] / np.maximum(scaled, 1e-6), axis=1, keepdims=True)  # (F, 1, 3)
+        out[i] = np.median(np.abs(scaled[i][None] / np.maximum(ratio, 1e-6) - scaled).mean(axis=-1), axis=1)
+    return 0.5 * (out + out.T)

@@ -38,7 +38,8 @@ import torch
 
 from facerecon import __version__
 from facerecon.aggregation.albums import Album, find_albums
-from facerecon.aggregation.identity import (consistent_faces, embedding_distances, neutral_shapes, robust_photo_weights,
+from facerecon.aggregation.identity import (albedo_distances, consistent_faces, embedding_distances, neutral_shapes,
+                                            robust_photo_weights,
                                             shape_distances)
 from facerecon.detection.align import invert_affine
 from facerecon.export.meshio import TexturedMesh, write_mesh, write_png
@@ -207,6 +208,31 @@ def _identity_check(faces: list[_PendingFace], usable: list[int], single: dict[s
     return distances[reference], keep, threshold, "mm RMS identity-shape distance"
 
 
+#: albedo-pattern distance (see :func:`albedo_distances`) always allowed between photos of one
+#: person, and the allowed multiple of the album's median distance to its most typical photo;
+#: on synthetic albums photos of one person lie at 0.01-0.02, strangers at 0.03-0.045
+APPEARANCE_MIN_THRESHOLD = 0.025
+APPEARANCE_SPREAD = 1.5
+
+
+def _appearance_check(albedo: np.ndarray, tensors: FaceModelTensors, model, faces: list[_PendingFace],
+                      outcome: AlbumOutcome) -> np.ndarray:
+    """(F,) bool: which of the jointly fitted faces share the album's skin pattern; reports the others."""
+    if len(faces) < 3:
+        return np.ones(len(faces), bool)
+    with torch.no_grad():
+        colours = tensors.albedo(torch.as_tensor(albedo, device=tensors.mean_shape.device)).clamp(0, 1)
+    skin = colours[:, torch.as_tensor(model.regions["skin"], device=colours.device)].cpu().numpy()
+    distances = albedo_distances(skin)
+    keep, reference, threshold = consistent_faces(distances, list(range(len(faces))),
+                                                  min_threshold=APPEARANCE_MIN_THRESHOLD, spread=APPEARANCE_SPREAD)
+    for i in np.flatnonzero(~keep):
+        outcome.excluded.append((f"{faces[i].key}#{faces[i].face.index}",
+                                 f"not the album's person: skin-pattern distance {distances[reference][i]:.3f} > "
+                                 f"{threshold:.3f}"))
+    return keep
+
+
 def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensors, fitters: _Fitters,
                     options: AggregateOptions, store: ResultStore, digest: str = "",
                     should_stop=None) -> AlbumOutcome:
@@ -251,8 +277,10 @@ def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensor
     # 3. aggregate
     merged: dict[str, np.ndarray] = {}
     if options.method == "mean":
-        identity = single["identity"][kept].mean(axis=0)
         confidences = np.ones(len(kept))
+        if fitters.recognizer is None:
+            confidences = _appearance_check(single["albedo"][kept], tensors, model, kept_faces, outcome).astype(float)
+        identity = single["identity"][kept][confidences > 0].mean(axis=0)
         params = {n: v[kept] for n, v in single.items()}
     elif options.method == "cnet":
         merged = cnet_aggregate({n: v[kept] for n, v in single.items()}, vectors[kept], fitters.cnet.sizes)
@@ -266,6 +294,10 @@ def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensor
         first = fitters.full.fit(targets, shared_identity=True, init=init, should_stop=should_stop)
         residual = first.losses["photometric"] + fitters.full.settings.weights["landmark"] * first.losses["landmark"]
         confidences = robust_photo_weights(residual)
+        if fitters.recognizer is None:
+            # identity shapes from landmarks barely tell people apart; their skin pattern does
+            same = _appearance_check(first.parameters["albedo"], tensors, model, kept_faces, outcome)
+            confidences = np.where(same, confidences, 0.0)
         result = first
         if (confidences < 1).any():
             result = fitters.refine.fit(targets, shared_identity=True, face_weights=torch.as_tensor(confidences),
@@ -276,6 +308,13 @@ def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensor
             return outcome
         params = result.parameters
         identity = params["identity"][0]
+    if (confidences == 0).any():  # excluded by appearance: out of the outputs too
+        in_album = confidences > 0
+        keep[[usable.index(i) for i, k in zip(kept, in_album) if not k]] = False
+        kept = [i for i, k in zip(kept, in_album) if k]
+        kept_faces = [f for f, k in zip(kept_faces, in_album) if k]
+        params = {n: v[in_album] for n, v in params.items()}
+        confidences = confidences[in_album]
     outcome.confidences = {f"{f.key}#{f.face.index}": round(float(c), 4) for f, c in zip(kept_faces, confidences)}
     outcome.faces_used = len(kept)
     # 4. outputs
