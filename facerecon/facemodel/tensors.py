@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -92,9 +91,11 @@ class FaceModelTensors(nn.Module):
         if bias is not None:
             self.register_buffer("detector_bias_angles", torch.as_tensor(bias.angles, dtype=dtype))
             self.register_buffer("detector_bias68", torch.as_tensor(bias.offsets68, dtype=dtype))
-            dense = bias.offsets_dense if bias.offsets_dense is not None and model.dense_triangle is not None \
-                else np.zeros((bias.n_samples, 0, 2), np.float32)
-            self.register_buffer("detector_bias_dense", torch.as_tensor(dense, dtype=dtype))
+        # FaceModel.validate guarantees a dense table matches the dense embedding
+        if bias is not None and bias.offsets_dense is not None:
+            self.register_buffer("detector_bias_dense", torch.as_tensor(bias.offsets_dense, dtype=dtype))
+        else:
+            self.detector_bias_dense = None
 
     @property
     def n_vertices(self) -> int:
@@ -181,13 +182,10 @@ class FaceModelTensors(nn.Module):
                 frontal face), so a frontal face is not corrected.
 
         Returns:
-            (B, 68, 2) and (B, 468, 2) (None without a dense table): detected minus true
-            positions; zeros when the model has no detector-bias table.
+            (B, 68, 2) and (B, 468, 2) (None without a dense table): detected minus true positions.
         """
-        b = angles.shape[0]
         if not self.has_detector_bias:
-            zeros = angles.new_zeros(b, 68, 2)
-            return zeros, None if self.dense_triangle is None else angles.new_zeros(b, len(self.dense_triangle), 2)
+            raise ValueError(f"face model {self.model_id!r} has no detector-bias table")
         query = canonical_pitch_yaw(angles.detach())
         if relative_to_frontal:
             query = torch.cat([query, query.new_zeros(1, 2)])
@@ -198,10 +196,5 @@ class FaceModelTensors(nn.Module):
                 values = values[:-1] - values[-1:]
             return values * crop_size
 
-        offsets68 = lookup(self.detector_bias68)
-        dense = None
-        if self.detector_bias_dense.shape[1] > 0:
-            dense = lookup(self.detector_bias_dense)
-        elif self.dense_triangle is not None:
-            dense = angles.new_zeros(b, len(self.dense_triangle), 2)
-        return offsets68, dense
+        dense = None if self.detector_bias_dense is None else lookup(self.detector_bias_dense)
+        return lookup(self.detector_bias68), dense

@@ -66,7 +66,8 @@ def calibrate_detector_bias(model: FaceModel, yaws: tuple[float, ...] = DEFAULT_
     own = analyzer is None
     analyzer = analyzer or FaceAnalyzer(max_faces=1)
     generator = torch.Generator().manual_seed(seed)
-    detected68, true68, detected_dense, true_dense, crops = [], [], [], [], []
+    detected68, true68, detected_dense, true_dense = [], [], [], []
+    crop_size = 0
     cells = [(yaw, pitch) for yaw in yaws for pitch in pitches]
     try:
         for done, (yaw, pitch) in enumerate(cells, start=1):
@@ -83,7 +84,7 @@ def calibrate_detector_bias(model: FaceModel, yaws: tuple[float, ...] = DEFAULT_
                 if dense:
                     detected_dense.append(face.crop_landmarks478[: len(model.dense_triangle), :2])
                     true_dense.append(transform_points(batch.dense[i].numpy(), face.matrix))
-                crops.append(face.crop)
+                crop_size = face.crop.shape[0]
             if progress is not None:
                 progress(done, len(cells))
     finally:
@@ -91,16 +92,16 @@ def calibrate_detector_bias(model: FaceModel, yaws: tuple[float, ...] = DEFAULT_
             analyzer.close()
     if not detected68:
         raise FaceModelError("detector calibration: the detector found none of the rendered faces")
-    crop_size = crops[0].shape[0]
     # the pose the fitter finds from exact landmarks: where a converged fit files this view
     fitter = FaceFitter(tensors, model.regions,
                         FitSettings(coarse_steps=0, fine_steps=0, detector_bias_iterations=0),
                         oval_indices=face_oval_indices() if dense else None)
-    targets = FaceTargets(
-        crops=torch.zeros(len(crops), crop_size, crop_size, 3),
+    count = len(detected68)
+    targets = FaceTargets(  # the landmark stage reads no pixels
+        crops=torch.zeros(count, crop_size, crop_size, 3),
         landmarks68=torch.as_tensor(np.stack(true68), dtype=torch.float32),
         dense=torch.as_tensor(np.stack(true_dense), dtype=torch.float32) if dense else None,
-        attention=torch.zeros(len(crops), crop_size, crop_size))
+        attention=torch.zeros(count, crop_size, crop_size))
     fitted = fitter.fit(targets)
     ok = ~fitted.failed
     offsets68 = (np.stack(detected68) - np.stack(true68)) / crop_size

@@ -454,11 +454,11 @@ class FaceFitter:
                 angles, targets.size, relative_to_frontal=self.settings.detector_bias_mode == "pose")
             if not self.settings.detector_bias_contour:
                 offsets68 = torch.where(self.contour68[:, None], torch.zeros_like(offsets68), offsets68)
-                if offsets_dense is not None and offsets_dense.shape[1] == self.contour_dense.shape[0]:
+                if offsets_dense is not None:
                     offsets_dense = torch.where(self.contour_dense[:, None], torch.zeros_like(offsets_dense),
                                                 offsets_dense)
         dense = targets.dense
-        if dense is not None and offsets_dense is not None and offsets_dense.shape[1] == dense.shape[1]:
+        if dense is not None and offsets_dense is not None:
             dense = dense - offsets_dense
         return FaceTargets(targets.crops, targets.landmarks68 - offsets68, dense, targets.attention)
 
