@@ -6,10 +6,11 @@ import shutil
 
 import h5py
 import numpy as np
+import pytest
 import torch
 
 from facerecon.aggregation.albums import find_albums
-from facerecon.aggregation.identity import consistent_faces, robust_photo_weights, shape_distances
+from facerecon.aggregation.identity import consistent_faces, robust_photo_weights, shape_distances, view_weights
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.optimize import FaceFitter, FaceTargets, FitSettings
 from facerecon.stages.aggregate import AggregateOptions, run_aggregate
@@ -50,6 +51,32 @@ def test_robust_weights_down_weight_outliers():
     assert np.allclose(weights[:4], 1.0) and 0.2 < weights[4] < 0.3
 
 
+def test_view_weights_fall_off_towards_profile():
+    degrees = np.array([[0, 0, 0], [0, 30, 0], [0, -45, 0], [0, 60, 0], [0, 90, 0], [30, 30, 0], [np.nan, 0, 0]])
+    weights = view_weights(np.radians(degrees))
+    expected = [1.0, 1.0, (np.cos(np.radians(45)) / np.cos(np.radians(30))) ** 2, 1 / 3, 0.0, 0.75, 0.0]
+    assert np.allclose(weights, expected, atol=1e-6)
+    # the other Euler branch of a yaw-60 face: (pitch 180, yaw 120, roll 180)
+    assert np.isclose(view_weights(np.radians([[180.0, 120.0, 180.0]]))[0], 1 / 3)
+
+
+def test_shared_identity_prior_counts_once_per_set(ict_embedded_model):
+    tensors = FaceModelTensors(ict_embedded_model)
+    params = random_parameters(tensors, 4, torch.Generator().manual_seed(4))
+    batch = render_faces(tensors, params, 96)
+    targets = FaceTargets(batch.images, batch.landmarks68, batch.dense, torch.ones(4, 96, 96))
+    shared = {**params, "identity": params["identity"][:1]}
+    terms = {}
+    for prior in ("per_set", "per_photo"):
+        fitter = FaceFitter(tensors, ict_embedded_model.regions, FitSettings(shared_identity_prior=prior))
+        terms[prior] = fitter.losses(shared, targets, None)["coefficients"]
+    weight = FitSettings().weights["reg_identity"]
+    identity_term = weight * float((params["identity"][0] ** 2).sum())
+    assert torch.allclose(terms["per_photo"] - terms["per_set"], torch.full((4,), identity_term * 3 / 4), rtol=1e-4)
+    with pytest.raises(ValueError, match="shared_identity_prior"):
+        FaceFitter(tensors, ict_embedded_model.regions, FitSettings(shared_identity_prior="once"))
+
+
 def test_shared_identity_fit_gives_one_identity(ict_embedded_model):
     tensors = FaceModelTensors(ict_embedded_model)
     generator = torch.Generator().manual_seed(2)
@@ -63,6 +90,11 @@ def test_shared_identity_fit_gives_one_identity(ict_embedded_model):
     assert identity.shape == (3, tensors.n_identity)
     assert np.allclose(identity, identity[0]) and np.abs(identity[0]).sum() > 0
     assert not result.failed.any() and result.landmark_error_px.max() < 1.5
+    # started from given parameters the landmark stage is skipped unless asked for
+    init = {n: torch.as_tensor(v) for n, v in result.parameters.items()}
+    assert fitter.fit(targets, shared_identity=True, init=init).steps["landmarks"] == 0
+    again = fitter.fit(targets, shared_identity=True, init=init, refit_landmarks=True)
+    assert again.steps["landmarks"] > 0 and again.landmark_error_px.max() < 1.5
 
 
 def test_aggregate_stage_writes_identity_mesh_and_sheet(ict_embedded_model_file, astronaut_path, tmp_path):
@@ -208,6 +240,15 @@ def test_albedo_distances_ignore_colour_balance_and_occluders():
     assert d.shape == (4, 4) and np.allclose(np.diag(d), 0)
     assert d[0, 1] < 1e-6 and d[0, 2] < 1e-6
     assert d[0, 3] > 0.05
+    # compared only where both photos saw the skin: what a photo did not see does not count
+    half_seen = person.copy()
+    half_seen[140:] = stranger[140:]  # the part it did not see is only the prior's guess
+    visible = np.ones((2, 400), bool)
+    visible[1, 140:] = False
+    assert albedo_distances(np.stack([person, half_seen]))[0, 1] > 0.01
+    assert albedo_distances(np.stack([person, half_seen]), visible, min_points=100)[0, 1] < 1e-6
+    # too few shared points: everything counts
+    assert albedo_distances(np.stack([person, half_seen]), visible, min_points=300)[0, 1] > 0.01
 
 
 def test_joint_aggregation_excludes_a_stranger_by_skin_pattern(ict_embedded_model, ict_embedded_model_file, tmp_path):

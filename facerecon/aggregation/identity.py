@@ -58,13 +58,31 @@ def robust_photo_weights(residuals: np.ndarray, factor: float = 1.5) -> np.ndarr
     return np.where(residuals <= limit, 1.0, limit / np.maximum(residuals, 1e-12))
 
 
+def view_weights(angles: np.ndarray, full_weight_degrees: float = 30.0, power: float = 2.0) -> np.ndarray:
+    """Weights (F,) in [0, 1] of photos by how far from frontal their face is turned.
+
+    ``angles`` (F, 3) are fitted Euler angles (pitch, yaw, roll) in radians. A face turned by
+    ``t`` (cos t = cos pitch * cos yaw) up to ``full_weight_degrees`` weighs 1, beyond that
+    ``(cos t / cos full_weight_degrees) ** power``: the landmark detector's error grows fast
+    towards profile (docs/fitting.md), and it is partly systematic, so more such photos do
+    not average it out.
+    """
+    from facerecon.facemodel.detector_bias import canonical_pitch_yaw
+    import torch
+
+    pitch_yaw = canonical_pitch_yaw(torch.as_tensor(np.asarray(angles, np.float64))).numpy()
+    cosine = np.cos(pitch_yaw[:, 0]) * np.cos(pitch_yaw[:, 1])
+    weights = np.clip(cosine / np.cos(np.radians(full_weight_degrees)), 0.0, 1.0) ** power
+    return np.where(np.isfinite(weights), weights, 0.0)
+
+
 def embedding_distances(embeddings: np.ndarray) -> np.ndarray:
     """Pairwise cosine distances (F, F) in [0, 2] between face-recognition embeddings (F, D)."""
     unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
     return np.clip(1.0 - unit @ unit.T, 0.0, 2.0)
 
 
-def albedo_distances(albedo: np.ndarray) -> np.ndarray:
+def albedo_distances(albedo: np.ndarray, visible: np.ndarray | None = None, min_points: int = 100) -> np.ndarray:
     """Pairwise distances (F, F) between per-photo skin albedos (F, S, 3), colour-balanced.
 
     The overall colour and brightness of a fitted albedo trade against the light's (a warm
@@ -73,11 +91,19 @@ def albedo_distances(albedo: np.ndarray) -> np.ndarray:
     the median per-channel ratio of its points before comparing. The distance is the median
     over the S points of the mean absolute channel difference, symmetrised, so an occluder or
     a highlight over part of one photo decides neither the balance nor the distance.
+
+    ``visible`` (F, S) bool limits each pair to the points both photos saw (a photo's albedo
+    where it saw no skin is only its prior); pairs sharing fewer than ``min_points`` use all.
     """
     scaled = albedo / np.maximum(np.median(albedo, axis=1, keepdims=True), 1e-6)
     n = len(scaled)
+    both = np.ones((n, n, scaled.shape[1]), bool) if visible is None else visible[:, None] & visible[None]
+    both |= (both.sum(axis=2) < min_points)[..., None]
     out = np.zeros((n, n))
     for i in range(n):  # F rows of (F, S, 3) work each, not one (F, F, S, 3) array
-        ratio = np.median(scaled[i][None] / np.maximum(scaled, 1e-6), axis=1, keepdims=True)  # (F, 1, 3)
-        out[i] = np.median(np.abs(scaled[i][None] / np.maximum(ratio, 1e-6) - scaled).mean(axis=-1), axis=1)
+        mask = both[i][..., None]  # (F, S, 1)
+        quotient = np.where(mask, scaled[i][None] / np.maximum(scaled, 1e-6), np.nan)
+        ratio = np.nanmedian(quotient, axis=1, keepdims=True)  # (F, 1, 3)
+        difference = np.abs(scaled[i][None] / np.maximum(ratio, 1e-6) - scaled).mean(axis=-1)
+        out[i] = np.nanmedian(np.where(both[i], difference, np.nan), axis=1)
     return 0.5 * (out + out.T)

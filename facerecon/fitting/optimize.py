@@ -68,6 +68,8 @@ class FitSettings:
     # offset at the fitted pose, re-estimated this many times after the landmark stage;
     # 0 = raw detections. No effect with a face model that has no detector-bias table.
     detector_bias_iterations: int = 3
+    # L-BFGS evaluations of each correction round's landmark stage (it starts next to its answer)
+    detector_bias_steps: int = 120
     # "pose": correct only how the offsets change away from a frontal view (a frontal face
     # keeps its detections); "full": also the offsets the table holds for a frontal view
     detector_bias_mode: str = "pose"
@@ -75,6 +77,10 @@ class FitSettings:
     # the jaw line where a photo goes on into the neck, so the detector's contour offsets
     # measured on renders do not carry over to photos (contour points also slide, see JAW_68)
     detector_bias_contour: bool = False
+    # the prior of an identity shared by B photos (joint aggregation): "per_set" counts it once
+    # for the whole set (the MAP estimate from B independent photos), "per_photo" once per photo
+    # (as strong as in a single-photo fit)
+    shared_identity_prior: str = "per_set"
     exclude_inner_mouth: bool = False
     max_retries: int = 1
     weights: dict[str, float] = field(default_factory=lambda: dict(PAPER000_WEIGHTS))
@@ -188,6 +194,9 @@ class FaceFitter:
                  oval_indices: np.ndarray | None = None, perceptual=None):
         self.model = model
         self.settings = settings or FitSettings()
+        if self.settings.shared_identity_prior not in ("per_set", "per_photo"):
+            raise ValueError(f"shared_identity_prior must be 'per_set' or 'per_photo', "
+                             f"not {self.settings.shared_identity_prior!r}")
         device = model.mean_shape.device
         in_region = np.zeros(model.n_vertices, bool)
         in_region[regions["photometric"]] = True
@@ -251,7 +260,11 @@ class FaceFitter:
                 dense_w.sum(1).clamp_min(1.0))
             lan = lan + self.settings.dense_weight * terms["landmark_dense"]
         terms["landmark"] = lan
-        terms["coefficients"] = coefficient_regularizer(identity, expression, p["albedo"], w)
+        reg_weights = w
+        if p["identity"].shape[0] == 1 and b > 1 and self.settings.shared_identity_prior == "per_set":
+            # one identity seen in b photos: its prior counts once for the set, not once per photo
+            reg_weights = dict(w, reg_identity=w["reg_identity"] / b)
+        terms["coefficients"] = coefficient_regularizer(identity, expression, p["albedo"], reg_weights)
         # photometric_landmark_scale < 1 weakens landmarks once the photometric term is on, by a
         # fixed factor; the adaptive landmark trust below does so per face
         lan_weight = w["landmark"] * (self.settings.photometric_landmark_scale if render_size is not None else 1.0)
@@ -464,20 +477,21 @@ class FaceFitter:
 
     def fit(self, targets: FaceTargets, shared_identity: bool = False,
             init: dict[str, torch.Tensor] | None = None, face_weights: torch.Tensor | None = None,
-            should_stop=None) -> FitResult:
+            should_stop=None, refit_landmarks: bool = False) -> FitResult:
         """Fit every face of ``targets``; returns per-face parameters and diagnostics.
 
         Args:
             targets: the batch.
             shared_identity: one identity for all faces (photos of one person, joint
-                aggregation); its prior keeps its per-photo weight, so the shared identity is
-                regularised like a single-photo fit (detector errors are partly systematic
-                and do not average out over photos).
+                aggregation); its prior counts once for the set or once per photo, as
+                ``settings.shared_identity_prior`` says.
             init: starting parameters (B, ...) instead of the PnP / mean-face start; the
-                landmark stage is skipped when given.
+                landmark stage is skipped when given, unless ``refit_landmarks``.
             face_weights: (B,) weights of each face's loss (robust down-weighting).
             should_stop: polled between optimisation steps; when it returns True the fit
                 ends early and the result has ``stopped = True`` (not a finished fit).
+            refit_landmarks: run the landmark stage (and its detector-bias rounds) from
+                ``init`` too: a joint fit solves its shared identity from all photos' landmarks.
         """
         cfg = self.settings
         targets, invalid = _sanitize(targets)
@@ -495,19 +509,21 @@ class FaceFitter:
                  "failed": invalid.clone(), "lr_factor": 1.0, "weights": weights, "should_stop": should_stop,
                  "stopped": False}
         raw_targets = targets
+        landmark_stage = init is None or refit_landmarks
         steps = {
-            "landmarks": self._run_landmark_stage(params, start, targets, 0 if init is not None else
-                                                  cfg.landmark_steps, state),
+            "landmarks": self._run_landmark_stage(params, start, targets, cfg.landmark_steps if landmark_stage else 0,
+                                                  state),
         }
         if cfg.detector_bias_iterations > 0 and self.model.has_detector_bias:
             # the detector's offsets depend on the pose, which depends on the corrected
-            # landmarks: alternate (a fixed point in a few rounds); with ``init`` the given
-            # pose decides
-            rounds = 1 if init is not None else cfg.detector_bias_iterations
+            # landmarks: alternate (a fixed point in a few rounds); without a landmark stage
+            # the given pose decides
+            rounds = cfg.detector_bias_iterations if landmark_stage else 1
             for _ in range(rounds):
                 targets = self._debiased(raw_targets, params["angles"])
-                if init is None:
-                    steps["landmarks"] += self._run_landmark_stage(params, start, targets, cfg.landmark_steps, state)
+                if landmark_stage:
+                    steps["landmarks"] += self._run_landmark_stage(params, start, targets, cfg.detector_bias_steps,
+                                                                   state)
         coarse = min(cfg.coarse_size, targets.size)
         if cfg.coarse_steps > 0 or cfg.fine_steps > 0:
             params["sh"] = self.solve_light(params, targets, coarse)

@@ -7,9 +7,11 @@ check compares recognition embeddings, otherwise identity shapes), then aggregat
 
 * ``mean``: the average of the per-photo identity coefficients (paper 000 table 5 baseline);
 * ``joint``: one identity shared by all photos with per-photo expression, albedo, light and
-  pose, optimised together with the fit's hybrid loss, starting from each photo's
-  landmark-stage fit; photos whose residual is an outlier (above 1.5x the median) are
-  down-weighted and the photometric stages are repeated at half length (robust reweighting);
+  pose, optimised together with the fit's hybrid loss (landmark stage of all photos, then the
+  photometric stages), starting from each photo's landmark-stage fit; photos count by their
+  view angle, and photos whose residual is an outlier (above 1.5x the median) are
+  down-weighted and the photometric stages are repeated at a quarter length (robust
+  reweighting);
 * ``cnet``: paper 000 sec. 5: the single-photo parameters are the predictions of the R-Net
   stored in a C-Net checkpoint, and the identity (and albedo, when that C-Net aggregates it)
   is the element-wise confidence-weighted average of eq. 7 with C-Net's confidence vectors.
@@ -39,8 +41,7 @@ import torch
 from facerecon import __version__
 from facerecon.aggregation.albums import Album, find_albums
 from facerecon.aggregation.identity import (albedo_distances, consistent_faces, embedding_distances, neutral_shapes,
-                                            robust_photo_weights,
-                                            shape_distances)
+                                            robust_photo_weights, shape_distances, view_weights)
 from facerecon.detection.align import invert_affine
 from facerecon.export.meshio import TexturedMesh, write_mesh, write_png
 from facerecon.export.overlay import contact_sheet
@@ -52,6 +53,7 @@ from facerecon.fitting.optimize import FaceFitter, FitSettings
 from facerecon.io.images import file_sha256
 from facerecon.io.store import ResultStore, attrs_dict, open_results, read_index
 from facerecon.render.renderer import MeshRenderer
+from facerecon.render.shading import vertex_normals
 from facerecon.stages import detect as detect_stage
 from facerecon.stages.fit import _PendingFace, _PhotoCache, _targets, pick_device
 
@@ -150,9 +152,10 @@ def _fit_in_batches(fitter: FaceFitter, faces: list[_PendingFace], batch_size: i
 
 @dataclass
 class _Fitters:
-    full: FaceFitter  # single-photo fits for `mean`, first joint pass
-    landmarks: FaceFitter  # landmark stage only: the start of a joint fit
-    refine: FaceFitter  # half-length photometric stages: the reweighted joint pass
+    full: FaceFitter  # single-photo fits for `mean`
+    landmarks: FaceFitter  # landmark stage only (no detector-bias rounds): the start of a joint fit
+    joint: FaceFitter  # the first joint pass (shorter detector-bias rounds)
+    refine: FaceFitter  # quarter-length photometric stages: the reweighted joint pass
     recognizer: Any = None  # PerceptualLoss holding the user's face-recognition network, or None
     cnet: Any = None  # CNetPredictor for method "cnet"
     cnet_sha256: str = ""  # content hash of its checkpoint file (part of the album digest)
@@ -186,6 +189,13 @@ def cnet_aggregate(single: dict[str, np.ndarray], vectors: np.ndarray, sizes: di
     return {n: v.numpy() for n, v in split_coefficients(merged, sizes).items()}
 
 
+#: allowed multiple of the album's median identity-shape distance to its most typical face:
+#: landmark-stage shapes of one person photographed from -60 to 60 degrees lie up to ~2.2x
+#: their median apart, so this check only drops gross outliers (and picks one face per photo);
+#: without recognition weights the skin-pattern check after the joint fit tells people apart
+SHAPE_SPREAD = 3.0
+
+
 def _identity_check(faces: list[_PendingFace], usable: list[int], single: dict[str, np.ndarray], model,
                     fitters: _Fitters, device) -> tuple[np.ndarray, np.ndarray, float, str]:
     """Distances between usable faces (F, F), the keep mask, the threshold and the unit."""
@@ -204,26 +214,44 @@ def _identity_check(faces: list[_PendingFace], usable: list[int], single: dict[s
     shapes = neutral_shapes(single["identity"][usable], model.mean_shape, model.identity_basis,
                             model.regions["photometric"])
     distances = shape_distances(shapes)
-    keep, reference, threshold = consistent_faces(distances, photo_of_face)
+    keep, reference, threshold = consistent_faces(distances, photo_of_face, spread=SHAPE_SPREAD)
     return distances[reference], keep, threshold, "mm RMS identity-shape distance"
 
 
 #: albedo-pattern distance (see :func:`albedo_distances`) always allowed between photos of one
 #: person, and the allowed multiple of the album's median distance to its most typical photo;
-#: on synthetic albums photos of one person lie at 0.01-0.02, strangers at 0.03-0.045
-APPEARANCE_MIN_THRESHOLD = 0.025
-APPEARANCE_SPREAD = 1.5
+#: on 8 synthetic albums the album's person lay within 3x the median in all but 1 of 47 photos,
+#: the 5 strangers at 3.4-16x and 0.024-0.064 (docs/aggregation.md)
+APPEARANCE_MIN_THRESHOLD = 0.02
+APPEARANCE_SPREAD = 3.0
 
 
-def _appearance_check(albedo: np.ndarray, tensors: FaceModelTensors, model, faces: list[_PendingFace],
+#: a skin vertex counts as seen by a photo when its normal is within ~70 degrees of the view ray
+VISIBLE_FACING = 0.34
+
+
+def skin_visibility(params: dict[str, np.ndarray], tensors: FaceModelTensors, skin: torch.Tensor) -> np.ndarray:
+    """(F, S) bool: which skin vertices each fitted face turns towards its camera."""
+    dev = tensors.mean_shape.device
+    p = {n: torch.as_tensor(v, dtype=torch.float32, device=dev) for n, v in params.items()}
+    with torch.no_grad():
+        cam = model_to_camera(tensors.shape(p["identity"], p["expression"]), p["angles"], p["translation"])
+        normals = vertex_normals(cam, tensors.triangles)[:, skin]
+        view = -cam[:, skin] / cam[:, skin].norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        return ((normals * view).sum(dim=-1) > VISIBLE_FACING).cpu().numpy()
+
+
+def _appearance_check(params: dict[str, np.ndarray], tensors: FaceModelTensors, model, faces: list[_PendingFace],
                       outcome: AlbumOutcome) -> np.ndarray:
-    """(F,) bool: which of the jointly fitted faces share the album's skin pattern; reports the others."""
+    """(F,) bool: which of the fitted faces (parameters {name: (F, ...)}) share the album's skin
+    pattern, compared where both photos saw the skin; reports the others."""
     if len(faces) < 3:
         return np.ones(len(faces), bool)
+    skin_index = torch.as_tensor(model.regions["skin"], device=tensors.mean_shape.device)
     with torch.no_grad():
-        colours = tensors.albedo(torch.as_tensor(albedo, device=tensors.mean_shape.device)).clamp(0, 1)
-    skin = colours[:, torch.as_tensor(model.regions["skin"], device=colours.device)].cpu().numpy()
-    distances = albedo_distances(skin)
+        colours = tensors.albedo(torch.as_tensor(params["albedo"], device=tensors.mean_shape.device)).clamp(0, 1)
+    skin = colours[:, skin_index].cpu().numpy()
+    distances = albedo_distances(skin, skin_visibility(params, tensors, skin_index))
     keep, reference, threshold = consistent_faces(distances, list(range(len(faces))),
                                                   min_threshold=APPEARANCE_MIN_THRESHOLD, spread=APPEARANCE_SPREAD)
     for i in np.flatnonzero(~keep):
@@ -279,7 +307,8 @@ def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensor
     if options.method == "mean":
         confidences = np.ones(len(kept))
         if fitters.recognizer is None:
-            confidences = _appearance_check(single["albedo"][kept], tensors, model, kept_faces, outcome).astype(float)
+            confidences = _appearance_check({n: v[kept] for n, v in single.items()}, tensors, model, kept_faces,
+                                            outcome).astype(float)
         identity = single["identity"][kept][confidences > 0].mean(axis=0)
         params = {n: v[kept] for n, v in single.items()}
     elif options.method == "cnet":
@@ -291,15 +320,18 @@ def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensor
                   for n, v in single.items()}
     else:
         targets = _targets(kept_faces, device)
-        first = fitters.full.fit(targets, shared_identity=True, init=init, should_stop=should_stop)
-        residual = first.losses["photometric"] + fitters.full.settings.weights["landmark"] * first.losses["landmark"]
-        confidences = robust_photo_weights(residual)
+        view = view_weights(single["angles"][kept])  # near-profile photos: less trustworthy landmarks
+        first = fitters.joint.fit(targets, shared_identity=True, init=init, face_weights=torch.as_tensor(view),
+                                  should_stop=should_stop, refit_landmarks=True)
+        residual = first.losses["photometric"] + fitters.joint.settings.weights["landmark"] * first.losses["landmark"]
+        robust = robust_photo_weights(residual)
+        confidences = view * robust
         if fitters.recognizer is None:
             # identity shapes from landmarks barely tell people apart; their skin pattern does
-            same = _appearance_check(first.parameters["albedo"], tensors, model, kept_faces, outcome)
+            same = _appearance_check(first.parameters, tensors, model, kept_faces, outcome)
             confidences = np.where(same, confidences, 0.0)
         result = first
-        if (confidences < 1).any():
+        if (robust < 1).any() or (confidences == 0).any():
             result = fitters.refine.fit(targets, shared_identity=True, face_weights=torch.as_tensor(confidences),
                                         init={n: torch.as_tensor(v) for n, v in first.parameters.items()},
                                         should_stop=should_stop)
@@ -471,11 +503,17 @@ def _fitters(tensors: FaceModelTensors, model, options: AggregateOptions, device
         recognizer = PerceptualLoss(load_iresnet(options.recognition_weights, device))
     return _Fitters(
         full=FaceFitter(tensors, model.regions, settings, oval_indices=oval, perceptual=recognizer),
-        landmarks=FaceFitter(tensors, model.regions, dataclasses.replace(settings, coarse_steps=0, fine_steps=0),
+        # the joint fit re-solves the landmark stage with its detector-bias rounds
+        landmarks=FaceFitter(tensors, model.regions, dataclasses.replace(settings, coarse_steps=0, fine_steps=0,
+                                                                         detector_bias_iterations=0),
                              oval_indices=oval),
+        # the joint pass starts its correction rounds from a landmark fit of all photos together
+        joint=FaceFitter(tensors, model.regions,
+                         dataclasses.replace(settings, detector_bias_steps=(settings.detector_bias_steps + 2) // 3),
+                         oval_indices=oval, perceptual=recognizer),
         refine=FaceFitter(tensors, model.regions,
-                          dataclasses.replace(settings, coarse_steps=(settings.coarse_steps + 1) // 2,
-                                              fine_steps=(settings.fine_steps + 1) // 2),
+                          dataclasses.replace(settings, coarse_steps=(settings.coarse_steps + 3) // 4,
+                                              fine_steps=(settings.fine_steps + 3) // 4),
                           oval_indices=oval, perceptual=recognizer),
         recognizer=recognizer)
 
