@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from facerecon.export.meshio import write_png
+from facerecon.evaluation.geometry import umeyama
 from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.stages.aggregate import AggregateOptions, run_aggregate
@@ -40,12 +41,7 @@ from facerecon.synthetic import random_parameters, render_faces, textured_backgr
 
 def similarity_aligned_error(predicted: np.ndarray, truth: np.ndarray) -> float:
     """Mean per-vertex distance (mm) after the best similarity transform of predicted onto truth."""
-    a, b = predicted - predicted.mean(0), truth - truth.mean(0)
-    u, s, vt = np.linalg.svd(a.T @ b)
-    d = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))])
-    rotation = (u @ d @ vt).T
-    scale = (s * np.diag(d)).sum() / (a**2).sum()
-    return float(np.linalg.norm(scale * a @ rotation.T - b, axis=1).mean())
+    return float(np.linalg.norm(umeyama(predicted, truth).apply(predicted) - truth, axis=1).mean())
 
 
 def occlude(image: np.ndarray, landmarks: np.ndarray, generator: torch.Generator) -> np.ndarray:

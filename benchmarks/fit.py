@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from facerecon.evaluation.geometry import umeyama
 from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.export.meshio import write_png
@@ -33,12 +34,7 @@ PITCHES = (-20, 0, 20)
 
 def similarity_aligned_error(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Per-vertex distances (mm) after the best similarity transform of predicted onto truth."""
-    a, b = predicted - predicted.mean(0), truth - truth.mean(0)
-    u, s, vt = np.linalg.svd(a.T @ b)
-    d = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))])
-    rotation = (u @ d @ vt).T
-    scale = (s * np.diag(d)).sum() / (a**2).sum()
-    return np.linalg.norm(scale * a @ rotation.T - b, axis=1)
+    return np.linalg.norm(umeyama(predicted, truth).apply(predicted) - truth, axis=1)
 
 
 def main() -> None:

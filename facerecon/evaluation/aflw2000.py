@@ -26,9 +26,6 @@ of the means (the scored count per bin says how many).
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -38,7 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from facerecon.fitting.optimize import FitSettings
-from facerecon.io.atomic import atomic_write_text
+from facerecon.evaluation.results import write_result_files
 from facerecon.io.images import IMAGE_EXTENSIONS
 
 YAW_BINS = ((0.0, 30.0), (30.0, 60.0), (60.0, 90.0))
@@ -489,10 +486,4 @@ def write_reports(result: AflwResult, out_dir: Path) -> None:
     plot_cumulative_errors(curves, out_dir / "aflw2000_cumulative_nme.png", "NME x 100",
                            ylabel="fraction of images", title="AFLW2000-3D: cumulative NME")
     result.summary["plots"] = plots
-    atomic_write_text(out_dir / "aflw2000_results.json", json.dumps(result.to_dict(), indent=2))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in result.rows:
-        writer.writerow({k: row.get(k) for k in CSV_FIELDS})
-    atomic_write_text(out_dir / "aflw2000_results.csv", buffer.getvalue())
+    write_result_files(out_dir, "aflw2000_results", result.to_dict(), result.rows, CSV_FIELDS)

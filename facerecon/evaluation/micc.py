@@ -26,9 +26,7 @@ resumable as well. Every failure is a one-line reason in its row and the run goe
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import math
 import re
@@ -43,7 +41,7 @@ from scipy.spatial import cKDTree
 
 from facerecon.evaluation.geometry import Similarity, crop_sphere, find_nose_tip, icp_similarity, surface_distances
 from facerecon.fitting.optimize import FitSettings
-from facerecon.evaluation.results import load_finished, store_finished
+from facerecon.evaluation.results import load_finished, store_finished, write_result_files
 from facerecon.io.atomic import atomic_path, atomic_write_text
 from facerecon.io.images import IMAGE_EXTENSIONS
 
@@ -718,10 +716,4 @@ def write_reports(result: MiccResult, out_dir: Path, model, errors: dict[tuple[s
                       title="MICC: mean per-vertex error on the mean face")
         plots["error_heatmap"] = str(out_dir / "micc_error_heatmap.png")
     result.summary["plots"] = plots
-    atomic_write_text(out_dir / "micc_results.json", json.dumps(result.to_dict(), indent=2))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in result.rows:
-        writer.writerow({k: row.get(k) for k in CSV_FIELDS})
-    atomic_write_text(out_dir / "micc_results.csv", buffer.getvalue())
+    write_result_files(out_dir, "micc_results", result.to_dict(), result.rows, CSV_FIELDS)

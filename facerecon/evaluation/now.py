@@ -35,9 +35,7 @@ images are stored in ``OUT/results/`` and skipped on rerun.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import math
 import os
@@ -52,7 +50,7 @@ import numpy as np
 
 from facerecon.evaluation.geometry import Similarity, umeyama
 from facerecon.fitting.optimize import FitSettings
-from facerecon.evaluation.results import load_finished, store_finished
+from facerecon.evaluation.results import load_finished, store_finished, write_result_files
 from facerecon.io.atomic import atomic_path, atomic_write_text
 
 SPLIT_FILES = {"val": "imagepathsvalidation.txt", "test": "imagepathstest.txt"}
@@ -717,10 +715,4 @@ def write_reports(result: NowResult, out_dir: Path, distances: dict[str, np.ndar
     plot_cumulative_distribution(curves, out_dir / "now_cumulative_error.png", "scan-to-mesh distance (mm)",
                                  ylabel="fraction of scan vertices", title="NoW: cumulative error")
     result.summary["plots"] = plots
-    atomic_write_text(out_dir / "now_results.json", json.dumps(result.to_dict(), indent=2))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in result.rows:
-        writer.writerow({k: row.get(k) for k in CSV_FIELDS})
-    atomic_write_text(out_dir / "now_results.csv", buffer.getvalue())
+    write_result_files(out_dir, "now_results", result.to_dict(), result.rows, CSV_FIELDS)

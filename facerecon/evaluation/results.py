@@ -6,6 +6,8 @@ kept so a rerun with the same settings digest reuses them instead of fitting aga
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -35,3 +37,15 @@ def store_finished(json_path: Path, array_path: Path, row: dict, array: np.ndarr
         with open(tmp, "wb") as handle:
             np.save(handle, array)
     atomic_write_text(json_path, json.dumps({"digest": digest, "version": version, "row": row}, indent=1))
+
+
+def write_result_files(out_dir: Path, stem: str, data: dict, rows: list[dict], fields: list[str]) -> None:
+    """``out_dir/<stem>.json`` (``data``) and ``out_dir/<stem>.csv`` (``rows``, columns ``fields``),
+    each written atomically."""
+    atomic_write_text(out_dir / f"{stem}.json", json.dumps(data, indent=2))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k) for k in fields})
+    atomic_write_text(out_dir / f"{stem}.csv", buffer.getvalue())
