@@ -128,6 +128,23 @@ def test_turned_renders_give_the_sign_and_size_of_yaw(analyzer, ict_model):
         assert np.sign(estimate) == np.sign(yaw) and abs(estimate - yaw) < 12, (yaw, estimate)
 
 
+def test_profile_render_found_by_the_short_range_fallback(analyzer, ict_model):
+    pytest.importorskip("facerecon.render.renderer")
+    from facerecon.facemodel.embedding import render_mean_face
+
+    full_range_only = FaceAnalyzer(short_range_fallback=False)
+    try:
+        for yaw in (-75.0, 75.0):
+            image, _, _ = render_mean_face(ict_model, yaw)
+            assert full_range_only.analyze(image) == []  # the full-range model misses this view
+            faces = analyzer.analyze(image)
+            assert len(faces) == 1
+            assert np.sign(faces[0].pose_degrees[1]) == np.sign(yaw)
+    finally:
+        full_range_only.close()
+    assert analyzer.settings()["fallback_detector"] and not full_range_only.settings()["fallback_detector"]
+
+
 def test_blank_and_tiny_images_have_no_face(analyzer):
     assert analyzer.analyze(np.full((480, 640, 3), 127, np.uint8)) == []
     assert analyzer.analyze(np.zeros((4, 4, 3), np.uint8)) == []
