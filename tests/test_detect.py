@@ -132,17 +132,17 @@ def test_profile_render_found_by_the_short_range_fallback(analyzer, ict_model):
     pytest.importorskip("facerecon.render.renderer")
     from facerecon.facemodel.embedding import render_mean_face
 
-    full_range_only = FaceAnalyzer(short_range_fallback=False)
+    with_fallback = FaceAnalyzer(short_range_fallback=True)
     try:
         for yaw in (-75.0, 75.0):
             image, _, _ = render_mean_face(ict_model, yaw)
-            assert full_range_only.analyze(image) == []  # the full-range model misses this view
-            faces = analyzer.analyze(image)
+            assert analyzer.analyze(image) == []  # the full-range model (the default) misses this view
+            faces = with_fallback.analyze(image)
             assert len(faces) == 1
             assert np.sign(faces[0].pose_degrees[1]) == np.sign(yaw)
+        assert with_fallback.settings()["fallback_detector"] and "fallback_detector" not in analyzer.settings()
     finally:
-        full_range_only.close()
-    assert analyzer.settings()["fallback_detector"] and not full_range_only.settings()["fallback_detector"]
+        with_fallback.close()
 
 
 def test_blank_and_tiny_images_have_no_face(analyzer):

@@ -24,7 +24,7 @@ import click
 
 #: Default iterations of the fit stages (landmark, coarse, fine): FitSettings' defaults, kept here
 #: so the command line does not import torch to show --help (a test keeps the two equal).
-FIT_STEPS = (120, 200, 25)
+FIT_STEPS = (80, 200, 25)
 
 EXIT_OK = 0
 EXIT_NOTHING_DONE = 1

@@ -8,11 +8,12 @@ Pipeline of :meth:`FaceAnalyzer.analyze` for one RGB image:
    sees its input at 192x192, so faces below about 1/17 of the image side are missed; when
    the (reduced) image is larger than ``tile_size`` it is additionally scanned in
    overlapping ``tile_size`` tiles, which finds faces down to about 40 px in a 1920x1080
-   photo. Detections are merged by non-maximum suppression. When this finds nothing, the
-   short-range detector (``model_selection=0``, meant for faces filling much of the frame)
-   gets a second look at the whole image: it finds close-ups and strongly turned faces the
-   full-range model misses (``benchmarks/detect_yaw.py``: random ICT faces with a mesh,
-   135 -> 147 of 168 over yaw -80..80).
+   photo. Detections are merged by non-maximum suppression. Optionally
+   (``short_range_fallback``, off by default), when this finds nothing the short-range
+   detector (``model_selection=0``, meant for faces filling much of the frame) gets a second
+   look at the whole image: it finds strongly turned faces the full-range model misses
+   (``benchmarks/detect_yaw.py``: random ICT faces with a mesh, 135 -> 147 of 168 over yaw
+   -80..80), but also half-covered faces whose landmarks are guesses (docs/detection.md).
 2. **Mesh** per detection: a square crop around the face (``mesh_crop_scale`` times the
    box side) is cut from the *full-resolution* image, resized to ``mesh_input_size`` and
    given to mediapipe's FaceMesh (``static_image_mode=True, refine_landmarks=True``, 478
@@ -168,14 +169,14 @@ class FaceAnalyzer:
         mesh_input_size: side the mesh crop is resized to.
         quiet: silence mediapipe's native start-up messages on stderr.
         short_range_fallback: when the full-range detector finds no face, look again with the
-            short-range one.
+            short-range one (off by default, see the module notes).
 
     Use as a context manager or call :meth:`close`. Graphs are created on first use.
     """
 
     def __init__(self, min_score: float = 0.5, max_faces: int | None = None, *, detect_max_side: int = 2560,
                  tile_size: int = 640, tile_overlap: float = 0.25, mesh_crop_scale: float = 2.0,
-                 mesh_input_size: int = 256, quiet: bool = True, short_range_fallback: bool = True):
+                 mesh_input_size: int = 256, quiet: bool = True, short_range_fallback: bool = False):
         if not 0.0 <= min_score <= 1.0:
             raise ValueError("min_score must be in [0, 1]")
         if max_faces is not None and max_faces < 1:
@@ -199,15 +200,17 @@ class FaceAnalyzer:
         """The settings that influence results (stored with every output)."""
         import mediapipe
 
-        return {
+        settings = {
             "detector": DETECTOR_NAME, "mediapipe_version": getattr(mediapipe, "__version__", "?"),
             "face_detection_model_selection": 1, "min_score": self.min_score,
             "max_faces": self.max_faces if self.max_faces is not None else 0,
             "detect_max_side": self.detect_max_side, "tile_size": self.tile_size, "tile_overlap": self.tile_overlap,
             "mesh_crop_scale": self.mesh_crop_scale, "mesh_input_size": self.mesh_input_size,
             "refine_landmarks": True,
-            "fallback_detector": SHORT_RANGE_DETECTOR if self.short_range_fallback else "",
         }
+        if self.short_range_fallback:  # only when on: stores made without it keep their digest
+            settings["fallback_detector"] = SHORT_RANGE_DETECTOR
+        return settings
 
     def open(self) -> "FaceAnalyzer":
         """Create the mediapipe graphs now (otherwise done on first use)."""

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import crop_intrinsics, model_to_camera, pose_from_landmarks
+from facerecon.fitting.lbfgs import batched_lbfgs
 from facerecon.losses.hybrid import (
     PAPER000_WEIGHTS,
     coefficient_regularizer,
@@ -48,7 +49,7 @@ PARAMETER_NAMES = ("identity", "expression", "albedo", "sh", "angles", "translat
 class FitSettings:
     """Options of the ``optimize`` method (defaults: paper 000 weights)."""
 
-    landmark_steps: int = 120
+    landmark_steps: int = 80  # L-BFGS evaluations per face of the landmark stage
     coarse_steps: int = 200
     fine_steps: int = 25
     coarse_size: int = 112
@@ -69,7 +70,7 @@ class FitSettings:
     # 0 = raw detections. No effect with a face model that has no detector-bias table.
     detector_bias_iterations: int = 3
     # L-BFGS evaluations of each correction round's landmark stage (it starts next to its answer)
-    detector_bias_steps: int = 120
+    detector_bias_steps: int = 50
     # "pose": correct only how the offsets change away from a frontal view (a frontal face
     # keeps its detections); "full": also the offsets the table holds for a frontal view
     detector_bias_mode: str = "pose"
@@ -407,6 +408,11 @@ class FaceFitter:
             return 0
         names = ("angles", "translation", "identity", "expression")
         unit = {"angles": 0.1, "translation": 10.0, "identity": 1.0, "expression": 0.1}
+        b = targets.crops.shape[0]
+        if all(params[n].shape[0] == b for n in names):
+            return self._run_landmark_stage_per_face(params, start, targets, steps, state, names, unit)
+        # a parameter shared by the batch (joint aggregation's identity) couples the faces:
+        # one L-BFGS over the sum of their losses is then the right problem
         scaled = {n: (params[n] / unit[n]).detach().clone().requires_grad_(True) for n in names}
         optimizer = torch.optim.LBFGS(list(scaled.values()), lr=1.0, max_iter=steps, max_eval=steps,
                                       history_size=30,
@@ -440,6 +446,46 @@ class FaceFitter:
                 bad = ~torch.isfinite(value).all(dim=1)
                 params[n] = torch.where(bad[:, None], start[n], value).detach()
         return evaluations[0]
+
+    def _run_landmark_stage_per_face(self, params: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
+                                     targets: FaceTargets, steps: int, state: dict, names: tuple[str, ...],
+                                     unit: dict[str, float]) -> int:
+        """The landmark stage with one L-BFGS per face (:func:`batched_lbfgs`): a face's fit
+        does not depend on the other faces of its batch."""
+        sizes = [params[n].shape[1] for n in names]
+        x0 = torch.cat([params[n] / unit[n] for n in names], dim=1).detach()
+
+        def unpack(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            parts = dict(zip(names, torch.split(x, sizes, dim=1)))
+            return {n: parts[n] * unit[n] for n in names}
+
+        calls = [0]
+
+        def evaluate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            calls[0] += 1
+            if state.get("should_stop") is not None and state["should_stop"]():
+                state["stopped"] = True
+                raise _Stopped
+            x = x.detach().requires_grad_(True)
+            current = {**params, **unpack(x)}
+            if self.model.expression_kind == "blendshape":
+                current["expression"] = current["expression"].clamp(0.0, 1.0)
+            total = self.losses(current, targets, None)["total"]
+            total = total * (~state["failed"]).to(total.dtype) * state.get("weights", 1.0)
+            (gradient,) = torch.autograd.grad(total.sum(), x)
+            return total.detach(), gradient
+
+        try:
+            x, evaluations = batched_lbfgs(evaluate, x0, max_evaluations=steps)
+        except _Stopped:
+            return calls[0]
+        with torch.no_grad():
+            for n, value in unpack(x).items():
+                if n == "expression" and self.model.expression_kind == "blendshape":
+                    value = value.clamp(0.0, 1.0)
+                bad = ~torch.isfinite(value).all(dim=1)
+                params[n] = torch.where(bad[:, None], start[n], value).detach()
+        return evaluations
 
     def _reset_faces(self, bad: torch.Tensor, tensors: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
                      optimizer: torch.optim.Optimizer, state: dict) -> None:

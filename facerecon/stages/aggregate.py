@@ -507,9 +507,13 @@ def _fitters(tensors: FaceModelTensors, model, options: AggregateOptions, device
         landmarks=FaceFitter(tensors, model.regions, dataclasses.replace(settings, coarse_steps=0, fine_steps=0,
                                                                          detector_bias_iterations=0),
                              oval_indices=oval),
-        # the joint pass starts its correction rounds from a landmark fit of all photos together
+        # the joint pass starts its correction rounds from a landmark fit of all photos together;
+        # its shared identity couples the photos, so that fit is one L-BFGS over their summed
+        # loss (strong-Wolfe line search), measured with 120 evaluations and 40 per correction
+        # round (1.5x and 0.8x the per-face defaults)
         joint=FaceFitter(tensors, model.regions,
-                         dataclasses.replace(settings, detector_bias_steps=(settings.detector_bias_steps + 2) // 3),
+                         dataclasses.replace(settings, landmark_steps=(settings.landmark_steps * 3 + 1) // 2,
+                                             detector_bias_steps=(settings.detector_bias_steps * 4 + 4) // 5),
                          oval_indices=oval, perceptual=recognizer),
         refine=FaceFitter(tensors, model.regions,
                           dataclasses.replace(settings, coarse_steps=(settings.coarse_steps + 3) // 4,
