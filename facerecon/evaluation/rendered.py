@@ -12,9 +12,7 @@ finished fits are skipped.
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +20,11 @@ import numpy as np
 import torch
 
 from facerecon.evaluation.geometry import crop_sphere, find_nose_tip, scan_error
+from facerecon.evaluation.results import write_result_files
 from facerecon.export.meshio import write_png
 from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.optimize import FitSettings
-from facerecon.io.atomic import atomic_write_text
 from facerecon.stages.fit import FitOptions, read_fits, run_fit
 from facerecon.synthetic import random_parameters, render_faces, textured_backgrounds, to_uint8
 
@@ -138,15 +136,9 @@ def run_rendered(out_dir: str | Path, options: RenderedOptions | None = None, pr
 
 def write_reports(result: RenderedResult, out_dir: Path) -> None:
     """results.json, results.csv (one row per image) and error_by_yaw.png."""
-    atomic_write_text(out_dir / "results.json", json.dumps(result.to_dict(), indent=2))
-    buffer = io.StringIO()
     fields = ["image", "sample", "pitch", "yaw", "status", "rmse_mm", "mean_mm", "baseline_rmse_mm",
               "baseline_mean_mm"]
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    for row in result.rows:
-        writer.writerow({k: row.get(k) for k in fields})
-    atomic_write_text(out_dir / "results.csv", buffer.getvalue())
+    write_result_files(out_dir, "results", result.to_dict(), result.rows, fields)
     plot_error_by_yaw(result.by_yaw, out_dir / "error_by_yaw.png")
 
 

@@ -14,7 +14,7 @@ import torch
 
 from facerecon.render.camera import project_points
 from facerecon.render.rasterize import rasterize
-from facerecon.render.shading import vertex_normals
+from facerecon.render.shading import facing_cosine, vertex_normals
 
 DEPTH_TOLERANCE_MM = 3.0
 MIN_FACING = 0.15
@@ -51,9 +51,8 @@ def _visible(points_cam: torch.Tensor, normals_cam: torch.Tensor, pixels: torch.
     inside = (pixels[:, 0] >= 0) & (pixels[:, 0] <= s - 1) & (pixels[:, 1] >= 0) & (pixels[:, 1] <= s - 1)
     zbuf = depth[row, col]
     covered = mask[row, col]
-    view = -points_cam / points_cam.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    facing = (normals_cam * view).sum(-1)
-    return inside & covered & (points_cam[:, 2] <= zbuf + DEPTH_TOLERANCE_MM) & (facing > MIN_FACING)
+    return inside & covered & (points_cam[:, 2] <= zbuf + DEPTH_TOLERANCE_MM) & (
+        facing_cosine(points_cam, normals_cam) > MIN_FACING)
 
 
 def unwrap_texture(
@@ -123,9 +122,8 @@ def unwrap_texture(
     vertex_u8 = np.clip(vcol * 255.0 + 0.5, 0, 255).astype(np.uint8)
     if not return_quality:
         return texture_u8, vertex_u8, vvis.cpu().numpy()
-    view = -pos / pos.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     facing = np.zeros((t, t), np.float32)
-    facing[cov] = (nrm * view).sum(-1).clamp_min(0).cpu().numpy()
+    facing[cov] = facing_cosine(pos, nrm).clamp_min(0).cpu().numpy()
     return texture_u8, vertex_u8, vvis.cpu().numpy(), weight * facing
 
 

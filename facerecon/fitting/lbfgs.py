@@ -78,6 +78,7 @@ def batched_lbfgs(evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.T
         step = torch.where(has_curvature, torch.ones_like(f),
                            (1.0 / g.abs().sum(dim=1).clamp_min(1e-12)).clamp(max=1.0))
         pending = active.clone()
+        accepted = torch.zeros_like(active)
         new_x, new_f, new_g = x, f, g
         for _ in range(max_backtracks + 1):
             pending = pending & (used < max_evaluations)
@@ -91,9 +92,9 @@ def batched_lbfgs(evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.T
             new_x = torch.where(ok[:, None], trial, new_x)
             new_f = torch.where(ok, trial_f, new_f)
             new_g = torch.where(ok[:, None], trial_g, new_g)
+            accepted = accepted | ok
             pending = pending & ~ok
             step = torch.where(pending, step * 0.5, step)
-        accepted = active & torch.ne(new_x, x).any(dim=1)
         failed_search = active & ~accepted
         failures = torch.where(failed_search, failures + 1, torch.zeros_like(failures))
         # a failed search forgets the row's history (the model of the curvature was wrong)

@@ -35,7 +35,7 @@ from facerecon.losses.hybrid import (
 )
 from facerecon.render.camera import project_points
 from facerecon.render.renderer import MeshRenderer
-from facerecon.render.shading import SH_CONSTANTS, sh_basis, vertex_normals
+from facerecon.render.shading import SH_CONSTANTS, facing_cosine, sh_basis, vertex_normals
 
 #: Landmarks on the face contour slide along the silhouette: weighted by visibility.
 JAW_68 = np.arange(0, 17)
@@ -228,9 +228,7 @@ class FaceFitter:
 
     def _contour_visibility(self, cam_points: torch.Tensor, cam_normals: torch.Tensor) -> torch.Tensor:
         """(B, L) weight in [0, 1]: how much a contour point faces the camera (detached)."""
-        view = -cam_points / cam_points.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        facing = (cam_normals * view).sum(dim=-1)
-        return (facing * 4.0).clamp(0.0, 1.0).detach()
+        return (facing_cosine(cam_points, cam_normals) * 4.0).clamp(0.0, 1.0).detach()
 
     def losses(self, p: dict[str, torch.Tensor], targets: FaceTargets, render_size: int | None
                ) -> dict[str, torch.Tensor]:
@@ -396,96 +394,89 @@ class FaceFitter:
             params[n] = best[n]
         return done
 
+    #: the landmark stage's variables, and the size of one optimiser unit of each (so one unit is
+    #: comparable for all of them)
+    LANDMARK_UNITS = {"angles": 0.1, "translation": 10.0, "identity": 1.0, "expression": 0.1}
+
+    def _landmark_losses(self, params: dict[str, torch.Tensor], scaled: dict[str, torch.Tensor],
+                         targets: FaceTargets, state: dict) -> torch.Tensor:
+        """(B,) weighted landmark-stage losses at the scaled variables ``scaled`` (failed faces 0);
+        polls ``should_stop`` first."""
+        if state.get("should_stop") is not None and state["should_stop"]():
+            state["stopped"] = True
+            raise _Stopped
+        current = {**params, **{n: v * self.LANDMARK_UNITS[n] for n, v in scaled.items()}}
+        if self.model.expression_kind == "blendshape":
+            current["expression"] = current["expression"].clamp(0.0, 1.0)
+        total = self.losses(current, targets, None)["total"]
+        return total * (~state["failed"]).to(total.dtype) * state.get("weights", 1.0)
+
+    def _store_landmark_result(self, params: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
+                               scaled: dict[str, torch.Tensor]) -> None:
+        """Unscale the landmark stage's variables into ``params``; non-finite faces get ``start``."""
+        with torch.no_grad():
+            for n, v in scaled.items():
+                value = v * self.LANDMARK_UNITS[n]
+                if n == "expression" and self.model.expression_kind == "blendshape":
+                    value = value.clamp(0.0, 1.0)
+                bad = ~torch.isfinite(value).all(dim=1)
+                params[n] = torch.where(bad[:, None], start[n], value).detach()
+
     def _run_landmark_stage(self, params: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
                             targets: FaceTargets, steps: int, state: dict) -> int:
         """Pose, identity and expression from landmarks with L-BFGS.
 
         Landmark fitting is small and badly conditioned (pitch trades against identity
         modes), where a quasi-Newton method converges in a few dozen evaluations and Adam
-        needs hundreds. Variables are scaled so one unit is comparable for all of them.
+        needs hundreds. Every face has its own L-BFGS (:func:`batched_lbfgs`), so a face's fit
+        does not depend on the other faces of its batch; a parameter shared by the batch (the
+        joint aggregation's identity) couples the faces, and then one L-BFGS over the sum of
+        their losses is the right problem.
         """
         if steps <= 0 or state.get("stopped"):
             return 0
-        names = ("angles", "translation", "identity", "expression")
-        unit = {"angles": 0.1, "translation": 10.0, "identity": 1.0, "expression": 0.1}
+        names = tuple(self.LANDMARK_UNITS)
         b = targets.crops.shape[0]
+        calls = [0]
         if all(params[n].shape[0] == b for n in names):
-            return self._run_landmark_stage_per_face(params, start, targets, steps, state, names, unit)
-        # a parameter shared by the batch (joint aggregation's identity) couples the faces:
-        # one L-BFGS over the sum of their losses is then the right problem
-        scaled = {n: (params[n] / unit[n]).detach().clone().requires_grad_(True) for n in names}
+            sizes = [params[n].shape[1] for n in names]
+
+            def unpack(x: torch.Tensor) -> dict[str, torch.Tensor]:
+                return dict(zip(names, torch.split(x, sizes, dim=1)))
+
+            def evaluate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                calls[0] += 1
+                x = x.detach().requires_grad_(True)
+                total = self._landmark_losses(params, unpack(x), targets, state)
+                (gradient,) = torch.autograd.grad(total.sum(), x)
+                return total.detach(), gradient
+
+            x0 = torch.cat([params[n] / self.LANDMARK_UNITS[n] for n in names], dim=1).detach()
+            try:
+                x, evaluations = batched_lbfgs(evaluate, x0, max_evaluations=steps)
+            except _Stopped:
+                return calls[0]
+            self._store_landmark_result(params, start, unpack(x))
+            return evaluations
+        scaled = {n: (params[n] / self.LANDMARK_UNITS[n]).detach().clone().requires_grad_(True) for n in names}
         optimizer = torch.optim.LBFGS(list(scaled.values()), lr=1.0, max_iter=steps, max_eval=steps,
                                       history_size=30,
                                       tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
-        evaluations = [0]
 
         def closure():
-            if state.get("should_stop") is not None and state["should_stop"]():
-                state["stopped"] = True
-                raise _Stopped
+            calls[0] += 1
             optimizer.zero_grad(set_to_none=True)
-            current = {**params, **{n: scaled[n] * unit[n] for n in names}}
-            if self.model.expression_kind == "blendshape":
-                current["expression"] = current["expression"].clamp(0.0, 1.0)
-            total = self.losses(current, targets, None)["total"]
-            total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
-            loss = (total * (~state["failed"]).to(total.dtype) * state.get("weights", 1.0)).sum()
+            total = self._landmark_losses(params, scaled, targets, state)
+            loss = torch.where(torch.isfinite(total), total, torch.zeros_like(total)).sum()
             loss.backward()
-            evaluations[0] += 1
             return loss
 
         try:
             optimizer.step(closure)
         except _Stopped:
-            return evaluations[0]
-        with torch.no_grad():
-            for n in names:
-                value = scaled[n] * unit[n]
-                if n == "expression" and self.model.expression_kind == "blendshape":
-                    value = value.clamp(0.0, 1.0)
-                bad = ~torch.isfinite(value).all(dim=1)
-                params[n] = torch.where(bad[:, None], start[n], value).detach()
-        return evaluations[0]
-
-    def _run_landmark_stage_per_face(self, params: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
-                                     targets: FaceTargets, steps: int, state: dict, names: tuple[str, ...],
-                                     unit: dict[str, float]) -> int:
-        """The landmark stage with one L-BFGS per face (:func:`batched_lbfgs`): a face's fit
-        does not depend on the other faces of its batch."""
-        sizes = [params[n].shape[1] for n in names]
-        x0 = torch.cat([params[n] / unit[n] for n in names], dim=1).detach()
-
-        def unpack(x: torch.Tensor) -> dict[str, torch.Tensor]:
-            parts = dict(zip(names, torch.split(x, sizes, dim=1)))
-            return {n: parts[n] * unit[n] for n in names}
-
-        calls = [0]
-
-        def evaluate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            calls[0] += 1
-            if state.get("should_stop") is not None and state["should_stop"]():
-                state["stopped"] = True
-                raise _Stopped
-            x = x.detach().requires_grad_(True)
-            current = {**params, **unpack(x)}
-            if self.model.expression_kind == "blendshape":
-                current["expression"] = current["expression"].clamp(0.0, 1.0)
-            total = self.losses(current, targets, None)["total"]
-            total = total * (~state["failed"]).to(total.dtype) * state.get("weights", 1.0)
-            (gradient,) = torch.autograd.grad(total.sum(), x)
-            return total.detach(), gradient
-
-        try:
-            x, evaluations = batched_lbfgs(evaluate, x0, max_evaluations=steps)
-        except _Stopped:
             return calls[0]
-        with torch.no_grad():
-            for n, value in unpack(x).items():
-                if n == "expression" and self.model.expression_kind == "blendshape":
-                    value = value.clamp(0.0, 1.0)
-                bad = ~torch.isfinite(value).all(dim=1)
-                params[n] = torch.where(bad[:, None], start[n], value).detach()
-        return evaluations
+        self._store_landmark_result(params, start, scaled)
+        return calls[0]
 
     def _reset_faces(self, bad: torch.Tensor, tensors: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
                      optimizer: torch.optim.Optimizer, state: dict) -> None:

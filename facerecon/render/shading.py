@@ -80,6 +80,20 @@ def vertex_normals(vertices: torch.Tensor, triangles: torch.Tensor, eps: float =
     return torch.stack([a / norm for a in acc], dim=-1)
 
 
+def facing_cosine(points: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
+    """Cosine between each surface normal and the ray from the point to the camera centre.
+
+    Args:
+        points: (..., 3) camera-frame positions (camera at the origin).
+        normals: (..., 3) unit normals in the same frame.
+
+    Returns:
+        (...,) in [-1, 1]: 1 faces the camera, 0 is seen edge-on, below 0 faces away.
+    """
+    view = -points / points.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return (normals * view).sum(dim=-1)
+
+
 def sh_basis(normals: torch.Tensor) -> torch.Tensor:
     """The 9 SH basis functions (times the Lambertian convolution constants).
 

@@ -53,7 +53,7 @@ from facerecon.fitting.optimize import FaceFitter, FitSettings
 from facerecon.io.images import file_sha256
 from facerecon.io.store import ResultStore, attrs_dict, open_results, read_index
 from facerecon.render.renderer import MeshRenderer
-from facerecon.render.shading import vertex_normals
+from facerecon.render.shading import facing_cosine, vertex_normals
 from facerecon.stages import detect as detect_stage
 from facerecon.stages.fit import _PendingFace, _PhotoCache, _targets, pick_device
 
@@ -236,9 +236,7 @@ def skin_visibility(params: dict[str, np.ndarray], tensors: FaceModelTensors, sk
     p = {n: torch.as_tensor(v, dtype=torch.float32, device=dev) for n, v in params.items()}
     with torch.no_grad():
         cam = model_to_camera(tensors.shape(p["identity"], p["expression"]), p["angles"], p["translation"])
-        normals = vertex_normals(cam, tensors.triangles)[:, skin]
-        view = -cam[:, skin] / cam[:, skin].norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        return ((normals * view).sum(dim=-1) > VISIBLE_FACING).cpu().numpy()
+        return (facing_cosine(cam[:, skin], vertex_normals(cam, tensors.triangles)[:, skin]) > VISIBLE_FACING).cpu().numpy()
 
 
 def _appearance_check(params: dict[str, np.ndarray], tensors: FaceModelTensors, model, faces: list[_PendingFace],
