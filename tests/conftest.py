@@ -24,7 +24,7 @@ def _ict_npz_path() -> Path:
 def require_file(path: Path, what: str) -> Path:
     if path.is_file():
         return path
-    message = f"{what} not found at {path} (set FACERECON_TEST_ICT_NPZ)"
+    message = f"{what} not found at {path} (set FACERECON_TEST_ICT_NPZ / FACERECON_SHARED_DIR)"
     if os.environ.get("FACERECON_REQUIRE_TEST_DATA") == "1":
         pytest.fail(message)
     pytest.skip(message)
@@ -74,6 +74,16 @@ def ict_embedded_model_file(ict_embedded_model, tmp_path_factory) -> Path:
     from facerecon.facemodel.model import save_face_model
 
     return save_face_model(ict_embedded_model, tmp_path_factory.mktemp("models") / "ict_dense.h5")
+
+
+@pytest.fixture(scope="session")
+def realdata() -> Path:
+    """``../shared/realdata`` (or ``$FACERECON_SHARED_DIR/realdata``): real photos with 68-point
+    ground truth, identity albums and a head scan. Skipped when missing, failed in CI."""
+    shared = Path(os.environ.get("FACERECON_SHARED_DIR", REPO_ROOT.parent / "shared"))
+    folder = shared / "realdata"
+    require_file(folder / "README.md", "real-data folder")
+    return folder
 
 
 @pytest.fixture(scope="session")

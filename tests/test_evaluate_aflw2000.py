@@ -170,9 +170,11 @@ def test_read_annotation_and_layout(tmp_path):
     assert annotation.yaw_degrees == pytest.approx(-50.0) and annotation.pose.shape == (7,)
     savemat(str(tmp_path / "image00011.mat"), {"pt3d_68": points, "Pose_Para": np.zeros((1, 7))})  # (68, 2)
     assert np.allclose(aflw2000.read_annotation(tmp_path / "image00011.mat").landmarks[:, :2], points)
-    savemat(str(tmp_path / "image00012.mat"), {"pt2d": points.T})
-    with pytest.raises(ValueError, match="no pt3d_68"):
-        aflw2000.read_annotation(tmp_path / "image00012.mat")
+    savemat(str(tmp_path / "image00012.mat"), {"pt2d": points.T})  # 300W-LP layout: read as well
+    assert np.allclose(aflw2000.read_annotation(tmp_path / "image00012.mat").landmarks[:, :2], points)
+    savemat(str(tmp_path / "image00015.mat"), {"other": points.T})
+    with pytest.raises(ValueError, match="no pt3d_68 or pt2d"):
+        aflw2000.read_annotation(tmp_path / "image00015.mat")
     (tmp_path / "image00013.mat").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="unreadable annotation"):
         aflw2000.read_annotation(tmp_path / "image00013.mat")
@@ -180,7 +182,7 @@ def test_read_annotation_and_layout(tmp_path):
     (tmp_path / "image00014.jpg").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("x")
     items = aflw2000.discover_items(tmp_path)
-    assert [i.name for i in items] == [f"image000{n}.jpg" for n in (10, 11, 12, 13, 14)]
+    assert [i.name for i in items] == [f"image000{n}.jpg" for n in (10, 11, 12, 13, 14, 15)]
     by_name = {i.name: i for i in items}
     assert by_name["image00010.jpg"].image is not None and by_name["image00010.jpg"].annotation is not None
     assert by_name["image00011.jpg"].image is None and by_name["image00014.jpg"].annotation is None

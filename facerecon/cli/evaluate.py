@@ -54,6 +54,12 @@ def evaluate() -> None:
       now       NoW benchmark: predictions in NoW's layout, scan-to-mesh
                 median / mean / std where the scans are present (val)
       aflw2000  AFLW2000-3D: 68-point NME by yaw bin
+      landmarks real photos with 68-point ground truth (.pts, .ljson,
+                .mat): NME of the fit and of the detector, misses counted
+      scan      a real 3D scan, with photos of that person or rendered
+                (semi-real): scan-to-mesh error and blendshape neutrality
+      albums    one folder per person: same-vs-different AUC of the fitted
+                neutral shapes, and their spread over photo resolutions
     """
 
 
@@ -355,6 +361,235 @@ def _print_now_tables(console, result, out_dir: Path) -> None:
         console.print(f"time per image (this run): {summary['seconds_per_image']:.1f} s")
 
 
+@evaluate.command("scan")
+@click.argument("scan", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: renders/ (semi-real variant), fit/, scan_results.json|.csv, "
+                   "scan_error_by_image.png.")
+@click.option("--landmarks", "scan_landmarks", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The scan's 3D landmarks (.npy or text, 68 or 51 iBUG points without the jaw, scan units): "
+                   "landmark initialisation, nose tip, and the renders' lips, brows and eyes.")
+@click.option("--photos", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Real photos of the scanned person (folder or file). Without it the scan itself is rendered "
+                   "over --yaws x --pitches (semi-real variant).")
+@click.option("--scan-units", type=click.Choice(["auto", "m", "cm", "mm"]), default="auto", show_default=True,
+              help="Units of the scan and its landmarks (auto: from the scan's size).")
+@click.option("--yaws", default=",".join(f"{v:g}" for v in (-40, -20, 0, 20, 40)), show_default=True,
+              help="Render yaws in degrees (semi-real variant).")
+@click.option("--pitches", default="-10,0,10", show_default=True, help="Render pitches in degrees (semi-real variant).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Albedo variation and backgrounds of the renders.")
+@click.option("--face-model", default=None, metavar="NAME|PATH", help="Face model to fit with.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--steps", type=(click.IntRange(0), click.IntRange(0), click.IntRange(0)), default=FIT_STEPS,
+              hidden=True, help="Fit iterations (landmark, coarse, fine), as `fit --steps`.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or tables.")
+def scan(scan: Path, out_dir: Path, scan_landmarks: str | None, photos: Path | None, scan_units: str, yaws: str,
+         pitches: str, seed: int, face_model: str | None, device: str, steps: tuple[int, int, int], as_json: bool,
+         quiet: bool) -> None:
+    """A real 3D scan: shape error of the fit against the scanned face.
+
+    \b
+    With --photos, real photos of the scanned person are reconstructed;
+    without, the scan itself is rendered with a plausible skin albedo and
+    light over a yaw x pitch grid (semi-real: a real face that no face model
+    can express exactly). Each fit's exported mesh (with its expression), its
+    neutral version and the model's mean face are scored: the scan cropped to
+    95 mm around its nose tip, landmark initialisation, ICP with one
+    isotropic scale, mean scan-to-mesh distance (mm). The scanned face is
+    neutral, so the fitted blendshapes are checked too: the largest weight and
+    opposing pairs (look up + down, jaw left + right, ...) that are both on.
+
+    \b
+    Resumable: fits are kept in OUT/fit. Exit codes: 0 at least one face
+    scored; 1 none; 2 usage error; 130 interrupted.
+
+    \b
+    Examples:
+      facerecon evaluate scan head.obj --landmarks head_lmks.npy --out eval/scan
+      facerecon evaluate scan head.obj --landmarks head_lmks.npy --photos shots/ --out eval/scan_photos
+    """
+    from facerecon.evaluation.scan import ScanOptions, run_scan
+    from facerecon.fitting.optimize import FitSettings
+
+    settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2])
+    options = ScanOptions(landmarks=scan_landmarks, units=scan_units, photos=None if photos is None else str(photos),
+                          yaws=_floats(yaws), pitches=_floats(pitches), seed=seed, face_model=face_model,
+                          device=device, settings=settings)
+    console = stderr_console(quiet=quiet)
+    result = _run_protocol(console, quiet, out_dir, as_json,
+                           lambda progress, stop: run_scan(
+                               scan, out_dir, options, progress=progress.stage("fit", "face"),
+                               detect_progress=progress.stage("detect"), should_stop=stop))
+    if not quiet:
+        _print_scan_tables(console, result, out_dir)
+    _finish(result, as_json, anything_done=bool(result.summary["reconstructed"]))
+
+
+def _print_scan_tables(console, result, out_dir: Path) -> None:
+    from rich.table import Table
+
+    summary = result.summary
+    table = Table(title=f"scan protocol ({summary['variant']}): mean scan-to-mesh distance (mm)", title_justify="left")
+    for column in ("image", "exported", "neutral", "max blendshape", "opposing pairs on"):
+        table.add_column(column, justify="left" if column in ("image", "opposing pairs on") else "right")
+    for row in result.rows:
+        if row["status"] != "ok":
+            table.add_row(row["image"], "-", "-", "-", row["reason"])
+            continue
+        table.add_row(row["image"], _fmt(row["fit_mean_mm"]), _fmt(row["neutral_mean_mm"]),
+                      f"{_fmt(row.get('max_blendshape'))} {row.get('max_blendshape_name', '')}",
+                      row.get("opposing_active") or "")
+    table.add_row("mean", _fmt(summary["fit_mean_mm"]), _fmt(summary["neutral_mean_mm"]), "", "", style="bold")
+    table.add_row("mean face", _fmt(summary["mean_face_mean_mm"]), "", "", "")
+    console.print(table)
+    if summary["fit_improvement"] is not None:
+        console.print(f"exported mesh vs mean face: {summary['fit_improvement']:+.0%}; neutral: "
+                      f"{summary['neutral_improvement']:+.0%}")
+    console.print(f"results: {out_dir / 'scan_results.json'}, {out_dir / 'scan_results.csv'}")
+
+
+@evaluate.command("albums")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: fit/, resolutions/, resolutions_fit/, albums_results.json|.csv, albums_pairs.csv, "
+                   "albums_distances.png.")
+@click.option("--resolutions", default=",".join(str(h) for h in (240, 480, 720, 1080)), show_default=True,
+              help="Photo heights (px) for the resolution spread; empty to skip it.")
+@click.option("--resolution-photos", type=click.IntRange(0), default=1, show_default=True,
+              help="Photos per person resized for the resolution spread.")
+@click.option("--face-model", default=None, metavar="NAME|PATH", help="Face model to fit with.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True, help="Faces fitted together.")
+@click.option("--steps", type=(click.IntRange(0), click.IntRange(0), click.IntRange(0)), default=FIT_STEPS,
+              hidden=True, help="Fit iterations (landmark, coarse, fine), as `fit --steps`.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or tables.")
+def albums(root: Path, out_dir: Path, resolutions: str, resolution_photos: int, face_model: str | None, device: str,
+           batch_size: int, steps: tuple[int, int, int], as_json: bool, quiet: bool) -> None:
+    """Real albums: do one person's photos give one shape, and others another?
+
+    \b
+    ROOT holds one folder per person. Every photo is fitted (largest face);
+    the neutral shapes (expression zero, front of the face) of every photo
+    pair are compared after a similarity alignment (RMS distance, mm).
+    Reported: the median same-person and different-person distances and the
+    verification AUC (how well the distance alone tells same from different
+    people), and the resolution spread: the first photo(s) of each person
+    resized to each --resolutions height and fitted again (mean pairwise
+    distance of one photo's shapes; median over photos).
+
+    \b
+    Resumable: fits are kept in OUT. Exit codes: 0 at least two photos
+    fitted; 1 fewer; 2 usage error; 130 interrupted.
+
+    \b
+    Example:
+      facerecon evaluate albums ../shared/realdata/albums --out eval/albums
+    """
+    from facerecon.evaluation.albums import AlbumOptions, run_albums
+    from facerecon.fitting.optimize import FitSettings
+
+    try:
+        heights = tuple(int(v) for v in resolutions.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated heights in pixels, got {resolutions!r}",
+                                 param_hint="--resolutions") from None
+    if any(h < 16 or h > 8192 for h in heights):
+        raise click.BadParameter("heights must lie in 16..8192 px", param_hint="--resolutions")
+    settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2])
+    options = AlbumOptions(face_model=face_model, device=device, batch_size=batch_size, resolutions=heights,
+                           resolution_photos=resolution_photos, settings=settings)
+    console = stderr_console(quiet=quiet)
+    result = _run_protocol(console, quiet, out_dir, as_json,
+                           lambda progress, stop: run_albums(
+                               root, out_dir, options, progress=progress.stage("fit", "face"),
+                               detect_progress=progress.stage("detect"), should_stop=stop))
+    if not quiet:
+        _print_album_tables(console, result, out_dir)
+    _finish(result, as_json, anything_done=result.summary["fitted"] >= 2)
+
+
+def _print_album_tables(console, result, out_dir: Path) -> None:
+    from rich.table import Table
+
+    from facerecon.cli.common import problems_table
+
+    s = result.summary
+    table = Table(title="albums: neutral-shape consistency (aligned RMS distance, mm)", title_justify="left")
+    for column in ("people", "photos", "fitted", "same median", "different median", "AUC", "resolution spread"):
+        table.add_column(column, justify="right")
+    spread = (s["resolution"] or {}).get("median_spread_mm")
+    table.add_row(str(s["people"]), str(s["photos"]), str(s["fitted"]), _fmt(s["same_median_mm"]),
+                  _fmt(s["different_median_mm"]), _fmt(s["auc"], "{:.3f}"), _fmt(spread))
+    console.print(table)
+    failures = [(r["key"], r["reason"]) for r in result.rows if r["status"] != "ok"]
+    if failures:
+        console.print(problems_table("not fitted", failures, headers=("photo", "reason")))
+    console.print(f"results: {out_dir / 'albums_results.json'}, {out_dir / 'albums_pairs.csv'}")
+
+
+def _run_landmark_protocol(run, root: Path, out_dir: Path, options, as_json: bool, quiet: bool, title: str) -> None:
+    console = stderr_console(quiet=quiet)
+    result = _run_protocol(console, quiet, out_dir, as_json,
+                           lambda progress, stop: run(
+                               root, out_dir, options, progress=progress.stage("fit", "face"),
+                               detect_progress=progress.stage("detect"), should_stop=stop))
+    if not quiet:
+        _print_landmark_tables(console, result, out_dir, title)
+    _finish(result, as_json, anything_done=bool(result.summary["scored"]))
+
+
+def _landmark_options(face_model, device, checkpoint, refine, batch_size, limit, steps) -> dict:
+    from facerecon.fitting.optimize import FitSettings
+
+    settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2])
+    return dict(face_model=face_model, device=device, batch_size=batch_size, limit=limit, checkpoint=checkpoint,
+                refine=refine, settings=settings)
+
+
+@evaluate.command("landmarks")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: fit/, landmarks_results.json|.csv, landmarks_nme_by_yaw.png, "
+                   "landmarks_cumulative_nme.png.")
+@_fit_method_options
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or tables.")
+def landmarks(root: Path, out_dir: Path, face_model: str | None, device: str, checkpoint: str | None, refine: int,
+              batch_size: int, limit: int | None, steps: tuple[int, int, int], as_json: bool, quiet: bool) -> None:
+    """Real photos with 68-point ground truth: NME of the fit and of the detector.
+
+    \b
+    ROOT holds photos, each with a ground-truth file of the same name:
+      photo.pts    iBUG / 300-W (68 lines "x y", 1-based pixels)
+      photo.ljson  menpo JSON (points stored as y, x)
+      photo.mat    AFLW2000-3D (pt3d_68) or 300W-LP (pt2d), with Pose_Para
+
+    \b
+    Every photo is reconstructed with `detect + fit` (every face); the fitted
+    face whose projected 68 landmarks overlap the annotated ones most is
+    scored. NME = mean 2D distance over the 68 points / sqrt(w x h) of the
+    ground-truth landmarks' box, x 100, for the fit's projected landmarks and
+    for the detector's own 68 points on the same face. Bins on |yaw| (from
+    Pose_Para, else the fitted yaw): [0, 30], (30, 60], (60, 90]. A photo
+    whose face is not found is a miss: counted and listed, never dropped.
+
+    \b
+    Resumable: fits are kept in OUT/fit; rerun the same command to continue.
+    Exit codes: 0 at least one photo scored; 1 none; 2 usage error;
+    130 interrupted (finished fits are kept).
+
+    \b
+    Example:
+      facerecon evaluate landmarks ../shared/realdata/landmarks --out eval/landmarks
+    """
+    from facerecon.evaluation.landmarks import LandmarkOptions, run_landmarks
+
+    options = LandmarkOptions(**_landmark_options(face_model, device, checkpoint, refine, batch_size, limit, steps))
+    _run_landmark_protocol(run_landmarks, root, out_dir, options, as_json, quiet, "68-point landmarks")
+
+
 @evaluate.command("aflw2000")
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -379,8 +614,7 @@ def aflw2000(root: Path, out_dir: Path, face_model: str | None, device: str, che
     (60, 90] (beyond 90 counts in the last). Reported: each bin's mean, the
     mean of the three bin means (headline) and the plain mean over images,
     with the face detector's own landmarks as a reference. Images without a
-    detected face cannot be reconstructed: they are listed and left out (see
-    the scored counts).
+    detected face are misses: counted and listed (the `missed` column).
 
     \b
     Resumable: fits are kept in OUT/fit; rerun the same command to continue.
@@ -392,44 +626,36 @@ def aflw2000(root: Path, out_dir: Path, face_model: str | None, device: str, che
       facerecon evaluate aflw2000 /data/AFLW2000 --out eval/aflw2000
     """
     from facerecon.evaluation.aflw2000 import AflwOptions, run_aflw2000
-    from facerecon.fitting.optimize import FitSettings
 
-    settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2])
-    options = AflwOptions(face_model=face_model, device=device, batch_size=batch_size, limit=limit,
-                          checkpoint=checkpoint, refine=refine, settings=settings)
-    console = stderr_console(quiet=quiet)
-    result = _run_protocol(console, quiet, out_dir, as_json,
-                           lambda progress, stop: run_aflw2000(
-                               root, out_dir, options, progress=progress.stage("fit", "face"),
-                               detect_progress=progress.stage("detect"), should_stop=stop))
-    if not quiet:
-        _print_aflw_tables(console, result, out_dir)
-    _finish(result, as_json, anything_done=bool(result.summary["scored"]))
+    options = AflwOptions(**_landmark_options(face_model, device, checkpoint, refine, batch_size, limit, steps))
+    _run_landmark_protocol(run_aflw2000, root, out_dir, options, as_json, quiet, "AFLW2000-3D")
 
 
-def _print_aflw_tables(console, result, out_dir: Path) -> None:
+def _print_landmark_tables(console, result, out_dir: Path, title: str) -> None:
     from rich.table import Table
 
     from facerecon.cli.common import problems_table
 
     summary = result.summary
-    table = Table(title="AFLW2000-3D: 68-point NME x 100 (normalised by sqrt(w*h) of the landmark box)",
+    table = Table(title=f"{title}: 68-point NME x 100 (normalised by sqrt(w*h) of the landmark box)",
                   title_justify="left")
-    for column in ("|yaw|", "images", "scored", "mean", "median", "std", "detector"):
+    for column in ("|yaw|", "images", "scored", "missed", "mean", "median", "std", "detector"):
         table.add_column(column, justify="left" if column == "|yaw|" else "right", no_wrap=True)
     for row in result.by_yaw:
-        table.add_row(row["yaw_bin"], str(row["images"]), str(row["scored"]), _fmt(row["nme_mean_percent"]),
+        table.add_row(row["yaw_bin"], str(row["images"]), str(row["scored"]), str(row["missed"]),
+                      _fmt(row["nme_mean_percent"]),
                       _fmt(row["nme_median_percent"]), _fmt(row["nme_std_percent"]),
                       _fmt(row["detector_nme_mean_percent"]))
-    table.add_row("mean of bins", "", "", _fmt(summary["nme_balanced_percent"]), "", "",
+    table.add_row("mean of bins", "", "", "", _fmt(summary["nme_balanced_percent"]), "", "",
                   _fmt(summary["detector_nme_balanced_percent"]), style="bold")
-    table.add_row("all images", str(summary["images_total"]), str(summary["scored"]), _fmt(summary["nme_mean_percent"]),
-                  "", "", _fmt(summary["detector_nme_mean_percent"]))
+    table.add_row("all images", str(summary["images_total"]), str(summary["scored"]), str(summary["missed"]),
+                  _fmt(summary["nme_mean_percent"]), "", "", _fmt(summary["detector_nme_mean_percent"]))
     console.print(table)
     if summary["failures"]:
         console.print(problems_table("not scored", [(f["image"], f["reason"]) for f in summary["failures"]],
                                      headers=("image", "reason")))
-    console.print(f"results: {out_dir / 'aflw2000_results.json'}, {out_dir / 'aflw2000_results.csv'}, "
+    stem = summary["protocol"]
+    console.print(f"results: {out_dir / (stem + '_results.json')}, {out_dir / (stem + '_results.csv')}, "
                   f"{', '.join(summary.get('plots', {}).values())}")
     if summary["seconds_per_image"] is not None:
         console.print(f"time per image (this run): {summary['seconds_per_image']:.2f} s")

@@ -32,7 +32,8 @@ from typing import Iterable
 import numpy as np
 
 #: File name endings collected from folders and globs (compared case-insensitively).
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".tif", ".tiff", ".webp"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".ppm",
+                              ".pgm", ".pbm", ".pnm"})
 
 #: Largest accepted image, in pixels (width x height after decoding the header).
 DEFAULT_MAX_PIXELS = 400_000_000
