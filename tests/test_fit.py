@@ -124,6 +124,20 @@ def test_fits_file_holds_parameters_and_is_resumable(fitted_photo, ict_embedded_
     assert face["identity"].shape == (100,) and face["sh"].shape == (27,)
     assert face["vertices"].shape == (9409, 3) and np.isfinite(face["vertices"]).all()
     assert face["texture"].shape == (256, 256, 3)
+    # the fit's own 68 landmarks: the stored photo points are the projection of the stored 3D points
+    # (the definition the fit aligns), and they sit on the detected face
+    from facerecon.evaluation.landmarks import landmark_points68, project_to_photo
+    from facerecon.facemodel.model import load_face_model
+
+    model = load_face_model(ict_embedded_model_file)
+    assert face["landmarks68"].shape == (68, 2) and face["landmarks68_3d"].shape == (68, 3)
+    assert np.allclose(face["landmarks68_3d"], landmark_points68(model, face["vertices"]), atol=1e-3)
+    expected = project_to_photo(landmark_points68(model, face["vertices_camera"]), face["intrinsics"],
+                                face["align_matrix"])
+    assert np.abs(face["landmarks68"] - expected).max() < 0.05
+    eye_distance = np.linalg.norm(expected[36:42].mean(0) - expected[42:48].mean(0))
+    assert not np.allclose(face["landmarks68_3d"], face["vertices"][model.landmarks68], atol=0.5)
+    assert eye_distance > 10
     rerun = run_fit([str(photos)], out, FitOptions(face_model=str(ict_embedded_model_file), texture_size=256))
     assert rerun.images[key] == "skipped" and not rerun.faces
 

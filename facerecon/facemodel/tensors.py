@@ -57,6 +57,7 @@ class FaceModelTensors(nn.Module):
         super().__init__()
         self.model_id = model.model_id
         self.expression_kind = model.expression_kind
+        self.expression_names = [str(n) for n in model.expression_names]
         n = model.n_vertices
         self.register_buffer("mean_shape", torch.as_tensor(model.mean_shape, dtype=dtype))
         # Bases kept as (K, 3N) so a batch evaluates with one matmul.

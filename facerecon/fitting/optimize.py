@@ -25,6 +25,9 @@ import torch.nn.functional as F
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import crop_intrinsics, model_to_camera, pose_from_landmarks
 from facerecon.fitting.lbfgs import batched_lbfgs
+from facerecon.facemodel.blendshape_pairs import opposing_pairs
+from facerecon.fitting.gaze import gaze_columns
+from facerecon.losses.expression import blendshape_prior, observed_weight_prior
 from facerecon.losses.hybrid import (
     PAPER000_WEIGHTS,
     coefficient_regularizer,
@@ -83,6 +86,16 @@ class FitSettings:
     # (as strong as in a single-photo fit)
     shared_identity_prior: str = "per_set"
     exclude_inner_mouth: bool = False
+    # blendshape expression prior (models with blendshapes, e.g. ICT; facerecon.losses.expression):
+    # L1 and L2 on the weights and the product of opposing pairs, in units of the total loss.
+    # Paper 000's eq. 5 prior (reg_expression) was set for PCA coefficients and is kept beside it.
+    expression_l1: float = 0.0
+    expression_l2: float = 0.0
+    expression_opposing: float = 0.0
+    # pull of the eye-look blendshapes towards the gaze seen in the irises (facerecon.fitting.gaze)
+    gaze_prior: float = 0.0
+    # contour landmarks count with clamp((facing cosine + offset) * 4, 0, 1) (FaceFitter._contour_visibility)
+    contour_facing_offset: float = 0.0
     max_retries: int = 1
     weights: dict[str, float] = field(default_factory=lambda: dict(PAPER000_WEIGHTS))
 
@@ -95,13 +108,15 @@ class FaceTargets:
     """What one batch of faces is fitted to (all on the aligned crop of size S).
 
     crops: (B, S, S, 3) float in [0, 1]; landmarks68: (B, 68, 2) px; dense: (B, 468, 2) px or
-    None; attention: (B, S, S) in [0, 1].
+    None; attention: (B, S, S) in [0, 1]; gaze: (B, 8) eye-look blendshape weights observed
+    from the irises (:func:`facerecon.fitting.gaze.gaze_weights`) or None.
     """
 
     crops: torch.Tensor
     landmarks68: torch.Tensor
     dense: torch.Tensor | None
     attention: torch.Tensor
+    gaze: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -109,7 +124,8 @@ class FaceTargets:
 
     def to(self, device) -> "FaceTargets":
         return FaceTargets(self.crops.to(device), self.landmarks68.to(device),
-                           None if self.dense is None else self.dense.to(device), self.attention.to(device))
+                           None if self.dense is None else self.dense.to(device), self.attention.to(device),
+                           None if self.gaze is None else self.gaze.to(device))
 
 
 @dataclass
@@ -150,7 +166,8 @@ def _sanitize(targets: FaceTargets) -> tuple[FaceTargets, torch.Tensor]:
     def fix(x):
         return None if x is None else torch.where(invalid.view(-1, *[1] * (x.dim() - 1)), x[donor:donor + 1], x)
 
-    return FaceTargets(fix(targets.crops), fix(targets.landmarks68), fix(targets.dense), fix(targets.attention)), invalid
+    return FaceTargets(fix(targets.crops), fix(targets.landmarks68), fix(targets.dense), fix(targets.attention),
+                       fix(targets.gaze)), invalid
 
 
 def initial_parameters(model: FaceModelTensors, targets: FaceTargets) -> dict[str, torch.Tensor]:
@@ -216,6 +233,8 @@ class FaceFitter:
         if oval_indices is not None:
             self.contour_dense[torch.as_tensor(oval_indices, dtype=torch.int64)] = True
         self.perceptual = perceptual
+        self.opposing = torch.as_tensor(opposing_pairs(getattr(model, "expression_names", [])), device=device)
+        self.gaze_index = torch.as_tensor(gaze_columns(getattr(model, "expression_names", [])), device=device)
         #: optional callable targets -> starting parameters (a trained network, method "network")
         self.predictor = None
         self.renderers: dict[int, MeshRenderer] = {}
@@ -227,8 +246,14 @@ class FaceFitter:
         return self.renderers[size]
 
     def _contour_visibility(self, cam_points: torch.Tensor, cam_normals: torch.Tensor) -> torch.Tensor:
-        """(B, L) weight in [0, 1]: how much a contour point faces the camera (detached)."""
-        return (facing_cosine(cam_points, cam_normals) * 4.0).clamp(0.0, 1.0).detach()
+        """(B, L) weight in [0, 1]: how much a contour point faces the camera (detached).
+
+        ``clamp((cos + contour_facing_offset) * 4, 0, 1)`` of the angle between the surface
+        normal and the view ray: points turned away get 0 (the detector's contour slides to the
+        silhouette there); the offset keeps points near the silhouette of a frontal face, where
+        the fixed correspondence holds, in the fit."""
+        cosine = facing_cosine(cam_points, cam_normals) + self.settings.contour_facing_offset
+        return (cosine * 4.0).clamp(0.0, 1.0).detach()
 
     def losses(self, p: dict[str, torch.Tensor], targets: FaceTargets, render_size: int | None
                ) -> dict[str, torch.Tensor]:
@@ -264,10 +289,19 @@ class FaceFitter:
             # one identity seen in b photos: its prior counts once for the set, not once per photo
             reg_weights = dict(w, reg_identity=w["reg_identity"] / b)
         terms["coefficients"] = coefficient_regularizer(identity, expression, p["albedo"], reg_weights)
+        cfg = self.settings
+        if m.expression_kind == "blendshape":
+            terms["expression_prior"] = blendshape_prior(expression, self.opposing, cfg.expression_l1,
+                                                         cfg.expression_l2, cfg.expression_opposing)
+            if targets.gaze is not None and cfg.gaze_prior > 0:
+                terms["expression_prior"] = terms["expression_prior"] + observed_weight_prior(
+                    expression, self.gaze_index, targets.gaze, cfg.gaze_prior)
         # photometric_landmark_scale < 1 weakens landmarks once the photometric term is on, by a
         # fixed factor; the adaptive landmark trust below does so per face
         lan_weight = w["landmark"] * (self.settings.photometric_landmark_scale if render_size is not None else 1.0)
         total = w["coefficients"] * terms["coefficients"]
+        if "expression_prior" in terms:
+            total = total + terms["expression_prior"]
         if render_size is not None:
             albedo = m.albedo(p["albedo"])
             terms["texture"] = texture_flatness(albedo, self.skin)
@@ -510,7 +544,7 @@ class FaceFitter:
         dense = targets.dense
         if dense is not None and offsets_dense is not None:
             dense = dense - offsets_dense
-        return FaceTargets(targets.crops, targets.landmarks68 - offsets68, dense, targets.attention)
+        return FaceTargets(targets.crops, targets.landmarks68 - offsets68, dense, targets.attention, targets.gaze)
 
     def fit(self, targets: FaceTargets, shared_identity: bool = False,
             init: dict[str, torch.Tensor] | None = None, face_weights: torch.Tensor | None = None,

@@ -61,6 +61,9 @@ class DetectOptions:
         pack_interval: seconds between periodic packs of the output.
         compression: gzip level for crops and masks (level 1: photos barely compress
             losslessly at any level, so the fastest is used).
+        second_look: when the full-range detector finds no face in a photo, look again with
+            mediapipe's short-range model (close-ups, half profiles, partly covered faces;
+            docs/detection.md has the real-photo numbers behind this default).
     """
 
     crop_size: int = DEFAULT_CROP_SIZE
@@ -73,10 +76,12 @@ class DetectOptions:
     overwrite: bool = False
     pack_interval: float = 60.0
     compression: int = 1
+    second_look: bool = True
 
     def make_analyzer(self) -> FaceAnalyzer:
         return FaceAnalyzer(min_score=self.min_score, max_faces=self.max_faces,
-                            detect_max_side=self.detect_max_side, tile_size=self.tile_size)
+                            detect_max_side=self.detect_max_side, tile_size=self.tile_size,
+                            short_range_fallback=self.second_look)
 
 
 @dataclass

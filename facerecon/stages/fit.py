@@ -30,6 +30,7 @@ from facerecon.facemodel.model import FaceModel
 from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import crop_intrinsics, model_to_camera
+from facerecon.fitting.gaze import gaze_weights
 from facerecon.fitting.optimize import FaceFitter, FaceTargets, FitSettings
 from facerecon.io.images import ImageLoadError, load_image
 from facerecon.io.store import ResultStore, attrs_dict, open_results
@@ -250,8 +251,10 @@ def _targets(faces: list[_PendingFace], device: torch.device) -> FaceTargets:
     lm68 = np.stack([f.face.crop_landmarks68 for f in faces]).astype(np.float32)
     dense = np.stack([f.face.crop_landmarks478[:468, :2] for f in faces]).astype(np.float32)
     attention = np.stack([f.face.skin_attention for f in faces]).astype(np.float32) / 255.0
+    points = np.stack([f.face.crop_landmarks478[:, :2] for f in faces]).astype(np.float32)
+    gaze = gaze_weights(torch.from_numpy(points)) if points.shape[1] >= 478 else None
     return FaceTargets(torch.from_numpy(crops), torch.from_numpy(lm68), torch.from_numpy(dense),
-                       torch.from_numpy(attention)).to(device)
+                       torch.from_numpy(attention), gaze).to(device)
 
 
 class _PhotoCache:
@@ -313,7 +316,12 @@ class _FaceWriter:
         texture, vertex_colors, visible = unwrap_texture(
             cam[0], t.triangles, self.uv, self.triangle_uv, k[0], out.depth[0], out.mask[0], photo, crop_to_photo,
             out.vertex_colors[0], self.options.texture_size)
+        # the 68 landmarks the fit aligns (FaceModelTensors.landmark_points), in photo pixels and 3D
+        crop68 = project_points(t.landmark_points(cam), k)[0, :, :2].cpu().numpy().astype(np.float64)
+        back = invert_affine(face.align_matrix)
         return {
+            "landmarks68": (crop68 @ back[:, :2].T + back[:, 2]).astype(np.float32),
+            "landmarks68_3d": t.landmark_points(verts)[0].cpu().numpy().astype(np.float32),
             "vertices": verts[0].cpu().numpy().astype(np.float32),
             "vertices_neutral": neutral[0].cpu().numpy().astype(np.float32),
             "vertices_camera": cam[0].cpu().numpy().astype(np.float32),
