@@ -228,8 +228,10 @@ class _Stopped(Exception):
 def _sanitize(targets: FaceTargets) -> tuple[FaceTargets, torch.Tensor]:
     """Replace faces with non-finite inputs by a harmless copy of a valid face; (B,) invalid mask.
 
-    Keeps the batch's arithmetic finite: one NaN face would otherwise poison the shared
-    L-BFGS direction of every face in the batch.
+    Keeps the batch's arithmetic finite: the faces are optimised together (one Adam step over
+    all of them in the photometric stages, and one L-BFGS over their summed loss when an
+    identity is shared), where one NaN face would poison the step of every face in the batch.
+    The invalid faces are marked failed, so the copy's result is never reported.
     """
     def finite(x):
         return torch.isfinite(x.flatten(1)).all(dim=1)
