@@ -228,10 +228,11 @@ class _Stopped(Exception):
 def _sanitize(targets: FaceTargets) -> tuple[FaceTargets, torch.Tensor]:
     """Replace faces with non-finite inputs by a harmless copy of a valid face; (B,) invalid mask.
 
-    Keeps the batch's arithmetic finite: the faces are optimised together (one Adam step over
-    all of them in the photometric stages, and one L-BFGS over their summed loss when an
-    identity is shared), where one NaN face would poison the step of every face in the batch.
-    The invalid faces are marked failed, so the copy's result is never reported.
+    Keeps the batch's arithmetic finite, so a non-finite face cannot reach its batch mates
+    through what the batch shares: the one L-BFGS over the summed loss when an identity is
+    shared, and the photometric stages' divergence check, which would reset the face and halve
+    the whole batch's step size (:meth:`FaceFitter._halve_batch_step`). The invalid faces are
+    marked failed, so the copy's result is never reported.
     """
     def finite(x):
         return torch.isfinite(x.flatten(1)).all(dim=1)
