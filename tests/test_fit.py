@@ -328,3 +328,69 @@ def test_command_line_step_defaults_match_the_fit_settings():
 
     defaults = FitSettings()
     assert FIT_STEPS == (defaults.landmark_steps, defaults.coarse_steps, defaults.fine_steps)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("detector_bias_mode", "typo"), ("shared_identity_prior", "once"), ("render_backend", "opengl"),
+    ("landmark_steps", -1), ("coarse_steps", 2.5), ("patience", 0), ("coarse_size", 0), ("learning_rate", 0.0),
+    ("learning_rate", float("nan")), ("landmark_trust_minimum", 0.0), ("tolerance", -1e-3),
+    ("weights", {"photo": 1.0}),
+])
+def test_fit_settings_reject_bad_values_on_construction(field, value):
+    from facerecon.errors import InputError
+
+    with pytest.raises(InputError, match=field):
+        FitSettings(**{field: value})
+
+
+def test_render_backend_is_a_setting_in_the_digest(ict_model):
+    from facerecon.stages.fit import FitOptions, _digest, _settings
+
+    assert FitSettings().render_backend == "torch"  # never picked from the environment
+    assert FitSettings(render_backend="auto").render_backend in ("torch", "pytorch3d")  # resolved, recorded
+    torch_digest = _digest(_settings(FitOptions(settings=FitSettings(render_backend="torch")), ict_model))
+    p3d = FitOptions(settings=FitSettings(render_backend="pytorch3d"))  # checked when a renderer is built
+    assert _settings(p3d, ict_model)["fit"]["render_backend"] == "pytorch3d"
+    assert _digest(_settings(p3d, ict_model)) != torch_digest
+
+
+def test_network_method_fits_with_its_refine_steps_only():
+    from facerecon.stages.fit import fitter_settings
+
+    settings = FitSettings(coarse_steps=200, fine_steps=25)
+    assert fitter_settings(FitOptions(settings=settings)) is settings
+    network = fitter_settings(FitOptions(settings=settings, checkpoint="net.pt", refine=7))
+    assert (network.coarse_steps, network.fine_steps, network.landmark_steps) == (7, 0, settings.landmark_steps)
+    assert settings.coarse_steps == 200  # the options' settings are not changed
+
+
+def test_fit_state_is_a_documented_dataclass():
+    from dataclasses import fields
+
+    from facerecon.fitting.optimize import FitState
+
+    names = {f.name for f in fields(FitState)}
+    assert names == {"failed", "retries", "face_weights", "batch_lr_factor", "should_stop", "stopped"}
+    for name in names:
+        assert f"{name}:" in FitState.__doc__
+    state = FitState(failed=torch.tensor([False, True]), retries=torch.zeros(2, dtype=torch.int64),
+                     face_weights=torch.tensor([0.5, 1.0]), should_stop=lambda: True)
+    assert state.live_weights(torch.float32).tolist() == [0.5, 0.0]
+    assert state.poll_stop() and state.stopped
+
+
+def test_fit_runs_in_the_model_dtype(synthetic_fit, ict_embedded_model):
+    """A float64 model fits in float64 (parameters, losses) and lands where the float32 fit does."""
+    _, _, fitter, _, targets = synthetic_fit
+    settings = FitSettings(landmark_steps=20, coarse_steps=4, fine_steps=0)
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        tensors = FaceModelTensors(ict_embedded_model, dtype=dtype)
+        results[dtype] = FaceFitter(tensors, ict_embedded_model.regions, settings,
+                                    oval_indices=face_oval_indices()).fit(targets)
+    r32, r64 = results[torch.float32], results[torch.float64]
+    assert not r64.failed.any()
+    assert all(v.dtype == np.float64 for v in r64.parameters.values())
+    assert all(v.dtype == np.float64 for v in r64.losses.values())
+    assert np.abs(np.rad2deg(r64.parameters["angles"] - r32.parameters["angles"])).max() < 1.0
+    assert np.abs(r64.landmark_error_px - r32.landmark_error_px).max() < 0.2

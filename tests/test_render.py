@@ -651,3 +651,24 @@ def test_pytorch3d_backend_matches_torch():
     assert same > 0.99
     both = ours.mask & p3d.mask & (ours.fragments.triangle_id == p3d.fragments.triangle_id)
     assert torch.allclose(ours.image[both], p3d.image[both], atol=1e-5)
+
+
+def test_scale_intrinsics_moves_projections_by_the_pixel_rescaling_rule():
+    """Projecting with scale_intrinsics(K, s) = scale_pixels(projecting with K, s); image edges stay edges."""
+    from facerecon.render.camera import intrinsics_from_fov, project_points, scale_intrinsics, scale_pixels
+
+    k = intrinsics_from_fov(torch.tensor([20.0, 35.0]), (224, 224), dtype=torch.float64)
+    k[:, 0, 1] = 0.3  # skew scales with the focal lengths
+    points = torch.randn(2, 50, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    points[..., 2] = points[..., 2].abs() + 5.0
+    for s in (0.5, 112 / 224, 3.0):
+        scaled = scale_intrinsics(k, s)
+        assert scaled.shape == k.shape
+        torch.testing.assert_close(project_points(points, scaled)[..., :2],
+                                   scale_pixels(project_points(points, k)[..., :2], s))
+    # the image spans [-0.5, W - 0.5]: its edges map to the resized image's edges
+    edges = torch.tensor([-0.5, 223.5], dtype=torch.float64)
+    torch.testing.assert_close(scale_pixels(edges, 0.5), torch.tensor([-0.5, 111.5], dtype=torch.float64))
+    # the principal point of a centred camera stays centred
+    torch.testing.assert_close(scale_intrinsics(k, 0.5)[:, :2, 2], torch.full((2, 2), 55.5, dtype=torch.float64))
+    assert k[0, 0, 2] == 111.5  # the input is not modified

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from facerecon.errors import InputError
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import crop_intrinsics, model_to_camera, pose_from_landmarks
 from facerecon.fitting.lbfgs import batched_lbfgs
@@ -31,12 +33,13 @@ from facerecon.losses.expression import blendshape_prior, observed_weight_prior
 from facerecon.losses.hybrid import (
     PAPER000_WEIGHTS,
     coefficient_regularizer,
+    landmark_loss,
     landmark_trust,
     landmark_weights_68,
     photometric_loss,
     texture_flatness,
 )
-from facerecon.render.camera import project_points
+from facerecon.render.camera import project_points, scale_intrinsics, scale_pixels
 from facerecon.render.renderer import MeshRenderer
 from facerecon.render.shading import SH_CONSTANTS, facing_cosine, sh_basis, vertex_normals
 
@@ -48,9 +51,27 @@ EXPLODING_LOSS_FACTOR = 1e4
 PARAMETER_NAMES = ("identity", "expression", "albedo", "sh", "angles", "translation")
 
 
+DETECTOR_BIAS_MODES = ("pose", "full")
+SHARED_IDENTITY_PRIORS = ("per_set", "per_photo")
+RENDER_BACKENDS = ("torch", "pytorch3d")
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    return "one of " + ", ".join(repr(c) for c in choices)
+
+
+def _check(ok: bool, name: str, expected: str) -> None:
+    if not ok:
+        raise InputError(f"fit setting {name} must be {expected}")
+
+
 @dataclass
 class FitSettings:
-    """Options of the ``optimize`` method (defaults: paper 000 weights)."""
+    """Options of the ``optimize`` method (defaults: paper 000 weights), validated on construction.
+
+    Raises:
+        InputError: a field out of range or not one of its choices.
+    """
 
     landmark_steps: int = 80  # L-BFGS evaluations per face of the landmark stage
     coarse_steps: int = 200
@@ -98,6 +119,38 @@ class FitSettings:
     contour_facing_offset: float = 0.0
     max_retries: int = 1
     weights: dict[str, float] = field(default_factory=lambda: dict(PAPER000_WEIGHTS))
+    # the rasterizer of the photometric stages: "torch" (facerecon.render.rasterize) or
+    # "pytorch3d"; part of the settings digest, so installing PyTorch3D never changes a stored
+    # fit silently. "auto" is resolved here, to the backend it picks in this environment.
+    render_backend: str = "torch"
+
+    def __post_init__(self) -> None:
+        """Validate every field once, so a typo fails here and not as a silent default later."""
+        for name in ("landmark_steps", "coarse_steps", "fine_steps", "warmup_steps", "detector_bias_iterations",
+                     "detector_bias_steps", "max_retries"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name,
+                   "a whole number >= 0")
+        for name in ("patience", "coarse_size"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "a whole number >= 1")
+        _check(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning_rate", "a number > 0")
+        for name in ("tolerance", "dense_weight", "photometric_landmark_scale", "landmark_trust_reference",
+                     "landmark_trust_power", "expression_l1", "expression_l2", "expression_opposing", "gaze_prior"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 0, name, "a number >= 0")
+        _check(0 < self.landmark_trust_minimum <= 1, "landmark_trust_minimum", "in (0, 1]")
+        _check(math.isfinite(self.contour_facing_offset) and -1 <= self.contour_facing_offset <= 1,
+               "contour_facing_offset", "in [-1, 1]")
+        _check(self.detector_bias_mode in DETECTOR_BIAS_MODES, "detector_bias_mode", _one_of(DETECTOR_BIAS_MODES))
+        _check(self.shared_identity_prior in SHARED_IDENTITY_PRIORS, "shared_identity_prior",
+               _one_of(SHARED_IDENTITY_PRIORS))
+        _check(self.render_backend in RENDER_BACKENDS + ("auto",), "render_backend",
+               _one_of(RENDER_BACKENDS + ("auto",)))
+        if self.render_backend == "auto":
+            self.render_backend = MeshRenderer(backend="auto").backend
+        missing = sorted(set(PAPER000_WEIGHTS) - set(self.weights))
+        _check(not missing, "weights", f"a value for every term (missing: {', '.join(missing)})")
+        bad = sorted(k for k, v in self.weights.items() if not (math.isfinite(v) and v >= 0))
+        _check(not bad, "weights", f"finite and >= 0 (not: {', '.join(bad)})")
 
     def to_dict(self) -> dict:
         return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
@@ -122,10 +175,13 @@ class FaceTargets:
     def size(self) -> int:
         return int(self.crops.shape[1])
 
-    def to(self, device) -> "FaceTargets":
-        return FaceTargets(self.crops.to(device), self.landmarks68.to(device),
-                           None if self.dense is None else self.dense.to(device), self.attention.to(device),
-                           None if self.gaze is None else self.gaze.to(device))
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "FaceTargets":
+        """The targets on ``device`` with floating tensors in ``dtype`` (None: unchanged)."""
+        def move(x):
+            return None if x is None else x.to(device=device, dtype=dtype)
+
+        return FaceTargets(move(self.crops), move(self.landmarks68), move(self.dense), move(self.attention),
+                           move(self.gaze))
 
 
 @dataclass
@@ -142,6 +198,47 @@ class FitResult:
     stopped: bool = False
 
 
+@dataclass
+class FitState:
+    """What one :meth:`FaceFitter.fit` call tracks across its stages, for a batch of B faces.
+
+    Mutable on purpose: the stages update it in place (a face fails, a stop is requested),
+    and every later stage sees the change.
+
+    Members:
+        failed: (B,) bool, faces frozen out of the optimisation: invalid inputs, or diverged
+            more than ``settings.max_retries`` times. Their loss is zeroed, so they move no
+            more and do not steer the others.
+        retries: (B,) int64, how many times each face was reset to its start after diverging.
+        face_weights: (B,) weight of each face's loss (robust down-weighting; ones by default).
+        batch_lr_factor: factor on the step sizes of every photometric stage that starts from
+            now on. **Batch-level**: :meth:`FaceFitter._reset_faces` halves it, and the running
+            stage's step sizes, for the whole batch whenever any one face diverges (Adam's step
+            size belongs to a parameter tensor, which holds all B faces). So a diverging face
+            slows its batch mates down; fits of a face can differ between batches that contain
+            a diverging face and batches that do not.
+        should_stop: polled before every loss evaluation; None never stops.
+        stopped: a stop was requested: the running stage ended early and the later ones are skipped.
+    """
+
+    failed: torch.Tensor
+    retries: torch.Tensor
+    face_weights: torch.Tensor
+    batch_lr_factor: float = 1.0
+    should_stop: Callable[[], bool] | None = None
+    stopped: bool = False
+
+    def poll_stop(self) -> bool:
+        """True (and ``stopped`` set) when ``should_stop`` asks to stop."""
+        if self.should_stop is not None and self.should_stop():
+            self.stopped = True
+        return self.stopped
+
+    def live_weights(self, dtype: torch.dtype) -> torch.Tensor:
+        """(B,) each face's loss weight: ``face_weights``, 0 for failed faces."""
+        return (~self.failed).to(dtype) * self.face_weights
+
+
 class _Stopped(Exception):
     """Raised inside an L-BFGS closure when a stop was requested."""
 
@@ -149,8 +246,11 @@ class _Stopped(Exception):
 def _sanitize(targets: FaceTargets) -> tuple[FaceTargets, torch.Tensor]:
     """Replace faces with non-finite inputs by a harmless copy of a valid face; (B,) invalid mask.
 
-    Keeps the batch's arithmetic finite: one NaN face would otherwise poison the shared
-    L-BFGS direction of every face in the batch.
+    Keeps the batch's arithmetic finite, so a non-finite face cannot reach its batch mates
+    through what the batch shares: the one L-BFGS over the summed loss when an identity is
+    shared, and the photometric stages' divergence check, which would reset the face and halve
+    the whole batch's step size (:meth:`FaceFitter._halve_batch_step`). The invalid faces are
+    marked failed, so the copy's result is never reported.
     """
     def finite(x):
         return torch.isfinite(x.flatten(1)).all(dim=1)
@@ -171,31 +271,24 @@ def _sanitize(targets: FaceTargets) -> tuple[FaceTargets, torch.Tensor]:
 
 
 def initial_parameters(model: FaceModelTensors, targets: FaceTargets) -> dict[str, torch.Tensor]:
-    """Safe starting point: mean face, neutral expression, white light, PnP pose."""
-    b, device = targets.crops.shape[0], targets.crops.device
+    """Safe starting point: mean face, neutral expression, white light, PnP pose.
+
+    Returns (B, ...) tensors on the targets' device in the model's dtype.
+    """
+    b, device, dtype = targets.crops.shape[0], targets.crops.device, model.mean_shape.dtype
     k = crop_intrinsics(targets.size)[0].numpy()
     points = model.landmark_points(model.mean_shape[None])[0].detach().cpu().numpy()
     angles, translation = pose_from_landmarks(points, targets.landmarks68.detach().cpu().numpy(), k)
-    sh = torch.zeros(b, 27, device=device)
+    sh = torch.zeros(b, 27, dtype=dtype, device=device)
     sh[:, [0, 9, 18]] = 1.0 / SH_CONSTANTS[0]  # unit ambient irradiance
     return {
-        "identity": torch.zeros(b, model.n_identity, device=device),
-        "expression": torch.zeros(b, model.n_expression, device=device),
-        "albedo": torch.zeros(b, model.n_albedo, device=device),
+        "identity": torch.zeros(b, model.n_identity, dtype=dtype, device=device),
+        "expression": torch.zeros(b, model.n_expression, dtype=dtype, device=device),
+        "albedo": torch.zeros(b, model.n_albedo, dtype=dtype, device=device),
         "sh": sh,
-        "angles": torch.as_tensor(angles, device=device),
-        "translation": torch.as_tensor(translation, device=device),
+        "angles": torch.as_tensor(angles, dtype=dtype, device=device),
+        "translation": torch.as_tensor(translation, dtype=dtype, device=device),
     }
-
-
-def _scaled_intrinsics(crop_size: int, size: int, batch: int, device) -> torch.Tensor:
-    """Intrinsics for rendering the crop at ``size`` px (pixel centres stay consistent)."""
-    k = crop_intrinsics(crop_size, batch, device=device)
-    s = size / crop_size
-    k[:, 0, 0] *= s
-    k[:, 1, 1] *= s
-    k[:, :2, 2] = (k[:, :2, 2] + 0.5) * s - 0.5
-    return k
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -211,10 +304,7 @@ class FaceFitter:
     def __init__(self, model: FaceModelTensors, regions: dict[str, np.ndarray], settings: FitSettings | None = None,
                  oval_indices: np.ndarray | None = None, perceptual=None):
         self.model = model
-        self.settings = settings or FitSettings()
-        if self.settings.shared_identity_prior not in ("per_set", "per_photo"):
-            raise ValueError(f"shared_identity_prior must be 'per_set' or 'per_photo', "
-                             f"not {self.settings.shared_identity_prior!r}")
+        self.settings = settings or FitSettings()  # validated by FitSettings itself
         device = model.mean_shape.device
         in_region = np.zeros(model.n_vertices, bool)
         in_region[regions["photometric"]] = True
@@ -242,7 +332,7 @@ class FaceFitter:
     # ------------------------------------------------------------------ model terms
     def _renderer(self, size: int) -> MeshRenderer:
         if size not in self.renderers:
-            self.renderers[size] = MeshRenderer(image_size=(size, size), backend="auto")
+            self.renderers[size] = MeshRenderer(image_size=(size, size), backend=self.settings.render_backend)
         return self.renderers[size]
 
     def _contour_visibility(self, cam_points: torch.Tensor, cam_normals: torch.Tensor) -> torch.Tensor:
@@ -257,73 +347,101 @@ class FaceFitter:
 
     def losses(self, p: dict[str, torch.Tensor], targets: FaceTargets, render_size: int | None
                ) -> dict[str, torch.Tensor]:
-        """All loss terms (B,) for parameters ``p``; photometric terms only when ``render_size``."""
-        m, s, w = self.model, targets.size, self.settings.weights
+        """All loss terms (B,) for parameters ``p``; photometric terms only when ``render_size``.
+
+        total = w_coef * coefficients + w_lan * trust * landmark
+                [+ w_photo * photometric + w_tex * texture + w_per * perceptual]  (paper 000 eq. 1)
+        """
+        m, w, cfg = self.model, self.settings.weights, self.settings
         b = targets.crops.shape[0]
-        expression = p["expression"]
         identity = p["identity"].expand(b, -1)
-        verts = m.shape(identity, expression)
+        verts = m.shape(identity, p["expression"])
         cam = model_to_camera(verts, p["angles"], p["translation"])
-        k = crop_intrinsics(s, b, device=cam.device)
+        k = crop_intrinsics(targets.size, b, dtype=cam.dtype, device=cam.device)
         normals = vertex_normals(cam, m.triangles)
 
-        lm_cam = m.landmark_points(cam)
-        proj68 = project_points(lm_cam, k)[..., :2]
-        weights68 = self.lm_weights.expand(b, 68).clone()
-        vis68 = self._contour_visibility(lm_cam, m.landmark_values(normals))
-        weights68 = torch.where(self.contour68, weights68 * vis68, weights68)
-        sq = ((proj68 - targets.landmarks68) ** 2).sum(-1) * weights68
-        terms = {"landmark68": sq.mean(dim=1)}
-        lan = terms["landmark68"]
+        terms = {"landmark68": self._landmark68_term(cam, normals, k, targets.landmarks68)}
+        landmark = terms["landmark68"]
         if self.use_dense and targets.dense is not None:
-            dense_cam = m.dense_points(cam)
-            vis = self._contour_visibility(dense_cam, m.dense_values(normals))
-            dense_w = torch.where(self.contour_dense, vis, torch.ones_like(vis))
-            dense_proj = project_points(dense_cam, k)[..., :2]
-            terms["landmark_dense"] = (((dense_proj - targets.dense) ** 2).sum(-1) * dense_w).sum(1) / (
-                dense_w.sum(1).clamp_min(1.0))
-            lan = lan + self.settings.dense_weight * terms["landmark_dense"]
-        terms["landmark"] = lan
-        reg_weights = w
-        if p["identity"].shape[0] == 1 and b > 1 and self.settings.shared_identity_prior == "per_set":
-            # one identity seen in b photos: its prior counts once for the set, not once per photo
-            reg_weights = dict(w, reg_identity=w["reg_identity"] / b)
-        terms["coefficients"] = coefficient_regularizer(identity, expression, p["albedo"], reg_weights)
-        cfg = self.settings
+            terms["landmark_dense"] = self._dense_landmark_term(cam, normals, k, targets.dense)
+            landmark = landmark + cfg.dense_weight * terms["landmark_dense"]
+        terms["landmark"] = landmark
+        terms["coefficients"] = self._coefficient_term(p, identity)
         if m.expression_kind == "blendshape":
-            terms["expression_prior"] = blendshape_prior(expression, self.opposing, cfg.expression_l1,
-                                                         cfg.expression_l2, cfg.expression_opposing)
-            if targets.gaze is not None and cfg.gaze_prior > 0:
-                terms["expression_prior"] = terms["expression_prior"] + observed_weight_prior(
-                    expression, self.gaze_index, targets.gaze, cfg.gaze_prior)
+            terms["expression_prior"] = self._expression_prior_term(p["expression"], targets.gaze)
         # photometric_landmark_scale < 1 weakens landmarks once the photometric term is on, by a
-        # fixed factor; the adaptive landmark trust below does so per face
-        lan_weight = w["landmark"] * (self.settings.photometric_landmark_scale if render_size is not None else 1.0)
+        # fixed factor; the adaptive landmark trust does so per face
+        landmark_weight = w["landmark"] * (cfg.photometric_landmark_scale if render_size is not None else 1.0)
         total = w["coefficients"] * terms["coefficients"]
         if "expression_prior" in terms:
             total = total + terms["expression_prior"]
         if render_size is not None:
             albedo = m.albedo(p["albedo"])
             terms["texture"] = texture_flatness(albedo, self.skin)
-            out = self._renderer(render_size).render(
-                cam, self.photo_triangles, _scaled_intrinsics(s, render_size, b, cam.device), albedo, p["sh"])
-            target = _resize(targets.crops, render_size)
+            out, target = self._render_at(cam, albedo, p["sh"], targets, render_size)
             attention = _resize(targets.attention[..., None], render_size)[..., 0]
             terms["photometric"] = photometric_loss(out.image, target, out.mask, attention)
             total = total + w["photo"] * terms["photometric"] + w["texture"] * terms["texture"]
-            cfg = self.settings
             if cfg.landmark_trust_reference > 0:
                 terms["landmark_trust"] = landmark_trust(terms["photometric"], cfg.landmark_trust_reference,
                                                          cfg.landmark_trust_power, cfg.landmark_trust_minimum)
-                lan_weight = lan_weight * terms["landmark_trust"]
-        total = total + lan_weight * lan
+                landmark_weight = landmark_weight * terms["landmark_trust"]
+        total = total + landmark_weight * landmark
         if render_size is not None and self.perceptual is not None:
-            ratio = render_size / s
-            landmarks = (targets.landmarks68 + 0.5) * ratio - 0.5
+            landmarks = scale_pixels(targets.landmarks68, render_size / targets.size)
             terms["perceptual"] = self.perceptual(out.image, target, out.mask, landmarks)
             total = total + w["perceptual"] * terms["perceptual"]
         terms["total"] = total
         return terms
+
+    def _landmark68_term(self, cam: torch.Tensor, normals: torch.Tensor, k: torch.Tensor,
+                         detected: torch.Tensor) -> torch.Tensor:
+        """(B,) paper 000 eq. 3 on the 68 landmarks; contour points weighted by how they face the camera.
+
+        cam, normals: (B, N, 3) camera-frame vertices and normals; k: (B, 3, 3); detected: (B, 68, 2) px.
+        """
+        points = self.model.landmark_points(cam)
+        weights = self.lm_weights.expand(cam.shape[0], 68)
+        visibility = self._contour_visibility(points, self.model.landmark_values(normals))
+        weights = torch.where(self.contour68, weights * visibility, weights)
+        return landmark_loss(project_points(points, k)[..., :2], detected, weights)
+
+    def _dense_landmark_term(self, cam: torch.Tensor, normals: torch.Tensor, k: torch.Tensor,
+                             detected: torch.Tensor) -> torch.Tensor:
+        """(B,) mean squared distance of the 468 dense landmarks, face-oval points weighted by visibility.
+
+        detected: (B, 468, 2) px; the mean is over the visibility weights.
+        """
+        points = self.model.dense_points(cam)
+        visibility = self._contour_visibility(points, self.model.dense_values(normals))
+        weights = torch.where(self.contour_dense, visibility, torch.ones_like(visibility))
+        return landmark_loss(project_points(points, k)[..., :2], detected, valid=weights)
+
+    def _expression_prior_term(self, expression: torch.Tensor, gaze: torch.Tensor | None) -> torch.Tensor:
+        """(B,) blendshape prior (sparsity, size, opposing pairs) plus the pull of the eye-look
+        weights towards the gaze seen in the irises (B, 8) when given; in total-loss units."""
+        cfg = self.settings
+        value = blendshape_prior(expression, self.opposing, cfg.expression_l1, cfg.expression_l2,
+                                 cfg.expression_opposing)
+        if gaze is not None and cfg.gaze_prior > 0:
+            value = value + observed_weight_prior(expression, self.gaze_index, gaze, cfg.gaze_prior)
+        return value
+
+    def _coefficient_term(self, p: dict[str, torch.Tensor], identity: torch.Tensor) -> torch.Tensor:
+        """(B,) paper 000 eq. 5; a shared identity's prior counts once per set or once per photo."""
+        w, b = self.settings.weights, identity.shape[0]
+        if p["identity"].shape[0] == 1 and b > 1 and self.settings.shared_identity_prior == "per_set":
+            # one identity seen in b photos: its prior counts once for the set, not once per photo
+            w = dict(w, reg_identity=w["reg_identity"] / b)
+        return coefficient_regularizer(identity, p["expression"], p["albedo"], w)
+
+    def _render_at(self, cam: torch.Tensor, albedo: torch.Tensor, sh: torch.Tensor | None, targets: FaceTargets,
+                   size: int):
+        """Render the photometric region at ``size`` px; returns (RenderOutput, the crops resized to it)."""
+        k = scale_intrinsics(crop_intrinsics(targets.size, cam.shape[0], dtype=cam.dtype, device=cam.device),
+                             size / targets.size)
+        out = self._renderer(size).render(cam, self.photo_triangles, k, albedo, sh)
+        return out, _resize(targets.crops, size)
 
     def solve_light(self, p: dict[str, torch.Tensor], targets: FaceTargets, size: int,
                     ridge: float = 1e-2) -> torch.Tensor:
@@ -337,12 +455,10 @@ class FaceFitter:
         with torch.no_grad():
             verts = m.shape(p["identity"].expand(b, -1), p["expression"])
             cam = model_to_camera(verts, p["angles"], p["translation"])
-            albedo = m.albedo(p["albedo"])
-            out = self._renderer(size).render(cam, self.photo_triangles,
-                                              _scaled_intrinsics(targets.size, size, b, cam.device), albedo, None)
+            out, target = self._render_at(cam, m.albedo(p["albedo"]), None, targets, size)
             basis = sh_basis(out.normals).flatten(1, 2)  # (B, P, 9)
             colour = out.image.flatten(1, 2)  # (B, P, 3) interpolated albedo
-            target = _resize(targets.crops, size).flatten(1, 2)
+            target = target.flatten(1, 2)
             weight = (out.mask.to(colour.dtype) * _resize(targets.attention[..., None], size)[..., 0]).flatten(1)
             design = colour.transpose(1, 2)[..., None] * basis[:, None]  # (B, 3, P, 9)
             wd = design * weight[:, None, :, None]
@@ -356,18 +472,30 @@ class FaceFitter:
             return torch.where(ok, solved, current).reshape(b, 27)
 
     # ------------------------------------------------------------------ optimisation
+    #: Adam step size of each variable as a multiple of ``settings.learning_rate``, so that one
+    #: step moves each by a comparable amount (model units: mm for ICT, radians, coefficient
+    #: standard deviations, SH coefficients); hand-tuned on the synthetic ICT faces of
+    #: tests/test_fit.py together with the default learning rate 0.03.
+    ADAM_STEP_SCALES = {"translation": 50.0, "angles": 1.0, "sh": 1.0, "identity": 3.0, "expression": 1.0,
+                        "albedo": 3.0}
+    #: the same in the photometric stages: landmarks already fixed the pose, so the photometric
+    #: stages only refine it (translation 10, angles 0.2)
+    PHOTOMETRIC_STEP_SCALES = {**ADAM_STEP_SCALES, "translation": 10.0, "angles": 0.2}
+
     def _run_stage(self, params: dict[str, torch.Tensor], start: dict[str, torch.Tensor], targets: FaceTargets,
-                   names: tuple[str, ...], steps: int, render_size: int | None, state: dict) -> int:
-        if steps <= 0 or state.get("stopped"):
+                   names: tuple[str, ...], steps: int, render_size: int | None, state: FitState) -> int:
+        """One photometric stage: Adam on ``names`` for at most ``steps`` steps; returns the steps taken.
+
+        Keeps each face's best parameters (a stage never returns a face worse than it was
+        given) and stops when every live face has not improved for ``patience`` steps.
+        """
+        if steps <= 0 or state.stopped:
             return 0
         cfg = self.settings
-        scale = {"translation": 50.0, "angles": 1.0, "sh": 1.0, "identity": 3.0, "expression": 1.0, "albedo": 3.0}
-        if render_size is not None:
-            # landmarks already fixed the pose: photometric stages only refine it
-            scale["translation"], scale["angles"] = 10.0, 0.2
+        scale = self.PHOTOMETRIC_STEP_SCALES if render_size is not None else self.ADAM_STEP_SCALES
         tensors = {n: params[n].detach().clone().requires_grad_(True) for n in names}
         optimizer = torch.optim.Adam(
-            [{"params": [tensors[n]], "lr": cfg.learning_rate * scale[n] * state["lr_factor"]} for n in names])
+            [{"params": [tensors[n]], "lr": cfg.learning_rate * scale[n] * state.batch_lr_factor} for n in names])
         # cosine decay to 5 % of the step size: large moves first, then settle
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda i: min(1.0, (i + 1) / (cfg.warmup_steps + 1)) *
@@ -376,33 +504,32 @@ class FaceFitter:
         device = targets.crops.device
         # per face: the best parameters seen (Adam's first steps after a restart can make things
         # worse; a stage never returns a face worse than it was given) and a convergence count
-        best_value = torch.full((b,), math.inf, device=device)
+        best_value = torch.full((b,), math.inf, dtype=targets.crops.dtype, device=device)
         best = {n: t.detach().clone() for n, t in tensors.items()}
         stale = torch.zeros(b, dtype=torch.int64, device=device)
         shared = any(t.shape[0] != b for t in tensors.values())
-        first_value = torch.full((b,), math.inf, device=device)
+        first_value = torch.full((b,), math.inf, dtype=targets.crops.dtype, device=device)
         done = 0
         for step in range(steps):
-            if state.get("should_stop") is not None and state["should_stop"]():
-                state["stopped"] = True
+            if state.poll_stop():
                 break
             current = {**params, **tensors}
             terms = self.losses(current, targets, render_size)
             total = terms["total"]
-            bad = ~torch.isfinite(total) & ~state["failed"]
+            bad = ~torch.isfinite(total) & ~state.failed
             for t in tensors.values():
                 bad |= ~torch.isfinite(t.detach()).all(dim=1)
             # an exploding loss counts as diverging too, before it overflows
-            bad |= (total.detach() > EXPLODING_LOSS_FACTOR * first_value) & ~state["failed"]
+            bad |= (total.detach() > EXPLODING_LOSS_FACTOR * first_value) & ~state.failed
             if bad.any():
                 self._reset_faces(bad, tensors, start, optimizer, state)
                 continue
             with torch.no_grad():
                 value = total.detach()
                 first_value = torch.where(torch.isfinite(first_value), first_value, value.abs().clamp_min(1e-6))
-                improved = (value < best_value * (1.0 - cfg.tolerance)) & ~state["failed"]
+                improved = (value < best_value * (1.0 - cfg.tolerance)) & ~state.failed
                 if shared:  # one identity for all faces: the best step of the batch as a whole
-                    live = ~state["failed"]
+                    live = ~state.failed
                     better = ((value[live].sum() < best_value[live].sum()) | ~torch.isfinite(best_value[live]).all()
                               ).expand(b)
                 else:
@@ -412,8 +539,8 @@ class FaceFitter:
                         torch.where(better[:1, None], t.detach(), best[n])
                 best_value = torch.where(better, value, best_value)
                 stale = torch.where(improved, torch.zeros_like(stale), stale + 1)
-            total = torch.where(state["failed"], torch.zeros_like(total), total)
-            active = (~state["failed"]).to(total.dtype) * state.get("weights", 1.0)
+            total = torch.where(state.failed, torch.zeros_like(total), total)
+            active = state.live_weights(total.dtype)
             optimizer.zero_grad(set_to_none=True)
             (total * active).sum().backward()
             optimizer.step()
@@ -422,28 +549,30 @@ class FaceFitter:
                 if self.model.expression_kind == "blendshape" and "expression" in tensors:
                     tensors["expression"].clamp_(0.0, 1.0)
             done = step + 1
-            if bool(((stale >= cfg.patience) | state["failed"]).all()):
+            if bool(((stale >= cfg.patience) | state.failed).all()):
                 break
         for n in names:
             params[n] = best[n]
         return done
 
-    #: the landmark stage's variables, and the size of one optimiser unit of each (so one unit is
-    #: comparable for all of them)
+    #: The landmark stage's variables and the size of one L-BFGS unit of each, so that a unit
+    #: step moves the projected landmarks by a comparable amount for all of them: 0.1 rad
+    #: (~6 degrees) of rotation, 10 model units (mm for ICT) of translation, 1 standard deviation
+    #: of an identity coefficient, 0.1 of an expression weight (blendshapes span [0, 1]).
+    #: Hand-tuned on the synthetic ICT faces of tests/test_fit.py; L-BFGS is run with lr 1 in these units.
     LANDMARK_UNITS = {"angles": 0.1, "translation": 10.0, "identity": 1.0, "expression": 0.1}
 
     def _landmark_losses(self, params: dict[str, torch.Tensor], scaled: dict[str, torch.Tensor],
-                         targets: FaceTargets, state: dict) -> torch.Tensor:
+                         targets: FaceTargets, state: FitState) -> torch.Tensor:
         """(B,) weighted landmark-stage losses at the scaled variables ``scaled`` (failed faces 0);
         polls ``should_stop`` first."""
-        if state.get("should_stop") is not None and state["should_stop"]():
-            state["stopped"] = True
+        if state.poll_stop():
             raise _Stopped
         current = {**params, **{n: v * self.LANDMARK_UNITS[n] for n, v in scaled.items()}}
         if self.model.expression_kind == "blendshape":
             current["expression"] = current["expression"].clamp(0.0, 1.0)
         total = self.losses(current, targets, None)["total"]
-        return total * (~state["failed"]).to(total.dtype) * state.get("weights", 1.0)
+        return total * state.live_weights(total.dtype)
 
     def _store_landmark_result(self, params: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
                                scaled: dict[str, torch.Tensor]) -> None:
@@ -457,7 +586,7 @@ class FaceFitter:
                 params[n] = torch.where(bad[:, None], start[n], value).detach()
 
     def _run_landmark_stage(self, params: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
-                            targets: FaceTargets, steps: int, state: dict) -> int:
+                            targets: FaceTargets, steps: int, state: FitState) -> int:
         """Pose, identity and expression from landmarks with L-BFGS.
 
         Landmark fitting is small and badly conditioned (pitch trades against identity
@@ -467,7 +596,7 @@ class FaceFitter:
         joint aggregation's identity) couples the faces, and then one L-BFGS over the sum of
         their losses is the right problem.
         """
-        if steps <= 0 or state.get("stopped"):
+        if steps <= 0 or state.stopped:
             return 0
         names = tuple(self.LANDMARK_UNITS)
         b = targets.crops.shape[0]
@@ -513,8 +642,12 @@ class FaceFitter:
         return calls[0]
 
     def _reset_faces(self, bad: torch.Tensor, tensors: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
-                     optimizer: torch.optim.Optimizer, state: dict) -> None:
-        """Restart diverged faces from the safe start; freeze those out of retries."""
+                     optimizer: torch.optim.Optimizer, state: FitState) -> None:
+        """Restart diverged faces ``bad`` (B,) from the safe start; freeze those out of retries.
+
+        Then halve the step size of the whole batch (:meth:`_halve_batch_step`): a batch-level
+        coupling, see :attr:`FitState.batch_lr_factor`.
+        """
         with torch.no_grad():
             for n, t in tensors.items():
                 if t.shape[0] != bad.shape[0]:
@@ -524,12 +657,21 @@ class FaceFitter:
                 for key in ("exp_avg", "exp_avg_sq"):
                     if key in opt_state:
                         opt_state[key][bad] = 0.0
-            state["retries"][bad] += 1
-            newly_failed = bad & (state["retries"] > self.settings.max_retries)
-            state["failed"] |= newly_failed
-            for group in optimizer.param_groups:
-                group["lr"] *= 0.5
-            state["lr_factor"] *= 0.5
+            state.retries[bad] += 1
+            state.failed |= bad & (state.retries > self.settings.max_retries)
+        self._halve_batch_step(optimizer, state)
+
+    @staticmethod
+    def _halve_batch_step(optimizer: torch.optim.Optimizer, state: FitState) -> None:
+        """Halve the step size of every face of the batch, now and in the later stages.
+
+        Batch-level on purpose (Adam's step size belongs to a parameter tensor that holds all B
+        faces): one diverging face slows its batch mates down. Per-face step sizes would need a
+        per-row gradient scaling and change every fit that has a divergence in its batch.
+        """
+        for group in optimizer.param_groups:
+            group["lr"] *= 0.5
+        state.batch_lr_factor *= 0.5
 
     def _debiased(self, targets: FaceTargets, angles: torch.Tensor) -> FaceTargets:
         """``targets`` with the detector's expected offsets at poses ``angles`` (B, 3) removed."""
@@ -565,7 +707,8 @@ class FaceFitter:
                 ``init`` too: a joint fit solves its shared identity from all photos' landmarks.
         """
         cfg = self.settings
-        targets, invalid = _sanitize(targets)
+        # the fit runs in the model's dtype (float64 model: float64 fit)
+        targets, invalid = _sanitize(targets.to(dtype=self.model.mean_shape.dtype))
         b = targets.crops.shape[0]
         start = initial_parameters(self.model, targets)
         if init is not None:
@@ -574,11 +717,11 @@ class FaceFitter:
         if shared_identity:
             start["identity"] = start["identity"].mean(dim=0, keepdim=True)
         params = {n: t.clone() for n, t in start.items()}
-        weights = torch.ones(b, device=targets.crops.device) if face_weights is None else \
-            torch.as_tensor(face_weights, dtype=torch.float32, device=targets.crops.device)
-        state = {"retries": torch.zeros(b, dtype=torch.int64, device=targets.crops.device),
-                 "failed": invalid.clone(), "lr_factor": 1.0, "weights": weights, "should_stop": should_stop,
-                 "stopped": False}
+        device, dtype = targets.crops.device, self.model.mean_shape.dtype
+        weights = torch.ones(b, dtype=dtype, device=device) if face_weights is None else \
+            torch.as_tensor(face_weights, dtype=dtype, device=device)
+        state = FitState(failed=invalid.clone(), retries=torch.zeros(b, dtype=torch.int64, device=device),
+                         face_weights=weights, should_stop=should_stop)
         raw_targets = targets
         landmark_stage = init is None or refit_landmarks
         steps = {
@@ -608,24 +751,25 @@ class FaceFitter:
             verts = self.model.shape(params["identity"], params["expression"])
             cam = model_to_camera(verts, params["angles"], params["translation"])
             # reprojection errors against the detector's own landmarks, corrected or not
-            proj = project_points(self.model.landmark_points(cam), crop_intrinsics(targets.size, b, device=cam.device))
+            proj = project_points(self.model.landmark_points(cam),
+                                  crop_intrinsics(targets.size, b, dtype=cam.dtype, device=cam.device))
             error = (proj[..., :2] - raw_targets.landmarks68).norm(dim=-1).mean(dim=1)
             dense_error = torch.full_like(error, float("nan"))
             if self.model.dense_triangle is not None and raw_targets.dense is not None:
                 dense_proj = project_points(self.model.dense_points(cam),
-                                            crop_intrinsics(targets.size, b, device=cam.device))
+                                            crop_intrinsics(targets.size, b, dtype=cam.dtype, device=cam.device))
                 dense_error = (dense_proj[..., :2] - raw_targets.dense).norm(dim=-1).mean(dim=1)
             finite = torch.isfinite(terms["total"]) & torch.isfinite(verts).flatten(1).all(dim=1)
             finite &= cam[..., 2].min(dim=1).values > 0
-        failed = state["failed"] | ~finite | invalid
+        failed = state.failed | ~finite | invalid
         reasons = []
         for i in range(b):
             if bool(invalid[i]):
                 reasons.append("invalid detection (non-finite landmarks or crop)")
             elif not bool(finite[i]):
                 reasons.append("optimisation diverged (non-finite result or face behind the camera)")
-            elif bool(state["failed"][i]):
-                reasons.append(f"optimisation diverged {int(state['retries'][i])} times")
+            elif bool(state.failed[i]):
+                reasons.append(f"optimisation diverged {int(state.retries[i])} times")
             else:
                 reasons.append("")
         return FitResult(
@@ -636,5 +780,5 @@ class FaceFitter:
             failed=failed.cpu().numpy(),
             reasons=reasons,
             steps=steps,
-            stopped=bool(state["stopped"]),
+            stopped=state.stopped,
         )

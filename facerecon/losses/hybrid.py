@@ -67,8 +67,11 @@ def landmark_loss(
     Args:
         predicted: (B, L, 2) projected model landmarks (pixels).
         target: (B, L, 2) detected landmarks (pixels).
-        weights: (L,) per-landmark weights; None means 1.
-        valid: (B, L) bool, landmarks to use (e.g. detected); None means all.
+        weights: (L,) per-landmark weights, or (B, L) per face (e.g. times contour
+            visibility); None means 1. The loss is the mean over all L landmarks.
+        valid: (B, L) bool, landmarks to use (e.g. detected), or float weights in [0, 1] (e.g.
+            visibility); the loss is then the weighted mean sum(valid * d^2) / sum(valid)
+            (sum clamped to >= 1). None means all.
 
     Returns:
         (B,) loss in squared pixels.

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from facerecon.render.camera import project_points
+from facerecon.render.camera import project_points, scale_intrinsics
 from facerecon.render.rasterize import rasterize
 
 #: Paper 001 sec. 3.8 (eq. 6): w_mul = 1.0 (w_2D = 1.0 is the hybrid loss as it is),
@@ -68,14 +68,6 @@ def relative_pose(rotation_t: torch.Tensor, translation_t: torch.Tensor, rotatio
     rotation = rotation_s @ rotation_t.transpose(1, 2)
     translation = translation_s - (rotation @ translation_t[..., None])[..., 0]
     return rotation, translation
-
-
-def scale_intrinsics(intrinsics: torch.Tensor, ratio: float) -> torch.Tensor:
-    """(B, 3, 3) intrinsics of an image resized by ``ratio`` (pixel centres at integers)."""
-    k = intrinsics.clone()
-    k[:, :2, :2] = k[:, :2, :2] * ratio
-    k[:, :2, 2] = (k[:, :2, 2] + 0.5) * ratio - 0.5
-    return k
 
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -27,6 +27,8 @@ __all__ = [
     "transform_points",
     "project_points",
     "intrinsics_from_fov",
+    "scale_pixels",
+    "scale_intrinsics",
 ]
 
 
@@ -126,6 +128,43 @@ def project_points(points_cam: torch.Tensor, intrinsics: torch.Tensor) -> torch.
     u = k[:, 0, 0, None] * xy[..., 0] + k[:, 0, 1, None] * xy[..., 1] + k[:, 0, 2, None]
     v = k[:, 1, 1, None] * xy[..., 1] + k[:, 1, 2, None]
     return torch.stack([u, v, points_cam[..., 2]], dim=-1)
+
+
+def scale_pixels(points: torch.Tensor, scale: float) -> torch.Tensor:
+    """Pixel coordinates in an image resized by ``scale`` (the one place of the rescaling rule).
+
+    With pixel centres at integers an image spans ``[-0.5, W - 0.5]``, so resizing by ``s``
+    maps ``u -> (u + 0.5) * s - 0.5`` (not ``u * s``): the image's edges, not pixel 0's
+    centre, stay put.
+
+    Args:
+        points: (..., 2) or any shape of pixel coordinates (u, v).
+        scale: new size / old size.
+
+    Returns:
+        Same shape as ``points``.
+    """
+    return (points + 0.5) * scale - 0.5
+
+
+def scale_intrinsics(intrinsics: torch.Tensor, scale: float) -> torch.Tensor:
+    """Intrinsics of the same camera rendering an image resized by ``scale``.
+
+    Focal lengths and skew scale by ``scale``; the principal point follows
+    :func:`scale_pixels`, so projecting with the result equals ``scale_pixels`` of projecting
+    with ``intrinsics``.
+
+    Args:
+        intrinsics: (..., 3, 3), e.g. (B, 3, 3).
+        scale: new size / old size.
+
+    Returns:
+        (..., 3, 3), a new tensor.
+    """
+    k = intrinsics.clone()
+    k[..., :2, :2] = k[..., :2, :2] * scale
+    k[..., :2, 2] = scale_pixels(k[..., :2, 2], scale)
+    return k
 
 
 def intrinsics_from_fov(

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -34,7 +34,7 @@ from facerecon.fitting.gaze import gaze_weights
 from facerecon.fitting.optimize import FaceFitter, FaceTargets, FitSettings
 from facerecon.io.images import ImageLoadError, load_image
 from facerecon.io.store import ResultStore, attrs_dict, open_results
-from facerecon.render.camera import project_points
+from facerecon.render.camera import project_points, scale_intrinsics
 from facerecon.render.renderer import MeshRenderer
 from facerecon.stages import detect as detect_stage
 
@@ -168,6 +168,14 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def fitter_settings(options: FitOptions) -> FitSettings:
+    """The settings the fitter runs with: ``options.settings``, except that the method "network"
+    starts from the network's prediction and polishes it with ``options.refine`` photometric steps."""
+    if options.method != "network":
+        return options.settings
+    return replace(options.settings, coarse_steps=options.refine, fine_steps=0)
+
+
 def _settings(options: FitOptions, model: FaceModel) -> dict[str, Any]:
     return {"method": options.method, "checkpoint": options.checkpoint or "", "refine": options.refine,
             "model_id": model.model_id, "fit": options.settings.to_dict(),
@@ -294,7 +302,8 @@ class _FaceWriter:
 
     def renderer(self, size: int) -> MeshRenderer:
         if size not in self.renderers:
-            self.renderers[size] = MeshRenderer(image_size=(size, size), backend="auto")
+            self.renderers[size] = MeshRenderer(image_size=(size, size),
+                                                backend=self.options.settings.render_backend)
         return self.renderers[size]
 
     def build(self, pending: _PendingFace, params: dict[str, np.ndarray], crop_size: int) -> dict[str, Any]:
@@ -354,10 +363,7 @@ class _FaceWriter:
         p = {k: torch.as_tensor(v, device=dev)[None] for k, v in params.items()}
         verts = t.shape(p["identity"], p["expression"])
         cam = model_to_camera(verts, p["angles"], p["translation"])
-        k = crop_intrinsics(crop_size, 1, device=dev)
-        k[:, 0, 0] *= s
-        k[:, 1, 1] *= s
-        k[:, :2, 2] = (k[:, :2, 2] + 0.5) * s - 0.5
+        k = scale_intrinsics(crop_intrinsics(crop_size, 1, device=dev), s)
         gray = torch.full_like(verts, 0.75)
         out = self.renderer(size).render(cam, t.triangles, k, gray, p["sh"].reshape(1, 3, 9).mean(1))
         image = blend(background, out.image[0].cpu().numpy(), out.mask[0].cpu().numpy())
@@ -521,12 +527,9 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
         summary.notes.append(f"perceptual loss on: face-recognition weights {options.recognition_weights}")
     else:
         summary.notes.append("perceptual loss off: no face-recognition weights given (--recognition-weights)")
-    fitter = FaceFitter(tensors, model.regions, options.settings, oval_indices=oval, perceptual=perceptual)
+    fitter = FaceFitter(tensors, model.regions, fitter_settings(options), oval_indices=oval, perceptual=perceptual)
+    fitter.predictor = predictor
     if predictor is not None:
-        fitter.predictor = predictor
-        # the network's prediction is the start; --refine N photometric steps polish it
-        fitter.settings = FitSettings(**{**options.settings.to_dict(), "coarse_steps": options.refine,
-                                         "fine_steps": 0})
         summary.notes.append(f"method network: {options.checkpoint}" +
                              (f", {options.refine} refinement steps" if options.refine else ""))
     if model.dense_triangle is None and options.settings.use_dense_landmarks:
