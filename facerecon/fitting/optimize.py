@@ -115,8 +115,6 @@ class FitSettings:
     expression_opposing: float = 0.0
     # pull of the eye-look blendshapes towards the gaze seen in the irises (facerecon.fitting.gaze)
     gaze_prior: float = 0.0
-    # contour landmarks count with clamp((facing cosine + offset) * 4, 0, 1) (FaceFitter._contour_visibility)
-    contour_facing_offset: float = 0.0
     max_retries: int = 1
     weights: dict[str, float] = field(default_factory=lambda: dict(PAPER000_WEIGHTS))
     # the rasterizer of the photometric stages: "torch" (facerecon.render.rasterize) or
@@ -138,8 +136,6 @@ class FitSettings:
             value = getattr(self, name)
             _check(math.isfinite(value) and value >= 0, name, "a number >= 0")
         _check(0 < self.landmark_trust_minimum <= 1, "landmark_trust_minimum", "in (0, 1]")
-        _check(math.isfinite(self.contour_facing_offset) and -1 <= self.contour_facing_offset <= 1,
-               "contour_facing_offset", "in [-1, 1]")
         _check(self.detector_bias_mode in DETECTOR_BIAS_MODES, "detector_bias_mode", _one_of(DETECTOR_BIAS_MODES))
         _check(self.shared_identity_prior in SHARED_IDENTITY_PRIORS, "shared_identity_prior",
                _one_of(SHARED_IDENTITY_PRIORS))
@@ -336,14 +332,8 @@ class FaceFitter:
         return self.renderers[size]
 
     def _contour_visibility(self, cam_points: torch.Tensor, cam_normals: torch.Tensor) -> torch.Tensor:
-        """(B, L) weight in [0, 1]: how much a contour point faces the camera (detached).
-
-        ``clamp((cos + contour_facing_offset) * 4, 0, 1)`` of the angle between the surface
-        normal and the view ray: points turned away get 0 (the detector's contour slides to the
-        silhouette there); the offset keeps points near the silhouette of a frontal face, where
-        the fixed correspondence holds, in the fit."""
-        cosine = facing_cosine(cam_points, cam_normals) + self.settings.contour_facing_offset
-        return (cosine * 4.0).clamp(0.0, 1.0).detach()
+        """(B, L) weight in [0, 1]: how much a contour point faces the camera (detached)."""
+        return (facing_cosine(cam_points, cam_normals) * 4.0).clamp(0.0, 1.0).detach()
 
     def losses(self, p: dict[str, torch.Tensor], targets: FaceTargets, render_size: int | None
                ) -> dict[str, torch.Tensor]:
