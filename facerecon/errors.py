@@ -1,0 +1,56 @@
+"""Error types shared by the stages and the command line, and one-line texts for OS errors."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+
+class InputError(ValueError):
+    """A user input (option value, file, folder) cannot be used; the message says why."""
+
+
+class OutputError(OSError):
+    """Results could not be written to the output folder; the message says where and why."""
+
+
+_REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.ENOENT: "no such file or directory",
+    errno.EISDIR: "is a directory",
+    errno.ENOTDIR: "not a directory",
+}
+
+
+def root_os_error(exc: BaseException) -> OSError | None:
+    """The first OSError with an errno in the chain of ``exc`` (its causes and contexts),
+    e.g. the failed mesh write behind an error raised while closing a store afterwards."""
+    seen = set()
+    chain = []
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for item in reversed(chain):  # the earliest error is the real cause
+        if isinstance(item, OSError) and item.errno in _REASONS:
+            return item
+    return None
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """One line for a human: ``"<what>: <path>"`` instead of ``[Errno 13] Permission denied: '...'``."""
+    root = root_os_error(exc)
+    if root is None:
+        return " ".join(str(exc).split())
+    reason = _REASONS[root.errno]
+    where = root.filename if root.filename is not None else ""
+    text = f"{reason}: {os.fsdecode(where)}" if where else reason
+    if root.errno in (errno.ENOSPC, errno.EDQUOT):
+        text += " (free some space and run the same command again; finished work is kept)"
+    return text
