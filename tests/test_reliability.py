@@ -76,3 +76,60 @@ def test_fit_and_export_keep_photos_whose_names_clean_alike_apart(ict_embedded_m
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "ex" / "meshes").glob("*.obj")) == objs
     assert (tmp_path / "ex" / "meshes" / "a_b_face0.obj").read_bytes() == before
+
+
+# --------------------------------------------------------------------------- case 2: long names
+
+
+@pytest.mark.parametrize("stem", ["x" * 236, "人" * 74])
+def test_a_very_long_file_name_is_fitted(ict_embedded_model_file, tmp_path, stem):
+    photos = tmp_path / "photos"
+    _small_face(photos / f"{stem}.png")
+    summary = run_fit([str(photos)], tmp_path / "out", _options(ict_embedded_model_file, overlays=True))
+    assert summary.images == {f"{stem}.png": "ok"}, summary.image_reasons
+    files = [p for p in (tmp_path / "out" / "meshes").iterdir()]
+    assert files and all(len(p.name.encode()) < 200 for p in files)
+
+
+# --------------------------------------------------------------------------- cases 8, 9: outputs match fits.h5
+
+
+def test_output_options_apply_to_a_finished_output(ict_embedded_model_file, tmp_path):
+    photos = tmp_path / "photos"
+    _small_face(photos / "a.png")
+    out = tmp_path / "out"
+    assert run_fit([str(photos)], out, _options(ict_embedded_model_file)).images == {"a.png": "ok"}
+    canonical = _mesh_vertices(out / "meshes" / "a_face0.obj")
+    assert not (out / "meshes" / "a_face0.glb").exists()
+    again = run_fit([str(photos)], out, _options(ict_embedded_model_file, formats=["obj", "ply", "glb"],
+                                                  pose="camera"))
+    assert again.images == {"a.png": "skipped"}
+    assert (out / "meshes" / "a_face0.glb").is_file()
+    camera = _mesh_vertices(out / "meshes" / "a_face0.obj")
+    assert not np.allclose(camera, canonical)  # the pose asked for now
+    mtime = (out / "meshes" / "a_face0.glb").stat().st_mtime_ns
+    run_fit([str(photos)], out, _options(ict_embedded_model_file, formats=["glb"], pose="camera"))
+    assert (out / "meshes" / "a_face0.glb").stat().st_mtime_ns == mtime  # nothing to redo
+
+
+def test_refit_with_fewer_faces_removes_the_old_face_files(ict_embedded_model_file, tmp_path):
+    photos = tmp_path / "photos"
+    _small_face(photos / "a.png")
+    out = tmp_path / "out"
+    assert run_fit([str(photos)], out, _options(ict_embedded_model_file, overlays=True)).images == {"a.png": "ok"}
+    # files of a second face written by an earlier fit that found two faces
+    for name in ("meshes/a_face1.obj", "meshes/a_face1.mtl", "meshes/a_face1_texture.png", "meshes/a_face1.ply",
+                 "overlays/a_face1.png"):
+        (out / name).write_bytes(b"old")
+    (out / "meshes" / "a_face10.obj").write_bytes(b"another face")  # not face 1's
+    from facerecon.io.store import ResultStore
+
+    with ResultStore(out / "fits.h5", kind="fits", items_group="images") as store:
+        attrs = dict(store.item_attrs("a.png"))
+        attrs["n_faces"] = 2
+        store.write_item("a.png", None, attrs)
+    summary = run_fit([str(photos)], out, _options(ict_embedded_model_file, overlays=True, largest=True,
+                                                   overwrite=True))
+    assert summary.images == {"a.png": "ok"}
+    assert not list(out.rglob("a_face1.*")) and not list(out.rglob("a_face1_*"))
+    assert (out / "meshes" / "a_face10.obj").exists() and (out / "meshes" / "a_face0.obj").exists()
