@@ -133,3 +133,52 @@ def test_refit_with_fewer_faces_removes_the_old_face_files(ict_embedded_model_fi
     assert summary.images == {"a.png": "ok"}
     assert not list(out.rglob("a_face1.*")) and not list(out.rglob("a_face1_*"))
     assert (out / "meshes" / "a_face10.obj").exists() and (out / "meshes" / "a_face0.obj").exists()
+
+
+# --------------------------------------------------------------------------- cases 3, 4: huge photos, huge textures
+
+
+def test_a_photo_wider_than_32767_px_is_detected_and_fitted(ict_embedded_model_file, tmp_path):
+    from PIL import Image
+
+    wide = np.full((1200, 33000, 3), 90, np.uint8)
+    face = np.asarray(Image.fromarray(astronaut()).resize((400, 400)))
+    wide[400:800, 32000:32400] = face
+    photos = tmp_path / "photos"
+    save_rgb(photos / "wide.png", wide, compress_level=1)
+    _small_face(photos / "z_after.png")
+    detected = CliRunner().invoke(main, ["detect", str(photos), "--out", str(tmp_path / "det.h5"),
+                                         "--detect-max-side", "33000", "--json", "-q"])
+    assert detected.exit_code == 0, detected.output
+
+    summary = run_fit([str(tmp_path / "det.h5")], tmp_path / "out", _options(ict_embedded_model_file, overlays=True))
+    assert summary.images == {"wide.png": "ok", "z_after.png": "ok"}, summary.image_reasons
+    texture = np.asarray(Image.open(tmp_path / "out" / "meshes" / "wide_face0_texture.png"))
+    assert texture.std() > 5  # sampled from the photo, not a blank
+
+
+def test_texture_sampling_takes_more_points_than_one_remap_allows():
+    from facerecon.export.texture import _sample
+
+    image = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
+    n = 1024 * 32768 + 10  # a 5793 px texture's texels: more map rows than cv2.remap takes
+    xy = np.zeros((n, 2), np.float32)
+    xy[-10:] = [2.0, 3.0]
+    out = _sample(image, xy)
+    assert np.allclose(out[-1] * 255, image[3, 2]) and np.allclose(out[0] * 255, image[0, 0])
+
+
+def test_overlay_warp_of_a_huge_photo_matches_a_plain_warp():
+    import cv2
+
+    from facerecon.stages.fit import _warp_region
+
+    rng = np.random.default_rng(0)
+    photo = cv2.GaussianBlur(rng.integers(0, 255, (600, 800, 3), dtype=np.uint8), (0, 0), 3)
+    m = np.array([[1.2, 0.1, -300.0], [-0.1, 1.2, -200.0]])
+    plain = cv2.warpAffine(photo, m, (128, 128), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    assert np.abs(_warp_region(photo, m, 128).astype(int) - plain).max() <= 1
+    wide = np.zeros((50, 40000, 3), np.uint8)
+    wide[:, 39000:39050] = 200
+    m = np.array([[1.0, 0, -39000.0], [0, 1.0, 0]])
+    assert _warp_region(wide, m, 64)[10, 20].tolist() == [200, 200, 200]

@@ -391,12 +391,7 @@ class _FaceWriter:
         if photo is None:
             background = cv2.resize(face.crop, (size, size), interpolation=cv2.INTER_LINEAR)
         else:
-            shrink = similarity_scale(to_overlay[:2])
-            if shrink < 0.5:  # warpAffine does not filter: pre-blur large photos against aliasing
-                sigma = 0.5 / shrink
-                photo = cv2.GaussianBlur(photo, (0, 0), sigma)
-            background = cv2.warpAffine(photo, to_overlay[:2], (size, size), flags=cv2.INTER_LINEAR,
-                                        borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+            background = _warp_region(photo, to_overlay[:2], size)
         p = {k: torch.as_tensor(v, device=dev)[None] for k, v in params.items()}
         verts = t.shape(p["identity"], p["expression"])
         cam = model_to_camera(verts, p["angles"], p["translation"])
@@ -410,6 +405,39 @@ class _FaceWriter:
         projected = project_points(t.landmark_points(cam), k)[0, :, :2].cpu().numpy()
         detected = face.crop_landmarks68 * s + (s - 1) / 2
         return draw_landmarks(image, detected, projected)
+
+
+def _warp_region(photo: np.ndarray, to_target: np.ndarray, size: int) -> np.ndarray:
+    """``cv2.warpAffine(photo, to_target, (size, size))`` (black outside the photo), done on
+    the part of the photo that lands in the target: fast for large photos and within
+    warpAffine's limit of 32767 px per side, and pre-blurred when it shrinks (no aliasing)."""
+    import cv2
+
+    shrink = similarity_scale(to_target)
+    inverse = invert_affine(to_target)
+    corners = np.array([[-1, -1], [size, -1], [-1, size], [size, size]], np.float64)
+    src = corners @ inverse[:, :2].T + inverse[:, 2]
+    margin = int(np.ceil(3.0 / max(shrink, 1e-6))) + 2
+    h, w = photo.shape[:2]
+    x0, y0 = (np.clip(np.floor(src.min(0)) - margin, 0, [w, h])).astype(int)
+    x1, y1 = (np.clip(np.ceil(src.max(0)) + margin + 1, 0, [w, h])).astype(int)
+    if x1 <= x0 or y1 <= y0:
+        return np.zeros((size, size, 3), np.uint8)
+    part = photo[y0:y1, x0:x1]
+    local = to_target.astype(np.float64).copy()
+    local[:, 2] += local[:, :2] @ np.array([x0, y0], np.float64)
+    factor = min(1.0, 2.0 * shrink, 16000 / max(part.shape[:2]))
+    if factor < 1.0:  # reduce first (area filter), then warp the reduced part
+        rw, rh = max(1, round(part.shape[1] * factor)), max(1, round(part.shape[0] * factor))
+        part = cv2.resize(np.ascontiguousarray(part), (rw, rh), interpolation=cv2.INTER_AREA)
+        ax, ay = rw / (x1 - x0), rh / (y1 - y0)
+        # a reduced pixel centre q sits at part pixel (q + 0.5) / a - 0.5
+        local = local @ np.array([[1 / ax, 0, 0.5 / ax - 0.5], [0, 1 / ay, 0.5 / ay - 0.5], [0, 0, 1]])
+        shrink = similarity_scale(local)
+    if shrink < 0.5:  # warpAffine does not filter: pre-blur against aliasing
+        part = cv2.GaussianBlur(np.ascontiguousarray(part), (0, 0), 0.5 / shrink)
+    return cv2.warpAffine(np.ascontiguousarray(part), local, (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
 
 
 def _mesh(model: FaceModel, stored: dict[str, Any], neutral: bool, pose: str, params: dict | None = None
