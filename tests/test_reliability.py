@@ -182,3 +182,40 @@ def test_overlay_warp_of_a_huge_photo_matches_a_plain_warp():
     wide[:, 39000:39050] = 200
     m = np.array([[1.0, 0, -39000.0], [0, 1.0, 0]])
     assert _warp_region(wide, m, 64)[10, 20].tolist() == [200, 200, 200]
+
+
+# --------------------------------------------------------------------------- case 5, 15, 16: bad options
+
+
+@pytest.mark.parametrize("args", [["detect", "--min-score", "nan"], ["detect", "--skin-prior", "nan"],
+                                  ["detect", "--min-score", "inf"], ["fit", "--device", "tpu"]])
+def test_bad_option_values_are_usage_errors(astronaut_path, tmp_path, args):
+    result = CliRunner().invoke(main, [args[0], str(astronaut_path), "--out", str(tmp_path / "o.h5"), *args[1:]])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o.h5").exists()
+
+
+@pytest.mark.skipif(__import__("torch").backends.mps.is_available(), reason="this machine has MPS")
+def test_unavailable_device_stops_before_detection_without_creating_the_output(ict_embedded_model_file,
+                                                                               astronaut_path, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["fit", str(astronaut_path), "--out", str(out), "--device", "mps",
+                                       "--face-model", str(ict_embedded_model_file)])
+    assert result.exit_code == 1, result.output
+    assert "mps" in result.output.lower() and "Traceback" not in result.output
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- case 6: --out inside the input folder
+
+
+def test_output_folder_inside_the_input_folder_is_not_fitted(ict_embedded_model_file, tmp_path):
+    photos = tmp_path / "photos"
+    _small_face(photos / "a.png")
+    out = photos / "out"
+    assert run_fit([str(photos)], out, _options(ict_embedded_model_file, overlays=True)).images == {"a.png": "ok"}
+    assert (out / "contact_sheet.png").is_file()
+    again = run_fit([str(photos)], out, _options(ict_embedded_model_file, overlays=True))
+    assert again.images == {"a.png": "skipped"}
+    assert run_fit([str(photos / "*.png"), str(photos / "**")], out,
+                   _options(ict_embedded_model_file)).images == {"a.png": "skipped"}

@@ -307,7 +307,8 @@ def _walk_folder(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.as_posix())
 
 
-def collect_inputs(inputs: Iterable[str | os.PathLike], base: str | os.PathLike | None = None) -> CollectedInputs:
+def collect_inputs(inputs: Iterable[str | os.PathLike], base: str | os.PathLike | None = None,
+                   exclude: Iterable[str | os.PathLike] = ()) -> CollectedInputs:
     """Expand files, folders (recursively) and glob patterns into ``(path, key)`` pairs.
 
     * a file is taken whatever its extension (a bad one fails later with a reason);
@@ -315,6 +316,8 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], base: str | os.PathLike 
       (:data:`IMAGE_EXTENSIONS`); hidden files and folders are skipped;
     * an argument that exists neither as a path nor as a matching glob is reported in
       ``problems``; a folder or glob without images likewise;
+    * files below a folder of ``exclude`` (the command's own output folder) are not taken
+      from folders and globs;
     * duplicates (the same file reached twice) are dropped, first occurrence wins;
     * order: arguments in the order given, files within a folder sorted by path.
 
@@ -325,6 +328,12 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], base: str | os.PathLike 
     relative to ``base`` (default: current directory, see :func:`input_key`) instead.
     """
     result = CollectedInputs()
+    excluded = [os.path.realpath(e) for e in exclude]
+
+    def is_excluded(path: Path) -> bool:
+        real = os.path.realpath(path)
+        return any(real == e or real.startswith(e.rstrip(os.sep) + os.sep) for e in excluded)
+
     seen: set[str] = set()
     keys: set[str] = set()
 
@@ -343,7 +352,7 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], base: str | os.PathLike 
         text = os.fspath(raw)
         path = Path(text).expanduser()
         if path.is_dir():
-            files = _walk_folder(path)
+            files = [f for f in _walk_folder(path) if not is_excluded(f)]
             if not files:
                 result.problems.append((text, "folder contains no image files"))
             for file in files:
@@ -362,8 +371,10 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], base: str | os.PathLike 
             matches = [Path(m) for m in sorted(glob.glob(expanded, recursive=True))]
             files = []
             for match in matches:
+                if is_excluded(match):
+                    continue
                 if match.is_dir():
-                    files.extend(_walk_folder(match))
+                    files.extend(f for f in _walk_folder(match) if not is_excluded(f))
                 elif _is_image_name(match):
                     files.append(match)
             if not files:

@@ -307,13 +307,15 @@ def _prefetched(items: Sequence[tuple[Path, str]], done: dict[str, str], options
 def run_detect(inputs: Iterable[str | os.PathLike], output: str | os.PathLike,
                options: DetectOptions | None = None, progress: Progress | None = None,
                analyzer: FaceAnalyzer | None = None,
-               should_stop: Callable[[], bool] | None = None) -> DetectSummary:
+               should_stop: Callable[[], bool] | None = None,
+               exclude: Sequence[str | os.PathLike] = ()) -> DetectSummary:
     """Run detection over ``inputs`` (files, folders, globs) into ``output``.
 
     Raises:
         facerecon.io.store.StoreLockedError: another process writes ``output``.
         facerecon.io.store.StoreError: ``output`` exists and is not a detections file.
-    ``should_stop()`` is polled before each image; when it returns True, or on a
+    ``exclude``: folders whose files folders and globs in ``inputs`` do not contribute (an
+    output folder inside an input folder). ``should_stop()`` is polled before each image; when it returns True, or on a
     KeyboardInterrupt, the batch stops, completed images are packed into ``output`` and
     the summary comes back with ``interrupted=True``.
     """
@@ -322,7 +324,7 @@ def run_detect(inputs: Iterable[str | os.PathLike], output: str | os.PathLike,
     output = Path(output)
     started = time.perf_counter()
     summary = DetectSummary(output=str(output))
-    collected = collect_inputs(inputs)
+    collected = collect_inputs(inputs, exclude=exclude)
     for argument, reason in collected.problems:
         summary.outcomes.append(ImageOutcome(key=argument, path=argument, status=STATUS_FAILED, reason=reason))
 

@@ -164,6 +164,10 @@ def pick_device(name: str) -> torch.device:
         raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but no CUDA GPU is available")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("--device mps requested but no Apple GPU (MPS) is available")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     return device
 
 
@@ -547,7 +551,6 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
     options = options or FitOptions()
     progress = progress or Progress()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     summary = FitSummary(output=str(out_dir / "fits.h5"))
     inputs = [str(i) for i in inputs]
@@ -569,6 +572,7 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
 
         predictor = NetworkPredictor(options.checkpoint, FaceModelTensors(model).to(device), model.model_id)
 
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once the run can start: no empty folder on refusal
     if len(inputs) == 1 and inputs[0].endswith((".h5", ".hdf5")) and Path(inputs[0]).is_file():
         detections = Path(inputs[0])
         check_detections_file(detections)
@@ -576,7 +580,7 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
         detections = out_dir / "detections.h5"
         det_options = detect_stage.DetectOptions(max_faces=1 if options.largest else None)
         det_summary = detect_stage.run_detect(inputs, detections, det_options, detect_progress,
-                                              should_stop=should_stop)
+                                              should_stop=should_stop, exclude=[out_dir])
         for outcome in det_summary.outcomes:
             if outcome.status == detect_stage.STATUS_FAILED:
                 summary.images[outcome.key] = STATUS_FAILED
