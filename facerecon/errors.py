@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 
 class InputError(ValueError):
@@ -40,6 +41,10 @@ def root_os_error(exc: BaseException) -> OSError | None:
     for item in reversed(chain):  # the earliest error is the real cause
         if isinstance(item, OSError) and item.errno in _REASONS:
             return item
+        # HDF5 reports the system error inside its text: "... errno = 28, error message = ..."
+        found = re.search(r"errno = (\d+)", str(item))
+        if isinstance(item, OSError) and found and int(found.group(1)) in _REASONS:
+            return OSError(int(found.group(1)), os.strerror(int(found.group(1))), item.filename)
     return None
 
 

@@ -7,6 +7,7 @@ import errno
 import json
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -219,3 +220,64 @@ def test_output_folder_inside_the_input_folder_is_not_fitted(ict_embedded_model_
     assert again.images == {"a.png": "skipped"}
     assert run_fit([str(photos / "*.png"), str(photos / "**")], out,
                    _options(ict_embedded_model_file)).images == {"a.png": "skipped"}
+
+
+# --------------------------------------------------------------------------- cases 11, 12: write failures
+
+
+def _fitted(ict_embedded_model_file, tmp_path) -> Path:
+    photos = tmp_path / "photos"
+    _small_face(photos / "a.png")
+    out = tmp_path / "out"
+    assert run_fit([str(photos)], out, _options(ict_embedded_model_file)).images == {"a.png": "ok"}
+    return out
+
+
+def test_export_into_an_unwritable_folder_says_so(ict_embedded_model_file, tmp_path, monkeypatch):
+    out = _fitted(ict_embedded_model_file, tmp_path)
+    import facerecon.stages.export as export_stage
+
+    def denied(model, stored, params, base, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(base) + ".obj")
+
+    monkeypatch.setattr(export_stage, "write_face_files", denied)
+    result = CliRunner().invoke(main, ["export", str(out / "fits.h5"), "--out", str(tmp_path / "ro")])
+    assert result.exit_code == 1
+    assert "permission denied" in result.output and "not a readable fits file" not in result.output
+    assert "[Errno" not in result.output
+
+
+def test_full_disk_while_writing_meshes_names_the_real_cause(ict_embedded_model_file, tmp_path, monkeypatch):
+    photos = tmp_path / "photos"
+    _small_face(photos / "a.png")
+    import facerecon.stages.fit as fit_stage
+
+    def full(model, stored, params, base, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(base) + ".obj")
+
+    real_close = fit_stage.ResultStore.close
+
+    def close_fails(self, pack=True):  # packing fails too, but only after the mesh write failed
+        real_close(self, pack)
+        if sys.exc_info()[0] is None:
+            return
+        raise OSError("Unable to synchronously flush file (file write failed: errno = 28, "
+                      "error message = 'No space left on device')")
+
+    monkeypatch.setattr(fit_stage, "write_face_files", full)
+    monkeypatch.setattr(fit_stage.ResultStore, "close", close_fails)
+    result = CliRunner().invoke(main, ["fit", str(photos), "--out", str(tmp_path / "out"), "--face-model",
+                                       str(ict_embedded_model_file), "--steps", "3", "1", "0", "--texture-size",
+                                       "64", "--no-overlays"])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "no space left on device" in lines[0] and "a_face0.obj" in lines[0], result.output
+    assert "Unable to synchronously flush" not in result.output
+
+
+def test_describe_os_error_reads_hdf5_texts():
+    from facerecon.errors import describe_os_error
+
+    text = describe_os_error(OSError("Unable to create file (file write failed: errno = 28, error message = 'x')"))
+    assert text.startswith("no space left on device")
+    assert describe_os_error(PermissionError(errno.EACCES, "Permission denied", "/x/y")) == "permission denied: /x/y"

@@ -9,6 +9,7 @@ import click
 from facerecon.cli.common import (ProgressReporter, exit_code_for, fail_run, graceful_stop, print_json,
                                   problems_table, stderr_console, summary_table)
 from facerecon.cli.params import FiniteFloatRange
+from facerecon.errors import describe_os_error
 from facerecon.io.images import DEFAULT_MAX_PIXELS
 
 
@@ -77,7 +78,7 @@ def detect(inputs: tuple[str, ...], output: Path, largest: bool, max_faces: int 
         with graceful_stop() as stop, ProgressReporter(console, "detect", enabled=not quiet) as progress:
             summary = run_detect(inputs, output, options, progress=progress, should_stop=stop)
     except (StoreError, OSError) as exc:
-        message = str(exc) if isinstance(exc, StoreError) else f"cannot write {output}: {exc}"
+        message = str(exc) if isinstance(exc, StoreError) else f"cannot write {output}: {describe_os_error(exc)}"
         fail_run(message, output, as_json)
 
     data = summary.to_dict()

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from facerecon.errors import describe_os_error
+
 from facerecon.cli.params import DEVICE
 
 from facerecon.cli.common import (FIT_STEPS, StageProgress, fail_run, graceful_stop, problems_table, report_stage,
@@ -114,7 +116,7 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
             summary = run_fit(inputs, out_dir, options, progress=progress.stage("fit", "face"),
                               detect_progress=progress.stage("detect"), should_stop=stop)
     except (FaceModelError, StoreError, ValueError, OSError) as exc:
-        fail_run(str(exc), out_dir, as_json)
+        fail_run(describe_os_error(exc), out_dir, as_json)
     report_stage(console, summary, quiet, as_json, _print_summary, "images")
 
 
