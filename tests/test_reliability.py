@@ -281,3 +281,51 @@ def test_describe_os_error_reads_hdf5_texts():
     text = describe_os_error(OSError("Unable to create file (file write failed: errno = 28, error message = 'x')"))
     assert text.startswith("no space left on device")
     assert describe_os_error(PermissionError(errno.EACCES, "Permission denied", "/x/y")) == "permission denied: /x/y"
+
+
+# --------------------------------------------------------------------------- cases 13, 15: messages
+
+
+def _heic_bytes() -> bytes:
+    return b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64
+
+
+def test_heic_and_gif_inputs_are_named_as_unsupported(tmp_path):
+    from facerecon.io.images import ImageLoadError, collect_inputs, load_image
+
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    (folder / "IMG_1.HEIC").write_bytes(_heic_bytes())
+    (folder / "anim.gif").write_bytes(b"GIF89a" + b"\x00" * 64)
+    collected = collect_inputs([folder])
+    assert not list(collected)
+    [(argument, reason)] = collected.problems
+    assert "skipped 2 files" in reason and "GIF" in reason and "HEIC" in reason and "unsupported" in reason
+    for name, kind in (("IMG_1.HEIC", "HEIC"), ("anim.gif", "GIF")):
+        with pytest.raises(ImageLoadError, match=f"unsupported image format {kind}"):
+            load_image(folder / name)
+
+
+def test_an_h5_among_images_is_named(tmp_path):
+    from facerecon.io.images import ImageLoadError, load_image
+
+    with h5py.File(tmp_path / "det.h5", "w") as f:
+        f.attrs["kind"] = "detections"
+    with pytest.raises(ImageLoadError, match="HDF5 file, not an image"):
+        load_image(tmp_path / "det.h5")
+
+
+def test_face_model_folder_is_named_a_folder(tmp_path):
+    from facerecon.facemodel.model import FaceModelError
+    from facerecon.facemodel.resolve import resolve_face_model_path
+
+    with pytest.raises(FaceModelError, match="is a folder"):
+        resolve_face_model_path(str(tmp_path))
+
+
+def test_contact_sheet_labels_keep_names_apart():
+    from facerecon.stages.fit import sheet_label
+
+    labels = {sheet_label(n) for n in ("photo.bmp", "photo.tiff", "photo.webp", "中文.jpg", "日本.jpg")}
+    assert len(labels) == 5 and all(label.isascii() and "?" not in label for label in labels)
+    assert sheet_label("José.jpg") == "Jose.jpg"

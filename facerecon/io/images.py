@@ -33,6 +33,12 @@ import numpy as np
 
 #: File name endings collected from folders and globs (compared case-insensitively).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".tif", ".tiff", ".webp"})
+#: Image formats met in photo folders that are not read (suffix -> name for the message).
+UNSUPPORTED_EXTENSIONS = {".heic": "HEIC", ".heif": "HEIF", ".hif": "HEIF", ".avif": "AVIF", ".gif": "GIF",
+                          ".jxl": "JPEG XL", ".dng": "DNG raw", ".cr2": "Canon raw", ".cr3": "Canon raw",
+                          ".nef": "Nikon raw", ".arw": "Sony raw", ".orf": "Olympus raw", ".rw2": "Panasonic raw",
+                          ".raf": "Fujifilm raw", ".psd": "Photoshop", ".svg": "SVG"}
+_CONVERT_HINT = "convert to JPEG or PNG"
 
 #: Largest accepted image, in pixels (width x height after decoding the header).
 DEFAULT_MAX_PIXELS = 400_000_000
@@ -152,6 +158,10 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
     """
     from PIL import Image, UnidentifiedImageError
 
+    known = sniff_unsupported(data)
+    if known:
+        raise ImageLoadError(known)
+
     with _PILLOW_LIMIT_LOCK:
         # Pillow's own decompression-bomb guard is replaced by ``max_pixels``, which is
         # checked from the header below, before any pixel is decoded.
@@ -204,7 +214,31 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
+def sniff_unsupported(data: bytes) -> str | None:
+    """A one-line reason when ``data`` is a known format that is not read (HEIC, GIF, an
+    HDF5 file...), else None."""
+    head = data[:64]
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return ("an HDF5 file, not an image (a detections .h5 must be the only input of `facerecon fit`)")
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return f"unsupported image format GIF ({_CONVERT_HINT})"
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        names = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"heim": "HEIC", b"heis": "HEIC",
+                 b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF", b"crx ": "Canon raw (CR3)"}
+        if brand in names:
+            return f"unsupported image format {names[brand]} ({_CONVERT_HINT})"
+    if head.startswith(b"\xff\x0a") or head.startswith(b"\x00\x00\x00\x0cJXL "):
+        return f"unsupported image format JPEG XL ({_CONVERT_HINT})"
+    if head.startswith(b"8BPS"):
+        return f"unsupported image format Photoshop ({_CONVERT_HINT})"
+    return None
+
+
 def _unidentified_reason(data: bytes) -> str:
+    known = sniff_unsupported(data)
+    if known:
+        return known
     head = data[:512]
     try:
         head.decode("utf-8")
@@ -298,13 +332,28 @@ def _is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _walk_folder(folder: Path) -> list[Path]:
+def _walk_folder(folder: Path, unsupported: dict[str, int] | None = None) -> list[Path]:
+    """Image files below ``folder``; ``unsupported`` counts the skipped files of a format in
+    :data:`UNSUPPORTED_EXTENSIONS` (format name -> count)."""
     found: list[Path] = []
     for root, dirs, files in os.walk(folder, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(Path(root) / name for name in sorted(files)
-                     if not name.startswith(".") and _is_image_name(Path(name)))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            if _is_image_name(Path(name)):
+                found.append(Path(root) / name)
+            elif unsupported is not None and Path(name).suffix.lower() in UNSUPPORTED_EXTENSIONS:
+                kind = UNSUPPORTED_EXTENSIONS[Path(name).suffix.lower()]
+                unsupported[kind] = unsupported.get(kind, 0) + 1
     return sorted(found, key=lambda p: p.as_posix())
+
+
+def _unsupported_note(unsupported: dict[str, int]) -> str:
+    count = sum(unsupported.values())
+    kinds = ", ".join(sorted(unsupported))
+    return f"skipped {count} file{'s' if count != 1 else ''} in unsupported format{'s' if len(unsupported) > 1 else ''} " \
+           f"{kinds} ({_CONVERT_HINT})"
 
 
 def collect_inputs(inputs: Iterable[str | os.PathLike], base: str | os.PathLike | None = None,
@@ -352,8 +401,11 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], base: str | os.PathLike 
         text = os.fspath(raw)
         path = Path(text).expanduser()
         if path.is_dir():
-            files = [f for f in _walk_folder(path) if not is_excluded(f)]
-            if not files:
+            unsupported: dict[str, int] = {}
+            files = [f for f in _walk_folder(path, unsupported) if not is_excluded(f)]
+            if unsupported:
+                result.problems.append((text, _unsupported_note(unsupported)))
+            elif not files:
                 result.problems.append((text, "folder contains no image files"))
             for file in files:
                 add(file, path)
@@ -370,14 +422,20 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], base: str | os.PathLike 
             root = Path(*prefix) if prefix else Path(".")
             matches = [Path(m) for m in sorted(glob.glob(expanded, recursive=True))]
             files = []
+            unsupported = {}
             for match in matches:
                 if is_excluded(match):
                     continue
                 if match.is_dir():
-                    files.extend(f for f in _walk_folder(match) if not is_excluded(f))
+                    files.extend(f for f in _walk_folder(match, unsupported) if not is_excluded(f))
                 elif _is_image_name(match):
                     files.append(match)
-            if not files:
+                elif match.suffix.lower() in UNSUPPORTED_EXTENSIONS:
+                    kind = UNSUPPORTED_EXTENSIONS[match.suffix.lower()]
+                    unsupported[kind] = unsupported.get(kind, 0) + 1
+            if unsupported:
+                result.problems.append((text, _unsupported_note(unsupported)))
+            elif not files:
                 result.problems.append((text, "pattern matches no image files"))
             for file in files:
                 add(file, root)

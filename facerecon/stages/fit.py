@@ -728,6 +728,22 @@ def _scan_detections(detections: Path, done: dict[str, dict]) -> tuple[list[str]
     return keys, faces, fitted
 
 
+def sheet_label(name: str) -> str:
+    """The file name, as ASCII for the contact sheet's font: accents dropped (``é`` -> ``e``),
+    other characters as ``\\uXXXX`` so different names stay different (``photo.bmp`` and
+    ``photo.tiff`` keep their extensions)."""
+    import unicodedata
+
+    out = []
+    for char in name:
+        if char.isascii():
+            out.append(char)
+            continue
+        folded = unicodedata.normalize("NFKD", char).encode("ascii", "ignore").decode()
+        out.append(folded if folded else char.encode("ascii", "backslashreplace").decode())
+    return "".join(out)
+
+
 def _write_contact_sheet(out_dir: Path, store: ResultStore, names: dict[str, str]) -> None:
     """Contact sheet of every fitted face stored so far (not only this run's)."""
     import cv2
@@ -741,7 +757,7 @@ def _write_contact_sheet(out_dir: Path, store: ResultStore, names: dict[str, str
             path = output_base(out_dir, key, face, "overlays", names).with_suffix(".png")
             image = cv2.imread(str(path), cv2.IMREAD_COLOR) if path.is_file() else None
             if image is not None:
-                tiles.append((image[..., ::-1], f"{Path(key).stem}#{face}"))
+                tiles.append((image[..., ::-1], f"{sheet_label(Path(key).name)}#{face}"))
     if tiles:
         write_png(out_dir / "contact_sheet.png", contact_sheet(tiles))
 
