@@ -329,3 +329,18 @@ def test_contact_sheet_labels_keep_names_apart():
     labels = {sheet_label(n) for n in ("photo.bmp", "photo.tiff", "photo.webp", "中文.jpg", "日本.jpg")}
     assert len(labels) == 5 and all(label.isascii() and "?" not in label for label in labels)
     assert sheet_label("José.jpg") == "Jose.jpg"
+
+
+# --------------------------------------------------------------------------- case 16: decompression bomb
+
+
+def test_a_tiny_file_that_expands_to_hundreds_of_megapixels_is_refused(tmp_path):
+    from facerecon.io.images import ImageLoadError, load_image
+    from tests.helpers_detect import write_flat_png
+
+    path = write_flat_png(tmp_path / "bomb.png", 9000, 6000)  # 54 MP from ~50 KB
+    started = time.perf_counter()
+    with pytest.raises(ImageLoadError, match="decompression bomb"):
+        load_image(path)
+    assert time.perf_counter() - started < 2.0  # refused from the header, nothing decoded
+    assert load_image(write_flat_png(tmp_path / "small.png", 300, 200)).rgb.shape == (200, 300, 3)

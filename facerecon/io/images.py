@@ -15,7 +15,9 @@ Every photo becomes an upright 8-bit RGB array, whatever it was stored as:
 Failures raise :class:`ImageLoadError` whose message is one line for a human. Images
 with more than ``max_pixels`` pixels (default :data:`DEFAULT_MAX_PIXELS`, 400 MP, which
 admits 20000x20000) are refused from the header alone, before decoding. Decoding a
-400 MP image needs about 3 GB of memory (Pillow's 4-byte pixels plus the 3-byte array).
+400 MP image needs about 3-5 GB of memory (Pillow's 4-byte pixels plus the 3-byte array).
+With the default limit, an image over 50 MP that compresses more than 400x (a
+decompression bomb, not a photo) is refused too; an explicit ``max_pixels`` allows it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ _CONVERT_HINT = "convert to JPEG or PNG"
 
 #: Largest accepted image, in pixels (width x height after decoding the header).
 DEFAULT_MAX_PIXELS = 400_000_000
+#: With the default ``max_pixels``, an image of more than BOMB_MIN_PIXELS whose raw RGB size is
+#: over BOMB_RATIO times its file size is refused: photos compress 5-50x (deflate at most ~1000x), a 431 KB PNG that
+#: expands to 400 MP (4.6 GB of memory while decoding) is a decompression bomb.
+BOMB_MIN_PIXELS = 50_000_000
+BOMB_RATIO = 400
 
 _ORIENTATION_TAG = 0x0112
 _PILLOW_LIMIT_LOCK = threading.Lock()
@@ -184,6 +191,13 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
             raise ImageLoadError(
                 f"image too large: {width}x{height} = {width * height / 1e6:.0f} MP exceeds the "
                 f"{max_pixels / 1e6:.0f} MP limit (--max-pixels)")
+        pixels = width * height
+        if (max_pixels == DEFAULT_MAX_PIXELS and pixels > BOMB_MIN_PIXELS
+                and 3 * pixels > BOMB_RATIO * len(data)):
+            raise ImageLoadError(
+                f"refused as a likely decompression bomb: {width}x{height} = {pixels / 1e6:.0f} MP from only "
+                f"{len(data) / 1e3:.0f} KB would take about {pixels * 11 / 1e9:.1f} GB of memory "
+                "(give --max-pixels to decode it anyway)")
         fmt = image.format or "unknown"
         try:
             orientation = int(image.getexif().get(_ORIENTATION_TAG, 1) or 1)
