@@ -344,3 +344,41 @@ def test_a_tiny_file_that_expands_to_hundreds_of_megapixels_is_refused(tmp_path)
         load_image(path)
     assert time.perf_counter() - started < 2.0  # refused from the header, nothing decoded
     assert load_image(write_flat_png(tmp_path / "small.png", 300, 200)).rgb.shape == (200, 300, 3)
+
+
+# --------------------------------------------------------------------------- case 14: Ctrl-C during a long decode
+
+
+@pytest.mark.parametrize("handler", ["graceful", "plain"])
+def test_ctrl_c_is_not_held_up_by_a_long_decode(tmp_path, monkeypatch, handler):
+    """First Ctrl-C (stop request) and a raw KeyboardInterrupt (what the second Ctrl-C raises)
+    both end the batch while the loader thread is still decoding."""
+    import contextlib
+
+    import facerecon.stages.detect as detect_stage
+    from facerecon.cli.common import graceful_stop
+
+    photos = tmp_path / "photos"
+    _small_face(photos / "a.png", 64)
+    _small_face(photos / "b.png", 64)
+    real_load = detect_stage.load_image
+
+    def slow_load(path, **kwargs):
+        time.sleep(4.0)  # a huge image being decoded
+        return real_load(path, **kwargs)
+
+    monkeypatch.setattr(detect_stage, "load_image", slow_load)
+
+    class NoAnalyzer:
+        def close(self):
+            pass
+
+    monkeypatch.setattr(detect_stage, "run_settings", lambda options, analyzer: {"test": 1})
+    timer = threading.Timer(0.3, lambda: signal.raise_signal(signal.SIGINT))
+    started = time.perf_counter()
+    with (graceful_stop() if handler == "graceful" else contextlib.nullcontext(lambda: False)) as stop:
+        timer.start()
+        summary = detect_stage.run_detect([photos], tmp_path / "det.h5", analyzer=NoAnalyzer(), should_stop=stop)
+        elapsed = time.perf_counter() - started
+        timer.join()
+    assert summary.interrupted and elapsed < 2.0, elapsed

@@ -10,7 +10,6 @@ The file layout is documented in docs/formats.md.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import datetime as _dt
 import hashlib
@@ -30,6 +29,7 @@ from facerecon.detection.align import (DEFAULT_CROP_SIZE, alignment_matrix, tran
 from facerecon.detection.masks import region_masks
 from facerecon.detection.mediapipe_backend import DetectedFace, FaceAnalyzer
 from facerecon.detection.skin import DEFAULT_SKIN_PRIOR, skin_attention_image
+from facerecon.io.background import Background
 from facerecon.io.images import (DEFAULT_MAX_PIXELS, ImageLoadError, LoadedImage, collect_inputs, load_image,
                                  read_bytes, sha256_hex)
 from facerecon.io.store import ResultStore, attrs_dict, open_results
@@ -286,22 +286,24 @@ def _prepare(path: Path, key: str, done: dict[str, str], options: DetectOptions)
                      seconds=time.perf_counter() - started)
 
 
-def _prefetched(items: Sequence[tuple[Path, str]], done: dict[str, str], options: DetectOptions
-                ) -> Iterator[_Prepared]:
-    """Yield prepared inputs in order, loading the next one while the caller works."""
+def _prefetched(items: Sequence[tuple[Path, str]], done: dict[str, str], options: DetectOptions,
+                should_stop: Callable[[], bool] | None = None) -> Iterator[_Prepared | None]:
+    """Yield prepared inputs in order, loading the next one (in a daemon thread) while the
+    caller works. Yields None and ends when ``should_stop()`` turns true during a wait, so a
+    Ctrl-C never waits for a long decode (a second one raises KeyboardInterrupt at once)."""
     if not items:
         return
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="facerecon-load") as pool:
-        pending = pool.submit(_prepare, items[0][0], items[0][1], done, options)
-        try:
-            for index in range(len(items)):
-                current = pending.result()
-                if index + 1 < len(items):
-                    path, key = items[index + 1]
-                    pending = pool.submit(_prepare, path, key, done, options)
-                yield current
-        finally:
-            pending.cancel()
+    pending = Background(_prepare, items[0][0], items[0][1], done, options, name="facerecon-load")
+    for index in range(len(items)):
+        while not pending.wait(0.05):
+            if should_stop is not None and should_stop():
+                yield None
+                return
+        current = pending.result()
+        if index + 1 < len(items):
+            path, key = items[index + 1]
+            pending = Background(_prepare, path, key, done, options, name="facerecon-load")
+        yield current
 
 
 def run_detect(inputs: Iterable[str | os.PathLike], output: str | os.PathLike,
@@ -341,9 +343,9 @@ def run_detect(inputs: Iterable[str | os.PathLike], output: str | os.PathLike,
                     if attrs.get("status") in DONE_STATUSES and attrs.get("settings_digest") == digest}
             progress.start(len(collected))
             try:
-                with contextlib.closing(_prefetched(list(collected), done, options)) as prepared_items:
+                with contextlib.closing(_prefetched(list(collected), done, options, should_stop)) as prepared_items:
                     for prepared in prepared_items:
-                        if should_stop is not None and should_stop():
+                        if prepared is None or (should_stop is not None and should_stop()):
                             summary.interrupted = True
                             break
                         outcome = _process_one(prepared, analyzer, options, store, settings, digest)

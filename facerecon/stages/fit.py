@@ -31,6 +31,7 @@ from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import crop_intrinsics, model_to_camera
 from facerecon.fitting.optimize import FaceFitter, FaceTargets, FitSettings
+from facerecon.io.background import Background
 from facerecon.io.images import ImageLoadError, load_image
 from facerecon.io.store import ResultStore, attrs_dict, open_results
 from facerecon.render.camera import project_points
@@ -324,7 +325,8 @@ class _PhotoCache:
             path = attrs.get("source_path")
             try:
                 if path and os.path.exists(path):
-                    loaded = load_image(path)
+                    # decoded in a daemon thread: a second Ctrl-C gets through a long decode
+                    loaded = Background(load_image, path, name="facerecon-load").result()
                     if loaded.sha256 == attrs.get("sha256"):
                         self.image = loaded.rgb
             except ImageLoadError:
