@@ -43,8 +43,8 @@ def root_os_error(exc: BaseException) -> OSError | None:
             return item
         # HDF5 reports the system error inside its text: "... errno = 28, error message = ..."
         found = re.search(r"errno = (\d+)", str(item))
-        if isinstance(item, OSError) and found and int(found.group(1)) in _REASONS:
-            return OSError(int(found.group(1)), os.strerror(int(found.group(1))), item.filename)
+        if found and int(found.group(1)) in _REASONS:
+            return OSError(int(found.group(1)), os.strerror(int(found.group(1))), getattr(item, "filename", None))
     return None
 
 

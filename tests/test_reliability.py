@@ -382,3 +382,11 @@ def test_ctrl_c_is_not_held_up_by_a_long_decode(tmp_path, monkeypatch, handler):
         elapsed = time.perf_counter() - started
         timer.join()
     assert summary.interrupted and elapsed < 2.0, elapsed
+
+
+def test_os_errors_read_as_one_plain_line(ict_embedded_model_file, astronaut_path, tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    result = CliRunner().invoke(main, ["fit", str(astronaut_path), "--out", str(tmp_path / "file.txt" / "out"),
+                                       "--face-model", str(ict_embedded_model_file)])
+    assert result.exit_code == 1
+    assert "[Errno" not in result.output and "not a directory: " in result.output, result.output

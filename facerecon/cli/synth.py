@@ -6,9 +6,8 @@ from pathlib import Path
 
 import click
 
-from facerecon.cli.params import FiniteFloatRange
-
 from facerecon.cli.common import StageProgress, fail_run, graceful_stop, print_json, stderr_console, summary_table
+from facerecon.cli.params import FiniteFloatRange
 
 
 @click.command()

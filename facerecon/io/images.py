@@ -44,9 +44,9 @@ _CONVERT_HINT = "convert to JPEG or PNG"
 
 #: Largest accepted image, in pixels (width x height after decoding the header).
 DEFAULT_MAX_PIXELS = 400_000_000
-#: With the default ``max_pixels``, an image of more than BOMB_MIN_PIXELS whose raw RGB size is
-#: over BOMB_RATIO times its file size is refused: photos compress 5-50x (deflate at most ~1000x), a 431 KB PNG that
-#: expands to 400 MP (4.6 GB of memory while decoding) is a decompression bomb.
+#: With the default ``max_pixels``, an image of more than BOMB_MIN_PIXELS whose raw RGB size
+#: is over BOMB_RATIO times its file size is refused: photos compress 5-50x (deflate at most
+#: ~1000x); a 431 KB PNG that expands to 400 MP (4.6 GB while decoding) is a decompression bomb.
 BOMB_MIN_PIXELS = 50_000_000
 BOMB_RATIO = 400
 
@@ -366,8 +366,9 @@ def _walk_folder(folder: Path, unsupported: dict[str, int] | None = None) -> lis
 def _unsupported_note(unsupported: dict[str, int]) -> str:
     count = sum(unsupported.values())
     kinds = ", ".join(sorted(unsupported))
-    return f"skipped {count} file{'s' if count != 1 else ''} in unsupported format{'s' if len(unsupported) > 1 else ''} " \
-           f"{kinds} ({_CONVERT_HINT})"
+    files = "file" if count == 1 else "files"
+    formats = "format" if len(unsupported) == 1 else "formats"
+    return f"skipped {count} {files} in unsupported {formats} {kinds} ({_CONVERT_HINT})"
 
 
 def collect_inputs(inputs: Iterable[str | os.PathLike], base: str | os.PathLike | None = None,
