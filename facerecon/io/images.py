@@ -41,6 +41,7 @@ UNSUPPORTED_EXTENSIONS = {".heic": "HEIC", ".heif": "HEIF", ".hif": "HEIF", ".av
                           ".nef": "Nikon raw", ".arw": "Sony raw", ".orf": "Olympus raw", ".rw2": "Panasonic raw",
                           ".raf": "Fujifilm raw", ".psd": "Photoshop", ".svg": "SVG"}
 _CONVERT_HINT = "convert to JPEG or PNG"
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 #: Largest accepted image, in pixels (width x height after decoding the header).
 DEFAULT_MAX_PIXELS = 400_000_000
@@ -165,9 +166,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
     """
     from PIL import Image, UnidentifiedImageError
 
-    known = sniff_unsupported(data)
-    if known:
-        raise ImageLoadError(known)
+    if data[:8] == _HDF5_SIGNATURE:  # Pillow may take it for a 0x0 image
+        raise ImageLoadError(sniff_unsupported(data))
 
     with _PILLOW_LIMIT_LOCK:
         # Pillow's own decompression-bomb guard is replaced by ``max_pixels``, which is
@@ -232,7 +232,7 @@ def sniff_unsupported(data: bytes) -> str | None:
     """A one-line reason when ``data`` is a known format that is not read (HEIC, GIF, an
     HDF5 file...), else None."""
     head = data[:64]
-    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+    if head.startswith(_HDF5_SIGNATURE):
         return ("an HDF5 file, not an image (a detections .h5 must be the only input of `facerecon fit`)")
     if head.startswith((b"GIF87a", b"GIF89a")):
         return f"unsupported image format GIF ({_CONVERT_HINT})"
