@@ -390,3 +390,13 @@ def test_os_errors_read_as_one_plain_line(ict_embedded_model_file, astronaut_pat
                                        "--face-model", str(ict_embedded_model_file)])
     assert result.exit_code == 1
     assert "[Errno" not in result.output and "not a directory: " in result.output, result.output
+
+
+def test_detect_stage_refuses_nan_settings_before_any_image(tmp_path):
+    from facerecon.errors import InputError
+    from facerecon.stages.detect import DetectOptions, run_detect
+
+    for options in (DetectOptions(skin_prior=float("nan")), DetectOptions(min_score=float("nan"))):
+        with pytest.raises(InputError):
+            run_detect([tmp_path], tmp_path / "det.h5", options)
+    assert not (tmp_path / "det.h5").exists()

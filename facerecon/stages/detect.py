@@ -29,6 +29,7 @@ from facerecon.detection.align import (DEFAULT_CROP_SIZE, alignment_matrix, tran
 from facerecon.detection.masks import region_masks
 from facerecon.detection.mediapipe_backend import DetectedFace, FaceAnalyzer
 from facerecon.detection.skin import DEFAULT_SKIN_PRIOR, skin_attention_image
+from facerecon.errors import InputError
 from facerecon.io.background import Background
 from facerecon.io.images import (DEFAULT_MAX_PIXELS, ImageLoadError, LoadedImage, collect_inputs, load_image,
                                  read_bytes, sha256_hex)
@@ -322,6 +323,10 @@ def run_detect(inputs: Iterable[str | os.PathLike], output: str | os.PathLike,
     the summary comes back with ``interrupted=True``.
     """
     options = options or DetectOptions()
+    if not 0.0 < options.skin_prior < 1.0:  # NaN fails too: one clear error, not every image failed
+        raise InputError(f"skin prior must be between 0 and 1 (exclusive), not {options.skin_prior}")
+    if not 0.0 <= options.min_score <= 1.0:
+        raise InputError(f"minimum detection score must be between 0 and 1, not {options.min_score}")
     progress = progress or Progress()
     output = Path(output)
     started = time.perf_counter()
