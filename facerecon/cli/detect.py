@@ -8,6 +8,8 @@ import click
 
 from facerecon.cli.common import (ProgressReporter, exit_code_for, fail_run, graceful_stop, print_json,
                                   problems_table, stderr_console, summary_table)
+from facerecon.cli.params import FiniteFloatRange
+from facerecon.errors import describe_os_error
 from facerecon.io.images import DEFAULT_MAX_PIXELS
 
 
@@ -20,7 +22,7 @@ from facerecon.io.images import DEFAULT_MAX_PIXELS
               help="Keep at most N faces per image, largest first [default: all].")
 @click.option("--crop-size", type=click.IntRange(32, 4096), default=224, show_default=True,
               help="Side of the aligned face crops, in pixels.")
-@click.option("--min-score", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+@click.option("--min-score", type=FiniteFloatRange(0.0, 1.0), default=0.5, show_default=True,
               help="Minimum face-detector confidence.")
 @click.option("--detect-max-side", type=click.IntRange(min=64), default=2560, show_default=True,
               help="Reduce larger images to this long side for detection (crops use full resolution).")
@@ -28,12 +30,12 @@ from facerecon.io.images import DEFAULT_MAX_PIXELS
               help="Also scan images larger than this in overlapping tiles, for small faces (0: off).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Refuse images with more pixels than this.")
-@click.option("--skin-prior", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.5,
+@click.option("--skin-prior", type=FiniteFloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.5,
               show_default=True, help="Prior P(skin) of the skin-colour posterior.")
 @click.option("--overwrite", is_flag=True, help="Redo images already in the output (default: skip them).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary table (errors still shown).")
-@click.option("--pack-interval", type=click.FloatRange(min=0.0), default=60.0, hidden=True,
+@click.option("--pack-interval", type=FiniteFloatRange(min=0.0), default=60.0, hidden=True,
               help="Seconds between periodic packs of the output (0: only at the end).")
 def detect(inputs: tuple[str, ...], output: Path, largest: bool, max_faces: int | None, crop_size: int,
            min_score: float, detect_max_side: int, tile_size: int, max_pixels: int, skin_prior: float,
@@ -76,7 +78,7 @@ def detect(inputs: tuple[str, ...], output: Path, largest: bool, max_faces: int 
         with graceful_stop() as stop, ProgressReporter(console, "detect", enabled=not quiet) as progress:
             summary = run_detect(inputs, output, options, progress=progress, should_stop=stop)
     except (StoreError, OSError) as exc:
-        message = str(exc) if isinstance(exc, StoreError) else f"cannot write {output}: {exc}"
+        message = str(exc) if isinstance(exc, StoreError) else f"cannot write {output}: {describe_os_error(exc)}"
         fail_run(message, output, as_json)
 
     data = summary.to_dict()

@@ -37,6 +37,7 @@ def export(fits: Path, out_dir: Path, formats: str, pose: str, neutral: bool, no
       facerecon export out/fits.h5 --out exported/ --format obj,glb
       facerecon export out/fits.h5 --out neutral/ --neutral --format ply
     """
+    from facerecon.errors import OutputError
     from facerecon.export.meshio import parse_formats
     from facerecon.io.store import StoreError
     from facerecon.stages.export import run_export
@@ -47,6 +48,8 @@ def export(fits: Path, out_dir: Path, formats: str, pose: str, neutral: bool, no
         raise click.BadParameter(str(exc), param_hint="--format") from None
     try:
         summary = run_export(fits, out_dir, format_list, pose=pose, neutral=neutral, blendshapes=not no_blendshapes)
+    except OutputError as exc:
+        fail_run(str(exc), out_dir, as_json)
     except (KeyError, OSError, StoreError) as exc:
         fail_run(f"{fits} is not a readable fits file ({exc})", out_dir, as_json)
     data = summary.to_dict()

@@ -8,6 +8,8 @@ import click
 
 from facerecon.cli.common import (FIT_STEPS, StageProgress, fail_run, graceful_stop, problems_table, report_stage,
                                   stderr_console, summary_table)
+from facerecon.cli.params import DEVICE
+from facerecon.errors import describe_os_error
 
 
 def face_model_options(function):
@@ -29,7 +31,8 @@ def face_model_options(function):
               help="Mesh formats, comma-separated: obj (with MTL + texture PNG), ply (vertex colours), glb.")
 @click.option("--pose", type=click.Choice(["canonical", "camera"]), default="canonical", show_default=True,
               help="Mesh frame: canonical head frame (mm, +y up, +z out of the face) or the fitting camera's.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True,
+              help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True,
               help="Faces fitted together.")
 @click.option("--largest", is_flag=True, help="Fit only the largest face of each photo.")
@@ -112,7 +115,7 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
             summary = run_fit(inputs, out_dir, options, progress=progress.stage("fit", "face"),
                               detect_progress=progress.stage("detect"), should_stop=stop)
     except (FaceModelError, StoreError, ValueError, OSError) as exc:
-        fail_run(str(exc), out_dir, as_json)
+        fail_run(describe_os_error(exc), out_dir, as_json)
     report_stage(console, summary, quiet, as_json, _print_summary, "images")
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from facerecon.cli.common import StageProgress, fail_run, graceful_stop, print_json, stderr_console, summary_table
+from facerecon.cli.params import FiniteFloatRange
 
 
 @click.command()
@@ -16,10 +17,10 @@ from facerecon.cli.common import StageProgress, fail_run, graceful_stop, print_j
 @click.option("--views", type=click.IntRange(1), default=1, show_default=True,
               help="Images per identity (multi-view groups: same identity and albedo).")
 @click.option("--size", type=click.IntRange(64, 2048), default=224, show_default=True, help="Image side in pixels.")
-@click.option("--zoom", type=click.FloatRange(0.2, 3.0), default=1.0, show_default=True,
+@click.option("--zoom", type=FiniteFloatRange(0.2, 3.0), default=1.0, show_default=True,
               help="Focal-length factor: 1 frames the face like an aligned crop, 0.6 like a portrait photo.")
-@click.option("--max-yaw", type=click.FloatRange(0, 90), default=60.0, show_default=True, help="Degrees.")
-@click.option("--max-pitch", type=click.FloatRange(0, 60), default=20.0, show_default=True, help="Degrees.")
+@click.option("--max-yaw", type=FiniteFloatRange(0, 90), default=60.0, show_default=True, help="Degrees.")
+@click.option("--max-pitch", type=FiniteFloatRange(0, 60), default=20.0, show_default=True, help="Degrees.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same images.")
 @click.option("--face-model", default=None, metavar="NAME|PATH", help="Face model to sample from.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")

@@ -138,6 +138,10 @@ def _overlaps(a: Detection, b: Detection, iou: float, cover: float) -> bool:
     return i > iou or c > cover
 
 
+#: Longest side the detector graph is ever given (the whole-image pass is reduced to it).
+WHOLE_PASS_MAX_SIDE = 4096
+
+
 def tile_origins(width: int, height: int, tile: int, overlap: float = 0.25) -> list[tuple[int, int]]:
     """Top-left corners of ``tile`` x ``tile`` windows covering a ``width`` x ``height`` image
     with at least ``overlap`` (fraction) between neighbours."""
@@ -308,8 +312,17 @@ class FaceAnalyzer:
 
     def _run_detector(self, image: np.ndarray, x0: int, y0: int, full_w: int, full_h: int,
                       whole: bool, graph=None) -> list[Detection]:
+        import cv2
+
         th, tw = image.shape[:2]
-        result = (graph or self._detector).process(np.ascontiguousarray(image))
+        view = image
+        if max(th, tw) > WHOLE_PASS_MAX_SIDE:
+            # The detector looks at 128-256 px; a larger whole-image pass only risks the
+            # graph's own size limits (a 33000 px wide image aborts the process). Boxes are
+            # relative, so they map back to ``image`` unchanged.
+            s = WHOLE_PASS_MAX_SIDE / max(th, tw)
+            view = cv2.resize(image, (max(1, round(tw * s)), max(1, round(th * s))), interpolation=cv2.INTER_AREA)
+        result = (graph or self._detector).process(np.ascontiguousarray(view))
         dets = []
         for d in result.detections or []:
             score = float(d.score[0]) if d.score else 0.0

@@ -40,6 +40,8 @@ def contact_sheet(tiles: list[tuple[np.ndarray, str]], tile_size: int = 256, col
         y, x = r * (tile_size + caption), c * tile_size
         sheet[y:y + tile_size, x:x + tile_size] = cv2.resize(tile, (tile_size, tile_size),
                                                              interpolation=cv2.INTER_AREA)
-        cv2.putText(sheet, text[:34], (x + 4, y + tile_size + 16), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (20, 20, 20), 1,
+        if len(text) > 34:  # keep the end too: extension and face number tell tiles apart
+            text = text[:15] + ".." + text[-17:]
+        cv2.putText(sheet, text, (x + 4, y + tile_size + 16), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (20, 20, 20), 1,
                     cv2.LINE_AA)
     return sheet

@@ -26,16 +26,58 @@ def _inside(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return (xy[:, 0] >= 0) & (xy[:, 0] <= w - 1) & (xy[:, 1] >= 0) & (xy[:, 1] <= h - 1)
 
 
+#: cv2.remap refuses source images and maps with a side of SHRT_MAX (32767) or more.
+REMAP_MAX_SIDE = 32767
+_SAMPLE_WIDTH = 1024  # map rows of this many points...
+_SAMPLE_CHUNK = _SAMPLE_WIDTH * 16384  # ...and at most this many points per remap call
+
+
 def _sample(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """Bilinear samples (P, 3) float [0, 1] of an RGB uint8 image at pixel coords (P, 2)."""
-    n = len(xy)
-    width = 1024  # remap needs both map sides below 32767
-    padded = np.zeros((-(-n // width) * width, 2), np.float32)
-    padded[:n] = xy
-    maps = padded.reshape(-1, width, 2)
-    out = cv2.remap(image, maps[..., 0], maps[..., 1], interpolation=cv2.INTER_LINEAR,
-                    borderMode=cv2.BORDER_REPLICATE)
-    return out.reshape(-1, 3)[:n].astype(np.float32) / 255.0
+    """Bilinear samples (P, 3) float [0, 1] of an RGB uint8 image at pixel coords (P, 2)
+    (coordinates outside the image take the nearest edge pixel).
+
+    Works for any number of points and any image size: points go to cv2.remap in chunks,
+    each against the part of the image its points fall in; a part still wider or taller
+    than remap allows is sampled with NumPy instead.
+    """
+    h, w = image.shape[:2]
+    xy = np.asarray(xy, np.float32).reshape(-1, 2)
+    out = np.empty((len(xy), 3), np.float32)
+    for start in range(0, len(xy), _SAMPLE_CHUNK):
+        chunk = xy[start:start + _SAMPLE_CHUNK].copy()
+        finite = np.isfinite(chunk)
+        chunk[~finite] = 0.0
+        chunk[:, 0] = np.clip(chunk[:, 0], 0, w - 1)
+        chunk[:, 1] = np.clip(chunk[:, 1], 0, h - 1)
+        if not len(chunk):
+            continue
+        x0, y0 = int(np.floor(chunk[:, 0].min())), int(np.floor(chunk[:, 1].min()))
+        x1, y1 = min(w - 1, int(np.floor(chunk[:, 0].max())) + 1), min(h - 1, int(np.floor(chunk[:, 1].max())) + 1)
+        part = image[y0:y1 + 1, x0:x1 + 1]
+        local = chunk - np.array([x0, y0], np.float32)
+        if max(part.shape[:2]) < REMAP_MAX_SIDE:
+            n = len(local)
+            padded = np.zeros((-(-n // _SAMPLE_WIDTH) * _SAMPLE_WIDTH, 2), np.float32)
+            padded[:n] = local
+            maps = padded.reshape(-1, _SAMPLE_WIDTH, 2)
+            values = cv2.remap(np.ascontiguousarray(part), maps[..., 0], maps[..., 1],
+                               interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            out[start:start + n] = values.reshape(-1, 3)[:n].astype(np.float32) / 255.0
+        else:
+            out[start:start + len(local)] = _bilinear(part, local)
+    return out
+
+
+def _bilinear(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """NumPy bilinear samples (P, 3) float [0, 1] at in-range pixel coords (P, 2)."""
+    h, w = image.shape[:2]
+    x0 = np.clip(np.floor(xy[:, 0]).astype(np.int64), 0, w - 1)
+    y0 = np.clip(np.floor(xy[:, 1]).astype(np.int64), 0, h - 1)
+    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+    fx, fy = (xy[:, 0] - x0)[:, None], (xy[:, 1] - y0)[:, None]
+    top = image[y0, x0] * (1 - fx) + image[y0, x1] * fx
+    bottom = image[y1, x0] * (1 - fx) + image[y1, x1] * fx
+    return ((top * (1 - fy) + bottom * fy) / 255.0).astype(np.float32)
 
 
 def _to_photo(points_crop: np.ndarray, crop_to_photo: np.ndarray) -> np.ndarray:

@@ -64,6 +64,10 @@ def resolve_face_model_path(
     reference = option or os.environ.get(ENV_FACE_MODEL)
     if reference:
         path = _as_path(reference)
+        if path.is_dir():
+            source = "--face-model" if option else ENV_FACE_MODEL
+            raise FaceModelUnavailable(f"face model {reference!r} (from {source}) is a folder, not a face-model "
+                                       f".h5 file (`facerecon model import` writes one); {HOW_TO_GET_A_MODEL}")
         if not path.is_file():
             source = "--face-model" if option else ENV_FACE_MODEL
             raise FaceModelUnavailable(f"face model {reference!r} (from {source}) not found; {HOW_TO_GET_A_MODEL}")

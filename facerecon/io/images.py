@@ -15,7 +15,9 @@ Every photo becomes an upright 8-bit RGB array, whatever it was stored as:
 Failures raise :class:`ImageLoadError` whose message is one line for a human. Images
 with more than ``max_pixels`` pixels (default :data:`DEFAULT_MAX_PIXELS`, 400 MP, which
 admits 20000x20000) are refused from the header alone, before decoding. Decoding a
-400 MP image needs about 3 GB of memory (Pillow's 4-byte pixels plus the 3-byte array).
+400 MP image needs about 3-5 GB of memory (Pillow's 4-byte pixels plus the 3-byte array).
+With the default limit, an image over 50 MP that compresses more than 400x (a
+decompression bomb, not a photo) is refused too; an explicit ``max_pixels`` allows it.
 """
 
 from __future__ import annotations
@@ -34,9 +36,21 @@ import numpy as np
 #: File name endings collected from folders and globs (compared case-insensitively).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".ppm",
                               ".pgm", ".pbm", ".pnm"})
+#: Image formats met in photo folders that are not read (suffix -> name for the message).
+UNSUPPORTED_EXTENSIONS = {".heic": "HEIC", ".heif": "HEIF", ".hif": "HEIF", ".avif": "AVIF", ".gif": "GIF",
+                          ".jxl": "JPEG XL", ".dng": "DNG raw", ".cr2": "Canon raw", ".cr3": "Canon raw",
+                          ".nef": "Nikon raw", ".arw": "Sony raw", ".orf": "Olympus raw", ".rw2": "Panasonic raw",
+                          ".raf": "Fujifilm raw", ".psd": "Photoshop", ".svg": "SVG"}
+_CONVERT_HINT = "convert to JPEG or PNG"
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 #: Largest accepted image, in pixels (width x height after decoding the header).
 DEFAULT_MAX_PIXELS = 400_000_000
+#: With the default ``max_pixels``, an image of more than BOMB_MIN_PIXELS whose raw RGB size
+#: is over BOMB_RATIO times its file size is refused: photos compress 5-50x (deflate at most
+#: ~1000x); a 431 KB PNG that expands to 400 MP (4.6 GB while decoding) is a decompression bomb.
+BOMB_MIN_PIXELS = 50_000_000
+BOMB_RATIO = 400
 
 _ORIENTATION_TAG = 0x0112
 _PILLOW_LIMIT_LOCK = threading.Lock()
@@ -153,6 +167,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
     """
     from PIL import Image, UnidentifiedImageError
 
+    if data[:8] == _HDF5_SIGNATURE:  # Pillow may take it for a 0x0 image
+        raise ImageLoadError(sniff_unsupported(data))
+
     with _PILLOW_LIMIT_LOCK:
         # Pillow's own decompression-bomb guard is replaced by ``max_pixels``, which is
         # checked from the header below, before any pixel is decoded.
@@ -175,6 +192,13 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
             raise ImageLoadError(
                 f"image too large: {width}x{height} = {width * height / 1e6:.0f} MP exceeds the "
                 f"{max_pixels / 1e6:.0f} MP limit (--max-pixels)")
+        pixels = width * height
+        if (max_pixels == DEFAULT_MAX_PIXELS and pixels > BOMB_MIN_PIXELS
+                and 3 * pixels > BOMB_RATIO * len(data)):
+            raise ImageLoadError(
+                f"refused as a likely decompression bomb: {width}x{height} = {pixels / 1e6:.0f} MP from only "
+                f"{len(data) / 1e3:.0f} KB would take about {pixels * 11 / 1e9:.1f} GB of memory "
+                "(give --max-pixels to decode it anyway)")
         fmt = image.format or "unknown"
         try:
             orientation = int(image.getexif().get(_ORIENTATION_TAG, 1) or 1)
@@ -205,7 +229,31 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
+def sniff_unsupported(data: bytes) -> str | None:
+    """A one-line reason when ``data`` is a known format that is not read (HEIC, GIF, an
+    HDF5 file...), else None."""
+    head = data[:64]
+    if head.startswith(_HDF5_SIGNATURE):
+        return ("an HDF5 file, not an image (a detections .h5 must be the only input of `facerecon fit`)")
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return f"unsupported image format GIF ({_CONVERT_HINT})"
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        names = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"heim": "HEIC", b"heis": "HEIC",
+                 b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF", b"crx ": "Canon raw (CR3)"}
+        if brand in names:
+            return f"unsupported image format {names[brand]} ({_CONVERT_HINT})"
+    if head.startswith(b"\xff\x0a") or head.startswith(b"\x00\x00\x00\x0cJXL "):
+        return f"unsupported image format JPEG XL ({_CONVERT_HINT})"
+    if head.startswith(b"8BPS"):
+        return f"unsupported image format Photoshop ({_CONVERT_HINT})"
+    return None
+
+
 def _unidentified_reason(data: bytes) -> str:
+    known = sniff_unsupported(data)
+    if known:
+        return known
     head = data[:512]
     try:
         head.decode("utf-8")
@@ -299,16 +347,33 @@ def _is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _walk_folder(folder: Path) -> list[Path]:
+def _walk_folder(folder: Path, unsupported: dict[str, int] | None = None) -> list[Path]:
+    """Image files below ``folder``; ``unsupported`` counts the skipped files of a format in
+    :data:`UNSUPPORTED_EXTENSIONS` (format name -> count)."""
     found: list[Path] = []
     for root, dirs, files in os.walk(folder, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(Path(root) / name for name in sorted(files)
-                     if not name.startswith(".") and _is_image_name(Path(name)))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            if _is_image_name(Path(name)):
+                found.append(Path(root) / name)
+            elif unsupported is not None and Path(name).suffix.lower() in UNSUPPORTED_EXTENSIONS:
+                kind = UNSUPPORTED_EXTENSIONS[Path(name).suffix.lower()]
+                unsupported[kind] = unsupported.get(kind, 0) + 1
     return sorted(found, key=lambda p: p.as_posix())
 
 
-def collect_inputs(inputs: Iterable[str | os.PathLike], base: str | os.PathLike | None = None) -> CollectedInputs:
+def _unsupported_note(unsupported: dict[str, int]) -> str:
+    count = sum(unsupported.values())
+    kinds = ", ".join(sorted(unsupported))
+    files = "file" if count == 1 else "files"
+    formats = "format" if len(unsupported) == 1 else "formats"
+    return f"skipped {count} {files} in unsupported {formats} {kinds} ({_CONVERT_HINT})"
+
+
+def collect_inputs(inputs: Iterable[str | os.PathLike], base: str | os.PathLike | None = None,
+                   exclude: Iterable[str | os.PathLike] = ()) -> CollectedInputs:
     """Expand files, folders (recursively) and glob patterns into ``(path, key)`` pairs.
 
     * a file is taken whatever its extension (a bad one fails later with a reason);
@@ -316,6 +381,8 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], base: str | os.PathLike 
       (:data:`IMAGE_EXTENSIONS`); hidden files and folders are skipped;
     * an argument that exists neither as a path nor as a matching glob is reported in
       ``problems``; a folder or glob without images likewise;
+    * files below a folder of ``exclude`` (the command's own output folder) are not taken
+      from folders and globs;
     * duplicates (the same file reached twice) are dropped, first occurrence wins;
     * order: arguments in the order given, files within a folder sorted by path.
 
@@ -326,6 +393,12 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], base: str | os.PathLike 
     relative to ``base`` (default: current directory, see :func:`input_key`) instead.
     """
     result = CollectedInputs()
+    excluded = [os.path.realpath(e) for e in exclude]
+
+    def is_excluded(path: Path) -> bool:
+        real = os.path.realpath(path)
+        return any(real == e or real.startswith(e.rstrip(os.sep) + os.sep) for e in excluded)
+
     seen: set[str] = set()
     keys: set[str] = set()
 
@@ -344,8 +417,11 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], base: str | os.PathLike 
         text = os.fspath(raw)
         path = Path(text).expanduser()
         if path.is_dir():
-            files = _walk_folder(path)
-            if not files:
+            unsupported: dict[str, int] = {}
+            files = [f for f in _walk_folder(path, unsupported) if not is_excluded(f)]
+            if unsupported:
+                result.problems.append((text, _unsupported_note(unsupported)))
+            elif not files:
                 result.problems.append((text, "folder contains no image files"))
             for file in files:
                 add(file, path)
@@ -362,12 +438,20 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], base: str | os.PathLike 
             root = Path(*prefix) if prefix else Path(".")
             matches = [Path(m) for m in sorted(glob.glob(expanded, recursive=True))]
             files = []
+            unsupported = {}
             for match in matches:
+                if is_excluded(match):
+                    continue
                 if match.is_dir():
-                    files.extend(_walk_folder(match))
+                    files.extend(f for f in _walk_folder(match, unsupported) if not is_excluded(f))
                 elif _is_image_name(match):
                     files.append(match)
-            if not files:
+                elif match.suffix.lower() in UNSUPPORTED_EXTENSIONS:
+                    kind = UNSUPPORTED_EXTENSIONS[match.suffix.lower()]
+                    unsupported[kind] = unsupported.get(kind, 0) + 1
+            if unsupported:
+                result.problems.append((text, _unsupported_note(unsupported)))
+            elif not files:
                 result.problems.append((text, "pattern matches no image files"))
             for file in files:
                 add(file, root)

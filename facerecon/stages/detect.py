@@ -10,7 +10,6 @@ The file layout is documented in docs/formats.md.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import datetime as _dt
 import hashlib
@@ -30,6 +29,8 @@ from facerecon.detection.align import (DEFAULT_CROP_SIZE, alignment_matrix, tran
 from facerecon.detection.masks import region_masks
 from facerecon.detection.mediapipe_backend import DetectedFace, FaceAnalyzer
 from facerecon.detection.skin import DEFAULT_SKIN_PRIOR, skin_attention_image
+from facerecon.errors import InputError
+from facerecon.io.background import Background
 from facerecon.io.images import (DEFAULT_MAX_PIXELS, ImageLoadError, LoadedImage, collect_inputs, load_image,
                                  read_bytes, sha256_hex)
 from facerecon.io.store import ResultStore, attrs_dict, open_results
@@ -291,43 +292,51 @@ def _prepare(path: Path, key: str, done: dict[str, str], options: DetectOptions)
                      seconds=time.perf_counter() - started)
 
 
-def _prefetched(items: Sequence[tuple[Path, str]], done: dict[str, str], options: DetectOptions
-                ) -> Iterator[_Prepared]:
-    """Yield prepared inputs in order, loading the next one while the caller works."""
+def _prefetched(items: Sequence[tuple[Path, str]], done: dict[str, str], options: DetectOptions,
+                should_stop: Callable[[], bool] | None = None) -> Iterator[_Prepared | None]:
+    """Yield prepared inputs in order, loading the next one (in a daemon thread) while the
+    caller works. Yields None and ends when ``should_stop()`` turns true during a wait, so a
+    Ctrl-C never waits for a long decode (a second one raises KeyboardInterrupt at once)."""
     if not items:
         return
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="facerecon-load") as pool:
-        pending = pool.submit(_prepare, items[0][0], items[0][1], done, options)
-        try:
-            for index in range(len(items)):
-                current = pending.result()
-                if index + 1 < len(items):
-                    path, key = items[index + 1]
-                    pending = pool.submit(_prepare, path, key, done, options)
-                yield current
-        finally:
-            pending.cancel()
+    pending = Background(_prepare, items[0][0], items[0][1], done, options, name="facerecon-load")
+    for index in range(len(items)):
+        while not pending.wait(0.05):
+            if should_stop is not None and should_stop():
+                yield None
+                return
+        current = pending.result()
+        if index + 1 < len(items):
+            path, key = items[index + 1]
+            pending = Background(_prepare, path, key, done, options, name="facerecon-load")
+        yield current
 
 
 def run_detect(inputs: Iterable[str | os.PathLike], output: str | os.PathLike,
                options: DetectOptions | None = None, progress: Progress | None = None,
                analyzer: FaceAnalyzer | None = None,
-               should_stop: Callable[[], bool] | None = None) -> DetectSummary:
+               should_stop: Callable[[], bool] | None = None,
+               exclude: Sequence[str | os.PathLike] = ()) -> DetectSummary:
     """Run detection over ``inputs`` (files, folders, globs) into ``output``.
 
     Raises:
         facerecon.io.store.StoreLockedError: another process writes ``output``.
         facerecon.io.store.StoreError: ``output`` exists and is not a detections file.
-    ``should_stop()`` is polled before each image; when it returns True, or on a
+    ``exclude``: folders whose files folders and globs in ``inputs`` do not contribute (an
+    output folder inside an input folder). ``should_stop()`` is polled before each image; when it returns True, or on a
     KeyboardInterrupt, the batch stops, completed images are packed into ``output`` and
     the summary comes back with ``interrupted=True``.
     """
     options = options or DetectOptions()
+    if not 0.0 < options.skin_prior < 1.0:  # NaN fails too: one clear error, not every image failed
+        raise InputError(f"skin prior must be between 0 and 1 (exclusive), not {options.skin_prior}")
+    if not 0.0 <= options.min_score <= 1.0:
+        raise InputError(f"minimum detection score must be between 0 and 1, not {options.min_score}")
     progress = progress or Progress()
     output = Path(output)
     started = time.perf_counter()
     summary = DetectSummary(output=str(output))
-    collected = collect_inputs(inputs)
+    collected = collect_inputs(inputs, exclude=exclude)
     for argument, reason in collected.problems:
         summary.outcomes.append(ImageOutcome(key=argument, path=argument, status=STATUS_FAILED, reason=reason))
 
@@ -344,9 +353,9 @@ def run_detect(inputs: Iterable[str | os.PathLike], output: str | os.PathLike,
                     if attrs.get("status") in DONE_STATUSES and attrs.get("settings_digest") == digest}
             progress.start(len(collected))
             try:
-                with contextlib.closing(_prefetched(list(collected), done, options)) as prepared_items:
+                with contextlib.closing(_prefetched(list(collected), done, options, should_stop)) as prepared_items:
                     for prepared in prepared_items:
-                        if should_stop is not None and should_stop():
+                        if prepared is None or (should_stop is not None and should_stop()):
                             summary.interrupted = True
                             break
                         outcome = _process_one(prepared, analyzer, options, store, settings, digest)

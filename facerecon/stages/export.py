@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facerecon.errors import OutputError, describe_os_error
 from facerecon.export.blendshapes import write_blendshapes
 from facerecon.facemodel.model import FaceModel
 from facerecon.stages.fit import STATUS_OK, output_base, output_names, read_fits, read_model_item, write_face_files
@@ -44,7 +45,8 @@ def run_export(fits: str | os.PathLike, out_dir: str | os.PathLike, formats: lis
     topology = read_model_item(fits)
     model = _topology_model(topology)
     entries = list(read_fits(fits))
-    names = output_names([key for key, _attrs, _faces in entries])
+    names = output_names([key for key, _attrs, _faces in entries],
+                         {key: str(attrs["output_name"]) for key, attrs, _faces in entries if attrs.get("output_name")})
     for key, attrs, faces in entries:
         for face in faces:
             index = int(face["attrs"]["index"])
@@ -53,9 +55,12 @@ def run_export(fits: str | os.PathLike, out_dir: str | os.PathLike, formats: lis
                 continue
             params = {k: face[k] for k in ("identity", "expression", "albedo", "sh", "angles", "translation")}
             base = output_base(out_dir, key, index, "meshes", names)
-            files = write_face_files(model, face, params, base, formats, pose, neutral=neutral)
-            if blendshapes and model.expression_kind == "blendshape":
-                files += write_blendshapes(base, model.expression_names, face["expression"])
+            try:
+                files = write_face_files(model, face, params, base, formats, pose, neutral=neutral)
+                if blendshapes and model.expression_kind == "blendshape":
+                    files += write_blendshapes(base, model.expression_names, face["expression"])
+            except OSError as exc:
+                raise OutputError(f"cannot write to {out_dir}: {describe_os_error(exc)}") from exc
             summary.files += [str(f) for f in files]
             summary.faces += 1
         if not faces and attrs.get("status") != STATUS_OK:

@@ -32,6 +32,7 @@ from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import crop_intrinsics, model_to_camera
 from facerecon.fitting.gaze import gaze_weights
 from facerecon.fitting.optimize import FaceFitter, FaceTargets, FitSettings
+from facerecon.io.background import Background
 from facerecon.io.images import ImageLoadError, load_image
 from facerecon.io.store import ResultStore, attrs_dict, open_results
 from facerecon.render.camera import project_points, scale_intrinsics
@@ -165,6 +166,10 @@ def pick_device(name: str) -> torch.device:
         raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but no CUDA GPU is available")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("--device mps requested but no Apple GPU (MPS) is available")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     return device
 
 
@@ -196,28 +201,82 @@ def _digest(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def output_names(keys: Iterable[str]) -> dict[str, str]:
-    """Key -> file-name stem for output files: the photo's stem, with its extension kept
-    when two photos of one folder share a stem (``a.jpg`` / ``a.png``), whitespace -> ``_``
-    (OBJ/MTL references are whitespace-separated)."""
-    keys = list(keys)
+#: Longest output name (UTF-8 bytes) before the ``_face<i>`` suffix: with the longest suffix
+#: (``_face<i>_texture.png``, ``.blendshapes.json``) and the atomic writer's temporary name
+#: around it, every file name stays well below the 255-byte limit of common file systems.
+MAX_NAME_BYTES = 120
+_UNSAFE_NAME_CHARS = set('/\\:*?"<>|')
+
+
+def _key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def _clean_name(text: str, key: str) -> str:
+    """``text`` made safe for a file name: whitespace runs and ``/\\:*?"<>|`` / control
+    characters -> ``_``; longer than :data:`MAX_NAME_BYTES` -> cut, plus a hash of the key."""
+    text = "_".join(text.split())
+    text = "".join("_" if c in _UNSAFE_NAME_CHARS or ord(c) < 32 else c for c in text) or "image"
+    if len(text.encode("utf-8", "surrogateescape")) <= MAX_NAME_BYTES:
+        return text
+    cut = text.encode("utf-8", "surrogateescape")[:MAX_NAME_BYTES - 9].decode("utf-8", "ignore")
+    return f"{cut}_{_key_hash(key)}"
+
+
+def output_names(keys: Iterable[str], recorded: dict[str, str] | None = None) -> dict[str, str]:
+    """Key -> file-name stem for output files (the rule is in docs/formats.md).
+
+    A name recorded in fits.h5 by an earlier run (``recorded``) is kept. A new key gets its
+    photo's stem, with the extension kept when two photos of one folder share a stem
+    (``a.jpg`` / ``a.png``), cleaned by :func:`_clean_name`. When that name is already taken
+    in the folder (compared case-insensitively) by a recorded name or by another key, the
+    key whose stem needed no cleaning keeps it and the others get ``_<8 hex digits of
+    SHA-256(key)>`` appended, so two photos never share output files, in one run or across runs.
+    """
+    recorded = dict(recorded or {})
+    keys = sorted(set(keys) | set(recorded))
     stems: dict[tuple[str, str], int] = {}
     for key in keys:
         rel = Path(key)
         stems[(str(rel.parent), rel.stem)] = stems.get((str(rel.parent), rel.stem), 0) + 1
-    names = {}
+    names: dict[str, str] = {}
+    taken: set[tuple[str, str]] = set()
+    for key, name in recorded.items():
+        names[key] = name
+        taken.add((str(Path(key).parent), name.casefold()))
+    candidates: dict[str, tuple[str, bool]] = {}
     for key in keys:
+        if key in names:
+            continue
         rel = Path(key)
-        name = rel.stem if stems[(str(rel.parent), rel.stem)] == 1 else rel.name.replace(".", "_")
-        names[key] = "_".join(name.split())
+        raw = rel.stem if stems[(str(rel.parent), rel.stem)] == 1 else rel.name.replace(".", "_")
+        clean = _clean_name(raw, key)
+        candidates[key] = (clean, clean == raw)
+    # keys whose name needed no cleaning choose first, then the rest in key order
+    for key in sorted(candidates, key=lambda k: (not candidates[k][1], k)):
+        name = candidates[key][0]
+        folder = str(Path(key).parent)
+        if (folder, name.casefold()) in taken:
+            name = f"{name}_{_key_hash(key)}"
+        names[key] = name
+        taken.add((folder, name.casefold()))
     return names
 
 
 def output_base(out_dir: Path, key: str, face: int, folder: str, names: dict[str, str] | None = None) -> Path:
     """``DIR/<folder>/<relative folder of the image>/<name>_face<i>`` (no suffix), see :func:`output_names`."""
     rel = Path(key)
-    name = (names or {}).get(key) or "_".join(rel.stem.split())
+    name = (names or {}).get(key) or output_names([key])[key]
     return out_dir / folder / rel.parent / f"{name}_face{face}"
+
+
+def face_files(base: Path) -> list[Path]:
+    """Every file written for one face (meshes, texture, blendshapes, overlay) that exists."""
+    import glob as _glob
+
+    pattern = _glob.escape(base.name)
+    found = [p for p in base.parent.glob(pattern + ".*")] + list(base.parent.glob(pattern + "_texture.png"))
+    return [p for p in found if p.is_file()]
 
 
 # --------------------------------------------------------------------------- batching
@@ -277,7 +336,8 @@ class _PhotoCache:
             path = attrs.get("source_path")
             try:
                 if path and os.path.exists(path):
-                    loaded = load_image(path)
+                    # decoded in a daemon thread: a second Ctrl-C gets through a long decode
+                    loaded = Background(load_image, path, name="facerecon-load").result()
                     if loaded.sha256 == attrs.get("sha256"):
                         self.image = loaded.rgb
             except ImageLoadError:
@@ -354,12 +414,7 @@ class _FaceWriter:
         if photo is None:
             background = cv2.resize(face.crop, (size, size), interpolation=cv2.INTER_LINEAR)
         else:
-            shrink = similarity_scale(to_overlay[:2])
-            if shrink < 0.5:  # warpAffine does not filter: pre-blur large photos against aliasing
-                sigma = 0.5 / shrink
-                photo = cv2.GaussianBlur(photo, (0, 0), sigma)
-            background = cv2.warpAffine(photo, to_overlay[:2], (size, size), flags=cv2.INTER_LINEAR,
-                                        borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+            background = _warp_region(photo, to_overlay[:2], size)
         p = {k: torch.as_tensor(v, device=dev)[None] for k, v in params.items()}
         verts = t.shape(p["identity"], p["expression"])
         cam = model_to_camera(verts, p["angles"], p["translation"])
@@ -370,6 +425,39 @@ class _FaceWriter:
         projected = project_points(t.landmark_points(cam), k)[0, :, :2].cpu().numpy()
         detected = face.crop_landmarks68 * s + (s - 1) / 2
         return draw_landmarks(image, detected, projected)
+
+
+def _warp_region(photo: np.ndarray, to_target: np.ndarray, size: int) -> np.ndarray:
+    """``cv2.warpAffine(photo, to_target, (size, size))`` (black outside the photo), done on
+    the part of the photo that lands in the target: fast for large photos and within
+    warpAffine's limit of 32767 px per side, and pre-blurred when it shrinks (no aliasing)."""
+    import cv2
+
+    shrink = similarity_scale(to_target)
+    inverse = invert_affine(to_target)
+    corners = np.array([[-1, -1], [size, -1], [-1, size], [size, size]], np.float64)
+    src = corners @ inverse[:, :2].T + inverse[:, 2]
+    margin = int(np.ceil(3.0 / max(shrink, 1e-6))) + 2
+    h, w = photo.shape[:2]
+    x0, y0 = (np.clip(np.floor(src.min(0)) - margin, 0, [w, h])).astype(int)
+    x1, y1 = (np.clip(np.ceil(src.max(0)) + margin + 1, 0, [w, h])).astype(int)
+    if x1 <= x0 or y1 <= y0:
+        return np.zeros((size, size, 3), np.uint8)
+    part = photo[y0:y1, x0:x1]
+    local = to_target.astype(np.float64).copy()
+    local[:, 2] += local[:, :2] @ np.array([x0, y0], np.float64)
+    factor = min(1.0, 2.0 * shrink, 16000 / max(part.shape[:2]))
+    if factor < 1.0:  # reduce first (area filter), then warp the reduced part
+        rw, rh = max(1, round(part.shape[1] * factor)), max(1, round(part.shape[0] * factor))
+        part = cv2.resize(np.ascontiguousarray(part), (rw, rh), interpolation=cv2.INTER_AREA)
+        ax, ay = rw / (x1 - x0), rh / (y1 - y0)
+        # a reduced pixel centre q sits at part pixel (q + 0.5) / a - 0.5
+        local = local @ np.array([[1 / ax, 0, 0.5 / ax - 0.5], [0, 1 / ay, 0.5 / ay - 0.5], [0, 0, 1]])
+        shrink = similarity_scale(local)
+    if shrink < 0.5:  # warpAffine does not filter: pre-blur against aliasing
+        part = cv2.GaussianBlur(np.ascontiguousarray(part), (0, 0), 0.5 / shrink)
+    return cv2.warpAffine(np.ascontiguousarray(part), local, (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
 
 
 def _mesh(model: FaceModel, stored: dict[str, Any], neutral: bool, pose: str, params: dict | None = None
@@ -411,7 +499,8 @@ def _write_model_item(store: ResultStore, model: FaceModel) -> None:
 
 
 def _write_image_item(store: ResultStore, key: str, det_attrs: dict, faces: list[dict], status: str,
-                      settings: dict, digest: str, reason: str = "") -> None:
+                      settings: dict, digest: str, reason: str = "", output_name: str = "",
+                      options: FitOptions | None = None) -> None:
     def write(group: h5py.Group) -> None:
         container = group.create_group("faces")
         for face in faces:
@@ -432,7 +521,8 @@ def _write_image_item(store: ResultStore, key: str, det_attrs: dict, faces: list
         "detections_digest": det_attrs.get("settings_digest", ""),
         "source_path": det_attrs.get("source_path", ""), "n_faces": len(faces), "method": settings["method"],
         "model_id": settings["model_id"], "settings": settings, "settings_digest": digest,
-        "tool": "facerecon", "tool_version": __version__,
+        "tool": "facerecon", "tool_version": __version__, "output_name": output_name,
+        "mesh_formats": ",".join(options.formats) if options else "", "mesh_pose": options.pose if options else "",
     })
 
 
@@ -477,7 +567,6 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
     options = options or FitOptions()
     progress = progress or Progress()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     summary = FitSummary(output=str(out_dir / "fits.h5"))
     inputs = [str(i) for i in inputs]
@@ -499,6 +588,7 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
 
         predictor = NetworkPredictor(options.checkpoint, FaceModelTensors(model).to(device), model.model_id)
 
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once the run can start: no empty folder on refusal
     if len(inputs) == 1 and inputs[0].endswith((".h5", ".hdf5")) and Path(inputs[0]).is_file():
         detections = Path(inputs[0])
         check_detections_file(detections)
@@ -506,7 +596,7 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
         detections = out_dir / "detections.h5"
         det_options = detect_stage.DetectOptions(max_faces=1 if options.largest else None)
         det_summary = detect_stage.run_detect(inputs, detections, det_options, detect_progress,
-                                              should_stop=should_stop)
+                                              should_stop=should_stop, exclude=[out_dir])
         for outcome in det_summary.outcomes:
             if outcome.status == detect_stage.STATUS_FAILED:
                 summary.images[outcome.key] = STATUS_FAILED
@@ -552,15 +642,20 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
             done = {k: a for k, a in store.index.items()
                     if k != MODEL_KEY and a.get("settings_digest") == digest and a.get("status") in
                     (STATUS_OK, STATUS_NO_FACE)}
-        keys, total = _scan_detections(detections, done)
-        writer.names = output_names(keys)
+        keys, total, fitted_before = _scan_detections(detections, done)
+        recorded = {k: str(a["output_name"]) for k, a in store.index.items()
+                    if k != MODEL_KEY and a.get("output_name")}
+        writer.names = output_names([k for k in store.index if k != MODEL_KEY] + keys, recorded)
+        _refresh_skipped(store, fitted_before, writer, options)
         progress.start(total)
         batch: list[list[_PendingFace]] = []
         try:
             for image_faces in _iter_faces(detections, summary, done):
                 if image_faces[0].face is None:
-                    _write_image_item(store, image_faces[0].key, image_faces[0].attrs, [], STATUS_NO_FACE, settings,
-                                      digest)
+                    key = image_faces[0].key
+                    _remove_stale_files(writer, store.item_attrs(key), key, set())
+                    _write_image_item(store, key, image_faces[0].attrs, [], STATUS_NO_FACE, settings,
+                                      digest, output_name=writer.names[key], options=options)
                     continue
                 batch.append(image_faces)
                 if sum(len(b) for b in batch) >= options.batch_size:
@@ -580,16 +675,86 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
     return summary
 
 
-def _scan_detections(detections: Path, done: dict[str, dict]) -> tuple[list[str], int]:
-    """All image keys of a detections file and the number of faces still to fit (one pass)."""
-    keys, faces = [], 0
+def _remove_stale_files(writer: "_FaceWriter", previous: dict[str, Any] | None, key: str, keep: set[int]) -> None:
+    """Delete the mesh and overlay files of faces an earlier fit of ``key`` wrote and this one
+    does not (a refit that finds fewer faces), so the folder matches fits.h5."""
+    if not previous:
+        return
+    for index in range(int(previous.get("n_faces", 0) or 0)):
+        if index in keep:
+            continue
+        for folder in ("meshes", "overlays"):
+            for path in face_files(output_base(writer.out_dir, key, index, folder, writer.names)):
+                path.unlink(missing_ok=True)
+
+
+def _refresh_skipped(store: ResultStore, keys: list[str], writer: "_FaceWriter", options: FitOptions) -> None:
+    """Images skipped as already fitted still get the mesh files this run asks for: formats
+    that are missing, or every format again when ``--pose`` differs from the one written."""
+    todo = []
+    for key in keys:
+        attrs = store.item_attrs(key) or {}
+        if attrs.get("status") != STATUS_OK:
+            continue
+        old_formats = [f for f in str(attrs.get("mesh_formats", "")).split(",") if f]
+        old_pose = str(attrs.get("mesh_pose") or "canonical")
+        if old_pose != options.pose:
+            formats = list(dict.fromkeys(options.formats + old_formats))
+        else:
+            formats = [f for f in options.formats if f not in old_formats or not all(
+                Path(f"{output_base(writer.out_dir, key, i, 'meshes', writer.names)}.{f}").is_file()
+                for i in range(int(attrs.get("n_faces", 0) or 0)))]
+        if formats:
+            todo.append((key, attrs, formats, old_formats, old_pose))
+    if not todo:
+        return
+    with open_results(store.path, ITEMS_GROUP) as results:
+        for key, attrs, formats, old_formats, old_pose in todo:
+            group = results[key]
+            for name in group.get("faces", {}):
+                g = group["faces"][name]
+                if "vertices" not in g or attrs_dict(g).get("status") != STATUS_OK:
+                    continue
+                face = {k: g[k][()] for k in g}
+                params = {k: face[k] for k in ("identity", "expression", "albedo", "sh", "angles", "translation")}
+                base = output_base(writer.out_dir, key, int(name), "meshes", writer.names)
+                write_face_files(writer.model, face, params, base, formats, options.pose)
+            recorded = formats if old_pose != options.pose else list(dict.fromkeys(old_formats + formats))
+            new_attrs = {**attrs, "mesh_formats": ",".join(recorded), "mesh_pose": options.pose,
+                         "output_name": writer.names[key]}
+            store.write_item(key, lambda target, source=group: source.copy(source["faces"], target, name="faces")
+                             if "faces" in source else None, new_attrs)
+
+
+def _scan_detections(detections: Path, done: dict[str, dict]) -> tuple[list[str], int, list[str]]:
+    """All image keys of a detections file, the number of faces still to fit and the keys
+    already fitted (one pass)."""
+    keys, faces, fitted = [], 0, []
     with open_results(detections, detect_stage.ITEMS_GROUP) as results:
         for key in results.keys():
             keys.append(key)
             attrs = attrs_dict(results[key])
-            if attrs.get("status") == detect_stage.STATUS_OK and not _already_fitted(done.get(key), attrs):
+            if _already_fitted(done.get(key), attrs):
+                fitted.append(key)
+            elif attrs.get("status") == detect_stage.STATUS_OK:
                 faces += int(attrs.get("n_faces", 0))
-    return keys, faces
+    return keys, faces, fitted
+
+
+def sheet_label(name: str) -> str:
+    """The file name, as ASCII for the contact sheet's font: accents dropped (``é`` -> ``e``),
+    other characters as ``\\uXXXX`` so different names stay different (``photo.bmp`` and
+    ``photo.tiff`` keep their extensions)."""
+    import unicodedata
+
+    out = []
+    for char in name:
+        if char.isascii():
+            out.append(char)
+            continue
+        folded = unicodedata.normalize("NFKD", char).encode("ascii", "ignore").decode()
+        out.append(folded if folded else char.encode("ascii", "backslashreplace").decode())
+    return "".join(out)
 
 
 def _write_contact_sheet(out_dir: Path, store: ResultStore, names: dict[str, str]) -> None:
@@ -605,7 +770,7 @@ def _write_contact_sheet(out_dir: Path, store: ResultStore, names: dict[str, str
             path = output_base(out_dir, key, face, "overlays", names).with_suffix(".png")
             image = cv2.imread(str(path), cv2.IMREAD_COLOR) if path.is_file() else None
             if image is not None:
-                tiles.append((image[..., ::-1], f"{Path(key).stem}#{face}"))
+                tiles.append((image[..., ::-1], f"{sheet_label(Path(key).name)}#{face}"))
     if tiles:
         write_png(out_dir / "contact_sheet.png", contact_sheet(tiles))
 
@@ -672,7 +837,9 @@ def _process_batch(batch: list[list[_PendingFace]], fitter: FaceFitter, writer: 
             summary.faces.append(outcome)
         image_status = STATUS_OK if STATUS_OK in statuses else STATUS_FAILED
         reason = "" if image_status == STATUS_OK else "; ".join(sorted({f.reason for f in summary.faces[-len(image):]}))
-        _write_image_item(store, image[0].key, image[0].attrs, stored_faces, image_status, settings, digest, reason)
+        _remove_stale_files(writer, store.item_attrs(image[0].key), image[0].key, {f.face.index for f in image})
+        _write_image_item(store, image[0].key, image[0].attrs, stored_faces, image_status, settings, digest, reason,
+                          output_name=writer.names[image[0].key], options=options)
         summary.images[image[0].key] = image_status
         if reason:
             summary.image_reasons[image[0].key] = reason
