@@ -49,8 +49,11 @@ def find_albums(inputs: list[str]) -> tuple[list[Album], list[tuple[str, str]]]:
 
     A folder holding image files is one album named after the folder (its sub-folders
     included). A folder holding only sub-folders is a parent: each sub-folder with images is
-    one album (one identity per sub-folder). A detections ``.h5`` (``facerecon detect``) gives
-    one album per first-level sub-folder of its keys (:func:`albums_in_detections`).
+    one album (one identity per sub-folder). A folder with two or more sub-folders of photos
+    is a parent too even when photos lie beside them: those stray top-level photos are not
+    merged into an album of several people but reported (``folder/photo``, reason) and
+    skipped. A detections ``.h5`` (``facerecon detect``) gives one album per first-level
+    sub-folder of its keys (:func:`albums_in_detections`).
     """
     albums: list[Album] = []
     problems: list[tuple[str, str]] = []
@@ -74,10 +77,17 @@ def find_albums(inputs: list[str]) -> tuple[list[Album], list[tuple[str, str]]]:
             problems.append((argument, "not a folder or detections file (an album is a folder of one "
                                        "person's photos)"))
             continue
-        if _direct_images(folder):
+        direct = _direct_images(folder)
+        subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        people = [p for p in subfolders if len(collect_inputs([str(p)]))] if direct else subfolders
+        if direct and len(people) < 2:
             groups = [folder]
         else:
-            groups = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            groups = people
+            for stray in direct:
+                problems.append((str(Path(argument) / stray.name),
+                                 f"skipped: a photo beside the {len(people)} person sub-folders of a people folder "
+                                 "(each sub-folder is one person's album); move it into its person's sub-folder"))
         found = False
         for group in groups:
             collected = collect_inputs([str(group)])

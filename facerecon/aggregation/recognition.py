@@ -69,32 +69,28 @@ def photo_embeddings(image: np.ndarray, landmarks68: np.ndarray, network, batch_
     return np.concatenate(out)
 
 
-def embed_photos(items, network, batch_size: int = 64) -> np.ndarray:
-    """(N, D) embeddings of faces given as ``(image, landmarks68 (68, 2))`` pairs, photo by
-    photo for the chips and ``batch_size`` chips at a time through the network (faces of one
-    photo may appear as consecutive items with the same image object)."""
-    chips, out = [], []
-    device_dtype = next(network.parameters()).dtype
+def embed_photos(photos, network, batch_size: int = 64) -> np.ndarray:
+    """(N, D) float32 embeddings of all faces of several photos, given as ``(image (H, W, 3)
+    uint8, landmarks68 (F, 68, 2))`` pairs, in order; chips are cut photo by photo and go
+    through the network ``batch_size`` at a time."""
+    pending: list[torch.Tensor] = []
+    out: list[np.ndarray] = []
+    dtype = next(network.parameters()).dtype
 
-    def flush():
-        if chips:
-            with torch.inference_mode():
-                out.append(network(torch.cat(chips).to(device_dtype)).float().cpu().numpy())
-            chips.clear()
+    def run(chips: torch.Tensor) -> None:
+        out.append(network(chips.to(dtype)).float().cpu().numpy())
 
-    pending_image, pending_points = None, []
-    items = list(items)
-    for k, (image, points) in enumerate(items):
-        pending_points.append(np.asarray(points, np.float64))
-        pending_image = image
-        last_of_photo = k + 1 == len(items) or items[k + 1][0] is not image
-        if last_of_photo:
-            with torch.inference_mode():
-                chips.append(photo_chips(pending_image, np.stack(pending_points), network))
-            pending_points = []
-            if sum(len(c) for c in chips) >= batch_size:
-                flush()
-    flush()
+    with torch.inference_mode():
+        for image, landmarks68 in photos:
+            points = np.asarray(landmarks68, np.float64).reshape(-1, 68, 2)
+            if len(points):
+                pending.append(photo_chips(image, points, network))
+            while sum(len(c) for c in pending) >= batch_size:
+                chips = torch.cat(pending)
+                run(chips[:batch_size])
+                pending = [chips[batch_size:]]
+        if pending and sum(len(c) for c in pending):
+            run(torch.cat(pending))
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
