@@ -38,7 +38,8 @@ def test_recognition_check_names_the_rule_with_true_numbers():
     text = check.reasons[dropped]
     assert text.startswith("another face of this photo is closer")
     closer, own = _numbers(text)
-    assert closer == pytest.approx(check.distance[kept], abs=0.005) and own == pytest.approx(check.distance[dropped], abs=0.005)
+    assert closer == pytest.approx(check.distance[kept], abs=0.005)
+    assert own == pytest.approx(check.distance[dropped], abs=0.005)
     assert closer <= own <= 0.6  # dropped by the one-face-per-photo rule, not by the distance
 
 

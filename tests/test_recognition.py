@@ -72,7 +72,8 @@ def test_reader_parses_the_installed_model():
     assert sum(layer.kind == "avg_pool" for layer in net.layers) == 5  # 4 shortcuts + the global pool
     fc = net.layers[-1]
     assert fc.kind == "fc" and fc.arrays["weight"].shape == (128, 256) and "bias" not in fc.arrays
-    assert net.input_kind == "input_rgb_image_sized" and (net.input_settings["rows"], net.input_settings["cols"]) == (150, 150)
+    assert net.input_kind == "input_rgb_image_sized"
+    assert (net.input_settings["rows"], net.input_settings["cols"]) == (150, 150)
     np.testing.assert_allclose([net.input_settings[k] for k in ("avg_red", "avg_green", "avg_blue")],
                                [122.782, 117.001, 104.298], atol=1e-4)
     assert net.loss_kind.startswith("loss_metric") and abs(net.loss_settings["distance_threshold"] - 0.6) < 1e-6

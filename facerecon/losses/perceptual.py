@@ -30,7 +30,8 @@ def sampling_grid(matrix: torch.Tensor, size: int, height: int, width: int, dtyp
     """(B, size, size, 2) :func:`~torch.nn.functional.grid_sample` grid (``align_corners=True``)
     of the output pixels of pixel-space affine maps ``matrix`` (B, 2, 3) from a height x width image."""
     b = matrix.shape[0]
-    full = torch.cat([matrix, torch.tensor([0.0, 0.0, 1.0], device=matrix.device, dtype=matrix.dtype).expand(b, 1, 3)], 1)
+    last_row = torch.tensor([0.0, 0.0, 1.0], device=matrix.device, dtype=matrix.dtype).expand(b, 1, 3)
+    full = torch.cat([matrix, last_row], 1)
     inverse = torch.linalg.inv(full)[:, :2]  # output pixel -> input pixel
     ys, xs = torch.meshgrid(torch.arange(size, device=matrix.device, dtype=dtype),
                             torch.arange(size, device=matrix.device, dtype=dtype), indexing="ij")
