@@ -81,6 +81,20 @@ def test_people_folder_with_a_stray_photo_is_not_one_album(tmp_path, astronaut_p
     assert [(a.name, len(a.photos)) for a in albums] == [("person", 2)] and not problems
 
 
+def test_detections_of_a_people_folder_with_a_stray_photo(tmp_path, astronaut_path):
+    from facerecon.stages.detect import run_detect
+
+    people = tmp_path / "people"
+    for name in ("ann", "bob"):
+        (people / name).mkdir(parents=True)
+        shutil.copy(astronaut_path, people / name / "x.png")
+    shutil.copy(astronaut_path, people / "stray.png")
+    run_detect([str(people)], tmp_path / "det.h5")
+    albums, problems = find_albums([str(tmp_path / "det.h5")])
+    assert [(a.name, a.keys) for a in albums] == [("ann", ["ann/x.png"]), ("bob", ["bob/x.png"])]
+    assert len(problems) == 1 and problems[0][0].endswith("stray.png") and problems[0][1].startswith("skipped")
+
+
 def _real_albums():
     albums = shared_dir() / "realdata" / "albums"
     if not (albums / "id01").is_dir():
