@@ -202,7 +202,7 @@ def cnet_aggregate(single: dict[str, np.ndarray], vectors: np.ndarray, sizes: di
 #: allowed multiple of the album's median identity-shape distance to its most typical face:
 #: landmark-stage shapes of one person photographed from -60 to 60 degrees lie up to ~2.2x
 #: their median apart, so this check only drops gross outliers (and picks one face per photo);
-#: without recognition weights the skin-pattern check after the joint fit tells people apart
+#: with the shape check (--identity-check shape) the skin-pattern check after the fit tells people apart
 SHAPE_SPREAD = 3.0
 
 
