@@ -268,6 +268,7 @@ def test_joint_aggregation_excludes_a_stranger_by_skin_pattern(ict_embedded_mode
     for i, image in enumerate(to_uint8(batch.images)):
         write_png(album / (f"photo_{i}.png" if i < 4 else "stranger.png"), image)
     options = AggregateOptions(face_model=str(ict_embedded_model_file), method="joint", texture_size=64,
+                               identity_check="shape",  # the check without face recognition
                                settings=FitSettings(landmark_steps=40, coarse_steps=60, fine_steps=0))
     summary = run_aggregate([str(album)], tmp_path / "out", options)
     outcome = summary.albums[0]

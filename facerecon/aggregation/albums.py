@@ -29,18 +29,34 @@ def _direct_images(folder: Path) -> list[Path]:
                   and not p.name.startswith("."))
 
 
-def albums_in_detections(path: Path) -> list[Album]:
+def albums_in_detections(path: Path) -> tuple[list[Album], list[tuple[str, str]]]:
     """Albums of a detections file: images grouped by the first folder of their key (the
     sub-folder of the detected folder, i.e. one identity per sub-folder); keys without a
-    folder form one album named after the file."""
+    folder form one album named after the file, unless there are two or more sub-folders:
+    then they are stray photos of a people folder, returned as ``(key, reason)`` and skipped."""
     from facerecon.stages.detect import ITEMS_GROUP
     from facerecon.io.store import read_index
 
     groups: dict[str, list[str]] = {}
+    loose: list[str] = []
     for key in sorted(read_index(path, ITEMS_GROUP)):
         parts = key.split("/")
-        groups.setdefault(parts[0] if len(parts) > 1 else path.stem, []).append(key)
-    return [Album(name, path.parent, detections=path, keys=keys) for name, keys in sorted(groups.items())]
+        if len(parts) > 1:
+            groups.setdefault(parts[0], []).append(key)
+        else:
+            loose.append(key)
+    problems = []
+    if len(groups) >= 2:
+        problems = [(f"{path}:{key}", _stray_reason(len(groups))) for key in loose]
+    elif loose:
+        groups[path.stem] = groups.get(path.stem, []) + loose
+    albums = [Album(name, path.parent, detections=path, keys=keys) for name, keys in sorted(groups.items())]
+    return albums, problems
+
+
+def _stray_reason(people: int) -> str:
+    return (f"skipped: a photo beside the {people} person sub-folders of a people folder (each sub-folder is "
+            "one person's album); move it into its person's sub-folder")
 
 
 def find_albums(inputs: list[str]) -> tuple[list[Album], list[tuple[str, str]]]:
@@ -49,8 +65,12 @@ def find_albums(inputs: list[str]) -> tuple[list[Album], list[tuple[str, str]]]:
 
     A folder holding image files is one album named after the folder (its sub-folders
     included). A folder holding only sub-folders is a parent: each sub-folder with images is
-    one album (one identity per sub-folder). A detections ``.h5`` (``facerecon detect``) gives
-    one album per first-level sub-folder of its keys (:func:`albums_in_detections`).
+    one album (one identity per sub-folder). A folder with two or more sub-folders of photos
+    is a parent too even when photos lie beside them: those stray top-level photos are not
+    merged into an album of several people but reported (``folder/photo``, reason) and
+    skipped. A detections ``.h5`` (``facerecon detect``) gives one album per first-level
+    sub-folder of its keys (:func:`albums_in_detections`; keys beside two or more sub-folders
+    are reported and skipped as stray photos too).
     """
     albums: list[Album] = []
     problems: list[tuple[str, str]] = []
@@ -61,10 +81,11 @@ def find_albums(inputs: list[str]) -> tuple[list[Album], list[tuple[str, str]]]:
 
             try:
                 check_detections_file(folder)
-                found = albums_in_detections(folder)
+                found, strays = albums_in_detections(folder)
             except (ValueError, OSError) as exc:
                 problems.append((argument, str(exc)))
                 continue
+            problems += strays
             if found:
                 albums += found
             else:
@@ -74,10 +95,15 @@ def find_albums(inputs: list[str]) -> tuple[list[Album], list[tuple[str, str]]]:
             problems.append((argument, "not a folder or detections file (an album is a folder of one "
                                        "person's photos)"))
             continue
-        if _direct_images(folder):
+        direct = _direct_images(folder)
+        subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        people = [p for p in subfolders if len(collect_inputs([str(p)]))] if direct else subfolders
+        if direct and len(people) < 2:
             groups = [folder]
         else:
-            groups = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            groups = people
+            for stray in direct:
+                problems.append((str(Path(argument) / stray.name), _stray_reason(len(people))))
         found = False
         for group in groups:
             collected = collect_inputs([str(group)])

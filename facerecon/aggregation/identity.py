@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -107,3 +109,66 @@ def albedo_distances(albedo: np.ndarray, visible: np.ndarray | None = None, min_
         difference = np.abs(scaled[i][None] / np.maximum(ratio, 1e-6) - scaled).mean(axis=-1)
         out[i] = np.nanmedian(np.where(both[i], difference, np.nan), axis=1)
     return 0.5 * (out + out.T)
+
+
+@dataclass
+class RecognitionCheck:
+    """Outcome of :func:`recognition_check` over F faces.
+
+    Attributes:
+        keep: (F,) bool, the faces that show the album's person.
+        distance: (F,) Euclidean distance of each face's embedding to the album's consensus
+            (the mean embedding of the faces within the threshold of the most typical face,
+            the face itself left out of the mean).
+        reasons: {face index: why it was excluded, with the rule's numbers}.
+        threshold: the distance threshold used.
+    """
+
+    keep: np.ndarray
+    distance: np.ndarray
+    reasons: dict[int, str]
+    threshold: float
+
+
+def recognition_check(embeddings: np.ndarray, photo_of_face: list, threshold: float) -> RecognitionCheck:
+    """Which faces (embeddings (F, D)) show the album's person, with face recognition.
+
+    The most typical face (smallest median distance to the others) starts the consensus;
+    every face within ``threshold`` of it joins, and the consensus is their mean. A face is
+    kept when its distance to the consensus (without itself) is at most ``threshold``; of
+    several kept faces of one photo (``photo_of_face`` (F,) ids) only the closest stays. With
+    fewer than three faces there is no majority to call anyone a stranger: all are kept,
+    still one per photo.
+    """
+    from facerecon.aggregation.recognition import euclidean_distances
+
+    embeddings = np.asarray(embeddings, np.float64)
+    n = len(embeddings)
+    if n == 0:
+        return RecognitionCheck(np.zeros(0, bool), np.zeros(0), {}, threshold)
+    pairwise = euclidean_distances(embeddings)
+    if n < 3:
+        members = np.ones(n, bool)
+    else:
+        off_diagonal = np.where(np.eye(n, dtype=bool), np.nan, pairwise)
+        medoid = int(np.argmin(np.nanmedian(off_diagonal, axis=1)))
+        members = pairwise[medoid] <= threshold
+    total, count = embeddings[members].sum(0), int(members.sum())
+    distance = np.empty(n)
+    for i in range(n):  # F small vectors: leave-one-out means
+        own = members[i] and count > 1
+        centre = (total - embeddings[i]) / (count - 1) if own else total / count
+        distance[i] = np.linalg.norm(embeddings[i] - centre)
+    keep = distance <= threshold if n >= 3 else np.ones(n, bool)
+    reasons = {i: f"face-recognition distance {distance[i]:.2f} to the album's consensus > threshold {threshold:.2f}"
+               for i in np.flatnonzero(~keep)}
+    for photo in set(photo_of_face):
+        faces = [i for i, p in enumerate(photo_of_face) if p == photo and keep[i]]
+        if len(faces) > 1:
+            best = min(faces, key=lambda i: distance[i])
+            for i in faces:
+                if i != best:
+                    keep[i] = False
+                    reasons[i] = (f"another face of this photo is closer to the album's consensus (face-recognition "
+                                  f"distance {distance[best]:.2f} vs {distance[i]:.2f}); one face per photo")
+    return RecognitionCheck(keep, distance, reasons, threshold)

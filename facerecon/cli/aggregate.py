@@ -28,6 +28,10 @@ from facerecon.cli.fit import face_model_options
 @click.option("--recognition-weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="ArcFace IR-ResNet backbone.pth you own: checks who is the album's person with face "
                    "recognition (reliable) and turns on the perceptual loss.")
+@click.option("--identity-check", type=click.Choice(["recognition", "shape"]), default="recognition",
+              show_default=True,
+              help="Who is the album's person: recognition (face-recognition embeddings: dlib's network, or "
+                   "--recognition-weights) or shape (identity shapes, then skin patterns after the fit).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True,
               help="Faces fitted together in the single-photo fits.")
@@ -40,8 +44,8 @@ from facerecon.cli.fit import face_model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary table.")
 def aggregate(albums: tuple[str, ...], out_dir: Path, method: str | None, cnet: str | None, face_model: str | None,
-              no_download: bool,
-              formats: str, recognition_weights: str | None, device: str, batch_size: int, texture_size: int,
+              no_download: bool, formats: str, recognition_weights: str | None, identity_check: str, device: str,
+              batch_size: int, texture_size: int,
               steps: tuple[int, int, int], overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Build one neutral, textured 3D face per person from a photo album.
 
@@ -50,8 +54,11 @@ def aggregate(albums: tuple[str, ...], out_dir: Path, method: str | None, cnet: 
     sub-folders are people (one identity per sub-folder), or detections .h5
     files from `facerecon detect` (images grouped by their first sub-folder).
     Faces that are not the album's person (a second face in a group photo, a
-    stranger) are excluded and reported; unreadable photos are reported and
-    skipped.
+    stranger) are excluded and reported with the rule and its numbers (by
+    default face recognition: dlib's network, Euclidean distance to the
+    album's consensus above 0.6); unreadable photos are reported and skipped.
+    Photos at the top of a people folder (beside its person sub-folders) are
+    skipped and reported.
 
     \b
     Outputs in OUT/<album>/: <album>_neutral.obj|.mtl|_texture.png|.ply|.glb
@@ -93,7 +100,8 @@ def aggregate(albums: tuple[str, ...], out_dir: Path, method: str | None, cnet: 
     settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2])
     options = AggregateOptions(face_model=face_model, allow_download=False if no_download else None, device=device,
                                method=method, formats=format_list, texture_size=texture_size, batch_size=batch_size,
-                               overwrite=overwrite, recognition_weights=recognition_weights, settings=settings,
+                               overwrite=overwrite, recognition_weights=recognition_weights,
+                               identity_check=identity_check, settings=settings,
                                cnet=cnet)
     console = stderr_console(quiet=quiet)
     try:

