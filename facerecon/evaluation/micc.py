@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from scipy.spatial import cKDTree
 
+from facerecon.errors import InputError
 from facerecon.evaluation.geometry import Similarity, crop_sphere, find_nose_tip, icp_similarity, surface_distances
 from facerecon.fitting.optimize import FitSettings
 from facerecon.evaluation.results import load_finished, store_finished, write_result_files
@@ -153,15 +154,15 @@ def discover_subjects(root: str | Path, scenarios: Iterable[str] = tuple(SCENARI
     scenarios = list(scenarios)
     unknown = [s for s in scenarios if s not in SCENARIOS]
     if unknown:
-        raise ValueError(f"unknown MICC scenario(s) {', '.join(unknown)}: use {', '.join(SCENARIOS)}")
+        raise InputError(f"unknown MICC scenario(s) {', '.join(unknown)}: use {', '.join(SCENARIOS)}")
     if not root.is_dir():
-        raise ValueError(f"{root} is not a folder")
+        raise InputError(f"{root} is not a folder")
     folders = sorted((d for d in root.iterdir() if d.is_dir() and SUBJECT_PATTERN.fullmatch(d.name)),
                      key=_subject_order)
     if not folders and ((root / "Model").is_dir() or (root / "Video").is_dir()):
         folders = [root]
     if not folders:
-        raise ValueError(f"{root} has no subject_XX folders (expected the MICC layout "
+        raise InputError(f"{root} has no subject_XX folders (expected the MICC layout "
                          "ROOT/subject_XX/Model/<view>/obj/*.obj and ROOT/subject_XX/Video/)")
     subjects = []
     for folder in folders:
@@ -369,11 +370,11 @@ def prepare_scan(path: str | Path, radius_mm: float = CROP_RADIUS_MM) -> GroundT
     vertices, _ = read_obj(path)
     vertices = vertices[np.all(np.isfinite(vertices), axis=1)]
     if len(vertices) < MIN_SCAN_POINTS:
-        raise ValueError(f"scan {Path(path).name} has {len(vertices)} vertices")
+        raise InputError(f"scan {Path(path).name} has {len(vertices)} vertices")
     tip = find_scan_nose_tip(vertices, radius_mm)
     points, _, _ = crop_sphere(vertices, tip, radius_mm)
     if len(points) < MIN_SCAN_POINTS:
-        raise ValueError(f"scan {Path(path).name}: only {len(points)} vertices within {radius_mm:g} mm of the nose tip")
+        raise InputError(f"scan {Path(path).name}: only {len(points)} vertices within {radius_mm:g} mm of the nose tip")
     spacing = float(np.median(cKDTree(points).query(points, k=2)[0][:, 1]))
     return GroundTruth(points, tip, int(len(vertices)), spacing)
 
@@ -582,7 +583,7 @@ def run_micc(root: str | Path, out_dir: str | Path, options: MiccOptions | None 
 
     options = options or MiccOptions()
     if options.frames < 1:
-        raise ValueError("--frames must be at least 1")
+        raise InputError("--frames must be at least 1")
     out_dir = Path(out_dir)
     started = time.perf_counter()
     subjects = discover_subjects(root, options.scenarios)

@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from facerecon.errors import InputError
 from facerecon.evaluation.geometry import Similarity, umeyama
 from facerecon.fitting.optimize import FitSettings
 from facerecon.evaluation.results import load_finished, store_finished, write_result_files
@@ -254,12 +255,12 @@ def read_landmarks(path: str | Path) -> np.ndarray:
             points = [[float(p.attrib[a]) for a in ("x", "y", "z")] for p in root.iter("point")
                       if p.attrib.get("active", "1") != "0"]
     except (OSError, ValueError, KeyError, ElementTree.ParseError) as exc:
-        raise ValueError(f"unreadable landmarks {path.name}: {' '.join(str(exc).split())[:200]}") from None
+        raise InputError(f"unreadable landmarks {path.name}: {' '.join(str(exc).split())[:200]}") from None
     points = np.asarray(points, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] != 3 or len(points) < 7:
-        raise ValueError(f"landmarks {path.name}: expected 7 points (x, y, z), found shape {points.shape}")
+        raise InputError(f"landmarks {path.name}: expected 7 points (x, y, z), found shape {points.shape}")
     if not np.all(np.isfinite(points[:7])):
-        raise ValueError(f"landmarks {path.name} has non-finite values")
+        raise InputError(f"landmarks {path.name} has non-finite values")
     return points[:7]
 
 
@@ -277,7 +278,7 @@ def parse_entry(line: str) -> tuple[str, str, str]:
     """(subject, challenge, file name) from the last three parts of an image-list line."""
     parts = [p for p in line.split("/") if p]
     if len(parts) < 3:
-        raise ValueError(f"image-list line {line!r} is not <subject>/<challenge>/<image>")
+        raise InputError(f"image-list line {line!r} is not <subject>/<challenge>/<image>")
     return parts[-3], parts[-2], parts[-1]
 
 
@@ -289,7 +290,7 @@ def find_dataset_folder(root: str | Path, split: str) -> Path:
     for folder in (root, root / "final_release_version", root / "NoW_Dataset" / "final_release_version"):
         if (folder / name).is_file():
             return folder
-    raise ValueError(f"{root} has no {name} (expected the NoW layout: {name}, iphone_pictures/, scans/, "
+    raise InputError(f"{root} has no {name} (expected the NoW layout: {name}, iphone_pictures/, scans/, "
                      "scans_lmks_onlypp/; or give --image-list)")
 
 
@@ -327,12 +328,12 @@ def discover_entries(root: str | Path, split: str = "val", image_list: str | Pat
     dropped, restricted to ``challenges`` when given). An entry whose photo is missing carries
     a reason."""
     if split not in SPLIT_FILES:
-        raise ValueError(f"unknown NoW split {split!r}: use {', '.join(SPLIT_FILES)}")
+        raise InputError(f"unknown NoW split {split!r}: use {', '.join(SPLIT_FILES)}")
     root = Path(root)
     if image_list is not None:
         list_path = Path(image_list)
         if not list_path.is_file():
-            raise ValueError(f"image list {list_path} not found")
+            raise InputError(f"image list {list_path} not found")
         try:
             dataset = find_dataset_folder(root, split)
         except ValueError:
@@ -354,7 +355,7 @@ def discover_entries(root: str | Path, split: str = "val", image_list: str | Pat
             entry.reason = f"missing image: {line} not found under {dataset / 'iphone_pictures'}"
         entries.append(entry)
     if not entries:
-        raise ValueError(f"{list_path} lists no images" + (" of the chosen challenges" if wanted else ""))
+        raise InputError(f"{list_path} lists no images" + (" of the chosen challenges" if wanted else ""))
     return dataset, list_path, entries
 
 
@@ -384,7 +385,7 @@ def prepare_ground_truth(scan_path: Path, landmarks_path: Path) -> NowGroundTrut
     centre, radius = crop_region(landmarks)
     points = vertices[np.linalg.norm(vertices - centre, axis=1) <= radius]
     if len(points) < MIN_SCAN_POINTS:
-        raise ValueError(f"scan {scan_path.name}: only {len(points)} vertices within {radius:.0f} mm of the face "
+        raise InputError(f"scan {scan_path.name}: only {len(points)} vertices within {radius:.0f} mm of the face "
                          "centre given by its landmarks (scan and landmarks in different units?)")
     return NowGroundTruth(points, landmarks, centre, radius, int(len(vertices)))
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from facerecon.errors import InputError
 from facerecon.facemodel.model import FaceModel
 from facerecon.facemodel.resolve import DEFAULT_MODEL_NAME, install_model, model_path_for_name
 
@@ -59,7 +60,7 @@ def import_model(kind: str, sources: Sequence[str | Path], include_head: bool = 
         from facerecon.facemodel.bfm import import_bfm
 
         return import_bfm(list(sources))
-    raise ValueError(f"unknown face-model kind {kind!r}")
+    raise InputError(f"unknown face-model kind {kind!r}")
 
 
 def _stderr_progress():

@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 import torch
 
+from facerecon.errors import InputError, user_file
 from facerecon import __version__
 from facerecon.detection.align import invert_affine, similarity_scale
 from facerecon.export.meshio import TexturedMesh, write_mesh, write_png
@@ -147,10 +148,10 @@ def check_detections_file(path: Path) -> None:
         with h5py.File(path, "r") as f:
             kind = f.attrs.get("kind", "")
     except OSError as exc:
-        raise ValueError(f"{path} is not a readable HDF5 file ({exc})") from None
+        raise InputError(f"{path} is not a readable HDF5 file ({exc})") from None
     kind = kind.decode() if isinstance(kind, bytes) else str(kind)
     if kind != detect_stage.KIND:
-        raise ValueError(f"{path} is not a detections file (kind={kind or '?'}); "
+        raise InputError(f"{path} is not a detections file (kind={kind or '?'}); "
                          "give photos or the .h5 written by `facerecon detect`")
 
 
@@ -161,9 +162,9 @@ def pick_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA GPU is available")
+        raise InputError("--device cuda requested but no CUDA GPU is available")
     return device
 
 
@@ -483,7 +484,8 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
         from facerecon.losses.perceptual import PerceptualLoss
         from facerecon.networks.iresnet import load_iresnet
 
-        perceptual = PerceptualLoss(load_iresnet(options.recognition_weights, device))
+        with user_file(options.recognition_weights):
+            perceptual = PerceptualLoss(load_iresnet(options.recognition_weights, device))
 
     predictor = None
     if options.checkpoint:

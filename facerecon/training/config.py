@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from facerecon.errors import InputError
 from facerecon.training.augment import AugmentSettings
 
 DEFAULT_CONFIG_TEXT = '''\
@@ -135,7 +136,7 @@ def _paper001_weights() -> dict[str, float]:
     return dict(PAPER001_WEIGHTS)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration problem, described in one line naming the key."""
 
 

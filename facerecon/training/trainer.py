@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from facerecon.errors import InputError, user_file
 from facerecon import __version__
 from facerecon.export.meshio import write_png
 from facerecon.facemodel.resolve import resolve_face_model
@@ -134,14 +135,14 @@ def load_faces(files: list[Path], group_by: str = "none") -> FaceSet:
                 attention.append(face.skin_attention)
                 groups.append(group if face.index == 0 else None)
     if not keys:
-        raise ValueError("no faces in the training data (run `facerecon detect` on photos with faces)")
+        raise InputError("no faces in the training data (run `facerecon detect` on photos with faces)")
     sizes = {c.shape for c in crops}
     if len(sizes) > 1:
-        raise ValueError(f"training crops differ in size ({sorted(sizes)}); detect with one --crop-size")
+        raise InputError(f"training crops differ in size ({sorted(sizes)}); detect with one --crop-size")
     if group_by != "none" and not any(g is not None for g in groups):
         where = ("no image lies in a sub-folder of an input folder" if group_by == "folder" else
                  "no image is recorded in a synth.h5 beside or in its folder")
-        raise ValueError(f"data.group_by = {group_by!r} but {where}")
+        raise InputError(f"data.group_by = {group_by!r} but {where}")
     return FaceSet(keys, np.stack(crops), np.stack(lm), np.stack(dense), np.stack(attention),
                    groups if group_by != "none" else None)
 
@@ -190,7 +191,7 @@ class BatchPlan:
             self.tuples = int((sizes // views).sum())
             self.unused = int(sizes[sizes < views].sum() + (self.codes < 0).sum())
             if self.tuples == 0:
-                raise ValueError(f"no identity group has {views_key} = {views} training images "
+                raise InputError(f"no identity group has {views_key} = {views} training images "
                                  f"({len(table)} groups, largest {int(sizes.max()) if len(sizes) else 0})")
         self._cache: tuple[int, np.ndarray] | None = None
 
@@ -232,7 +233,7 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     if mode == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if mode == "fp16" and device.type != "cuda":
-        raise ValueError("optim.amp = 'fp16' needs a CUDA device (use 'bf16' or 'off' on CPU)")
+        raise InputError("optim.amp = 'fp16' needs a CUDA device (use 'bf16' or 'off' on CPU)")
     return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
@@ -331,10 +332,10 @@ class Trainer:
         state = torch.load(path, map_location=self.device, weights_only=False)
         kind = state.get("kind", "rnet")
         if kind != self.checkpoint_kind:
-            raise ValueError(f"checkpoint {path} is a {kind} checkpoint, not {self.checkpoint_kind} (--resume needs "
+            raise InputError(f"checkpoint {path} is a {kind} checkpoint, not {self.checkpoint_kind} (--resume needs "
                              "an output.directory of this kind of training)")
         if state.get("model_id") != self.face_model.model_id:
-            raise ValueError(f"checkpoint {path} was trained with face model {state.get('model_id')!r}, "
+            raise InputError(f"checkpoint {path} was trained with face model {state.get('model_id')!r}, "
                              f"not {self.face_model.model_id!r}")
         return state
 
@@ -446,14 +447,15 @@ class Trainer:
         latest = cfg.output / "checkpoints" / "latest.pt"
         found = resume and latest.is_file()
         if ctx.enabled and resume and distributed.any_rank(ctx, found) and not distributed.all_ranks(ctx, found):
-            raise ValueError(f"--resume: {latest} is not visible to every process; output.directory must be on a "
+            raise InputError(f"--resume: {latest} is not visible to every process; output.directory must be on a "
                              "filesystem all nodes share")
         if found:
             self.restore(latest)
             summary.notes.append(f"resumed at step {self.step}")
         elif cfg.init is not None and self.step == 0:
             if ctx.is_main:  # DistributedDataParallel copies rank 0's weights to the others
-                load_backbone_weights(self.network.backbone, cfg.init)
+                with user_file(cfg.init):
+                    load_backbone_weights(self.network.backbone, cfg.init)
             summary.notes.append(f"backbone initialised from {cfg.init}")
         if ctx.enabled and self.model is self.network:
             self.model = distributed.wrap(self.network, ctx)
@@ -563,7 +565,7 @@ def prepare_data(config: TrainConfig, should_stop=None) -> list[Path]:
     files = list(config.detections)
     for path in files:
         if not path.is_file():
-            raise ValueError(f"data.detections: {path} does not exist")
+            raise InputError(f"data.detections: {path} does not exist")
     if config.images:
         target = config.output / "detections.h5"
         config.output.mkdir(parents=True, exist_ok=True)
@@ -582,7 +584,7 @@ def run_training(config: TrainConfig, device: str = "auto", resume: bool = False
     the summary and the trainer (its network holds the final weights).
     """
     if config.cnet is not None and distributed.env_ranks()[0] > 1:
-        raise ValueError("C-Net training ([cnet] enabled = true) runs in one process; start it without torchrun")
+        raise InputError("C-Net training ([cnet] enabled = true) runs in one process; start it without torchrun")
     ctx = distributed.setup(device, config.dist_backend, config.dist_timeout_minutes)
     try:
         files = distributed.on_main(ctx, lambda: prepare_data(config, should_stop=should_stop))
