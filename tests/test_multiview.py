@@ -369,7 +369,7 @@ def test_torchrun_two_processes_on_cpu(grouped_data, ict_model_file, tmp_path):
                                    extra="[augment]\nenabled = false"))
     code = f"""
 import os, torch
-import facerecon.training.trainer as T
+import facerecon.training.run as T
 rank, out = os.environ["RANK"], {str(tmp_path)!r}
 original_prepare, original_run = T.prepare_data, T.run_training
 def prepare(*args, **kwargs):

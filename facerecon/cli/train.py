@@ -56,7 +56,7 @@ def train(config_path: Path | None, print_config: bool, resume: bool, device: st
 
     from facerecon.errors import InputError
     from facerecon.training.distributed import RemoteError, is_main_process
-    from facerecon.training.trainer import run_training
+    from facerecon.training.run import run_training
 
     quiet = quiet or not is_main_process()  # under torchrun only rank 0 reports
     as_json = as_json and is_main_process()

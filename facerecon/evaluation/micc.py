@@ -41,10 +41,13 @@ from scipy.spatial import cKDTree
 
 from facerecon.errors import InputError
 from facerecon.evaluation.geometry import Similarity, crop_sphere, find_nose_tip, icp_similarity, surface_distances
-from facerecon.fitting.optimize import FitSettings
+from facerecon.evaluation.plots import plot_cumulative_errors, plot_heatmaps, render_vertex_values
 from facerecon.evaluation.results import load_finished, store_finished, write_result_files
+from facerecon.facemodel.resolve import resolve_face_model
+from facerecon.fitting.optimize import FitSettings
 from facerecon.io.atomic import atomic_path, atomic_write_text
 from facerecon.io.images import IMAGE_EXTENSIONS
+from facerecon.stages.fit import FitOptions, pick_device, read_fits, run_fit
 
 SCENARIOS = {"cooperative": "Indoor-Cooperative", "indoor": "PTZ-Indoor", "outdoor": "PTZ-Outdoor"}
 VIEWS = ("frontal1", "frontal2")
@@ -484,8 +487,6 @@ def _store_finished(out_dir: Path, row: dict, vertex_errors: np.ndarray, digest:
 
 def _no_shape_reason(fits_path: Path, files: list[str], fit_summary) -> str:
     """Why no frame of a video gave a shape (one line)."""
-    from facerecon.stages.fit import read_fits
-
     statuses: dict[str, str] = {}
     reasons: list[str] = []
     if fits_path.is_file():
@@ -505,8 +506,6 @@ def _no_shape_reason(fits_path: Path, files: list[str], fit_summary) -> str:
 def _evaluate_video(subject: MiccSubject, scenario: str, model, gt: GroundTruth, out_dir: Path, options: MiccOptions,
                     should_stop) -> tuple[dict, np.ndarray | None, bool]:
     """Sample, reconstruct and score one video. Returns (row, vertex errors or None, interrupted)."""
-    from facerecon.stages.fit import FitOptions, read_fits, run_fit
-
     row = _new_row(subject, scenario)
     source = subject.videos[scenario]
     frames_dir = out_dir / "frames" / subject.name / scenario
@@ -578,9 +577,6 @@ def run_micc(root: str | Path, out_dir: str | Path, options: MiccOptions | None 
     video; ``should_stop()`` polled between videos and fit batches (interrupted runs keep
     finished videos and report ``interrupted``).
     """
-    from facerecon.facemodel.resolve import resolve_face_model
-    from facerecon.stages.fit import pick_device
-
     options = options or MiccOptions()
     if options.frames < 1:
         raise InputError("--frames must be at least 1")
@@ -692,8 +688,6 @@ CSV_FIELDS = ["subject", "scenario", "status", "reason", "rmse_mm", "mean_mm", "
 def write_reports(result: MiccResult, out_dir: Path, model, errors: dict[tuple[str, str], np.ndarray]) -> None:
     """micc_results.json, micc_results.csv, micc_cumulative_error.png and (when anything was
     scored) micc_error_heatmap.png."""
-    from facerecon.evaluation.plots import plot_cumulative_errors, plot_heatmaps, render_vertex_values
-
     plots = {"cumulative_error": str(out_dir / "micc_cumulative_error.png")}
     curves = {s: [r["rmse_mm"] for r in result.rows if r["scenario"] == s and r["status"] == STATUS_OK]
               for s in result.summary["scenario_names"]}

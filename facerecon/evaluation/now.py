@@ -49,10 +49,17 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from facerecon.errors import InputError
-from facerecon.evaluation.geometry import Similarity, umeyama
-from facerecon.fitting.optimize import FitSettings
+from facerecon.evaluation.aflw2000 import landmark_points68
+from facerecon.evaluation.geometry import Similarity, triangle_normals, umeyama
+from facerecon.evaluation.micc import read_obj
+from facerecon.evaluation.plots import plot_cumulative_distribution
 from facerecon.evaluation.results import load_finished, store_finished, write_result_files
+from facerecon.facemodel.geometry import closest_points_on_mesh
+from facerecon.facemodel.resolve import resolve_face_model
+from facerecon.fitting.optimize import FitSettings
 from facerecon.io.atomic import atomic_path, atomic_write_text
+from facerecon.io.store import attrs_dict, open_results
+from facerecon.stages.fit import FitOptions, STATUS_SKIPPED, pick_device, run_fit
 
 SPLIT_FILES = {"val": "imagepathsvalidation.txt", "test": "imagepathstest.txt"}
 CHALLENGES = ("multiview_neutral", "multiview_expressions", "multiview_occlusions", "selfie")
@@ -96,8 +103,6 @@ def scan_to_mesh_distances(points: np.ndarray, vertices: np.ndarray, triangles: 
                            chunk: int = 20000) -> np.ndarray:
     """Unsigned distance (P,) of each point (P, 3) to the closest point of the mesh surface
     (vertices (N, 3), triangles (F, 3)), in chunks to bound memory."""
-    from facerecon.facemodel.geometry import closest_points_on_mesh
-
     points = np.asarray(points, dtype=np.float64)
     vertices = np.asarray(vertices, dtype=np.float64)
     triangles = np.asarray(triangles)
@@ -155,9 +160,6 @@ def align_to_scan(pred_vertices: np.ndarray, triangles: np.ndarray, pred_landmar
     when the cost improves by less than ``tolerance`` (relative) or after ``iterations``.
     Returns (final similarity, landmark-only similarity), prediction -> scan.
     """
-    from facerecon.evaluation.geometry import triangle_normals
-    from facerecon.facemodel.geometry import closest_points_on_mesh
-
     pred_vertices = np.asarray(pred_vertices, dtype=np.float64)
     triangles = np.asarray(triangles)
     initial = umeyama(np.asarray(pred_landmarks, dtype=np.float64), np.asarray(scan_landmarks, dtype=np.float64))
@@ -377,8 +379,6 @@ def find_ground_truth(dataset: Path, subject: str) -> tuple[Path | None, Path | 
 
 def prepare_ground_truth(scan_path: Path, landmarks_path: Path) -> NowGroundTruth:
     """Read a scan (mm) and its 7 landmarks and crop the scan to NoW's face sphere."""
-    from facerecon.evaluation.micc import read_obj
-
     vertices, _ = read_obj(scan_path)
     vertices = vertices[np.all(np.isfinite(vertices), axis=1)]
     landmarks = read_landmarks(landmarks_path)
@@ -495,8 +495,6 @@ def _store_finished(out_dir: Path, entry: NowEntry, row: dict, distances: np.nda
 
 def _fitted_neutral(results, key: str) -> tuple[dict | None, np.ndarray | None]:
     """Attributes of a fitted image and the neutral vertices (N, 3) of its first face."""
-    from facerecon.io.store import attrs_dict
-
     if key not in results:
         return None, None
     group = results[key]
@@ -532,10 +530,6 @@ def run_now(root: str | Path, out_dir: str | Path, options: NowOptions | None = 
     callbacks of the fit, detect and scoring stages; ``should_stop()`` is polled between images
     and fit batches (an interrupted run keeps everything finished and reports ``interrupted``).
     """
-    from facerecon.facemodel.resolve import resolve_face_model
-    from facerecon.io.store import open_results
-    from facerecon.stages.fit import FitOptions, pick_device, run_fit
-
     options = options or NowOptions()
     out_dir = Path(out_dir)
     started = time.perf_counter()
@@ -629,9 +623,6 @@ def _predict_and_score(entry: NowEntry, row: dict, results, fit_summary, model, 
                        dataset: Path, out_dir: Path, digest: str, ground_truth: dict, distances: dict) -> None:
     """Fill ``row`` for one image: prediction files from the fit, then the score (stored, or
     loaded when an earlier run finished it)."""
-    from facerecon.evaluation.aflw2000 import landmark_points68
-    from facerecon.stages.fit import STATUS_SKIPPED
-
     if entry.image is None:
         return
     t0 = time.perf_counter()
@@ -703,8 +694,6 @@ CSV_FIELDS = ["image", "subject", "challenge", "status", "reason", "median_mm", 
 
 def write_reports(result: NowResult, out_dir: Path, distances: dict[str, np.ndarray]) -> None:
     """now_results.json, now_results.csv and now_cumulative_error.png (atomically)."""
-    from facerecon.evaluation.plots import plot_cumulative_distribution
-
     plots = {"cumulative_error": str(out_dir / "now_cumulative_error.png")}
     curves: dict[str, np.ndarray] = {}
     for row in result.by_challenge:

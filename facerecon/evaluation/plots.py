@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from facerecon.io.atomic import atomic_write_bytes
+from facerecon.render.renderer import MeshRenderer
 
 NO_VALUE_GRAY = (0.78, 0.78, 0.78)
 
@@ -73,8 +74,6 @@ def render_vertex_values(vertices: np.ndarray, triangles: np.ndarray, values: np
     ``focus``: vertex indices the view is framed on (default: the vertices with a value, or
     all when none has one).
     """
-    from facerecon.render.renderer import MeshRenderer
-
     vertices = np.asarray(vertices, dtype=np.float64)
     if focus is None:
         focus = np.flatnonzero(np.isfinite(values))

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from facerecon.detection.landmarks import IBUG68_FROM_MP478
 from facerecon.errors import InputError
 from facerecon.facemodel.detector_bias import canonical_pitch_yaw, interpolate_offsets
 from facerecon.facemodel.model import FaceModel
@@ -79,7 +80,6 @@ class FaceModelTensors(nn.Module):
             self.register_buffer("dense_barycentric", torch.as_tensor(model.dense_barycentric, dtype=dtype))
             offset = model.dense_offset if model.dense_offset is not None else model.dense_barycentric * 0
             self.register_buffer("dense_offset", torch.as_tensor(offset, dtype=dtype))
-            from facerecon.detection.landmarks import IBUG68_FROM_MP478
 
             # which dense points make up the detector's 68-point subset
             self.register_buffer("ibug68_dense", torch.as_tensor(IBUG68_FROM_MP478, dtype=torch.int64))

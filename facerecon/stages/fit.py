@@ -21,22 +21,26 @@ import h5py
 import numpy as np
 import torch
 
-from facerecon.errors import InputError, user_file
 from facerecon import __version__
 from facerecon.detection.align import invert_affine, similarity_scale
+from facerecon.errors import InputError, user_file
 from facerecon.export.meshio import TexturedMesh, write_mesh, write_png
 from facerecon.export.overlay import blend, contact_sheet, draw_landmarks
 from facerecon.export.texture import unwrap_texture
+from facerecon.facemodel.embedding import face_oval_indices
 from facerecon.facemodel.model import FaceModel
 from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
-from facerecon.fitting.camera import crop_intrinsics, model_to_camera
+from facerecon.fitting.camera import camera_rotation, crop_intrinsics, model_to_camera
 from facerecon.fitting.optimize import FaceFitter, FaceTargets, FitSettings
 from facerecon.io.images import ImageLoadError, load_image
 from facerecon.io.store import ResultStore, attrs_dict, open_results
+from facerecon.losses.perceptual import PerceptualLoss
+from facerecon.networks.iresnet import load_iresnet
 from facerecon.render.camera import project_points, scale_intrinsics
 from facerecon.render.renderer import MeshRenderer
 from facerecon.stages import detect as detect_stage
+from facerecon.training.network_fit import NetworkPredictor
 
 KIND = "fits"
 ITEMS_GROUP = "images"
@@ -370,7 +374,6 @@ def _mesh(model: FaceModel, stored: dict[str, Any], neutral: bool, pose: str, pa
     if pose == "camera":
         vertices = stored["vertices_camera"]
         if neutral:  # camera pose of the neutral shape: same rigid transform
-            from facerecon.fitting.camera import camera_rotation
 
             rot = camera_rotation(torch.as_tensor(params["angles"])[None])[0].numpy()
             vertices = stored["vertices_neutral"] @ rot.T + params["translation"]
@@ -481,16 +484,11 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
     device = pick_device(options.device)
     perceptual = None
     if options.recognition_weights:
-        from facerecon.losses.perceptual import PerceptualLoss
-        from facerecon.networks.iresnet import load_iresnet
-
         with user_file(options.recognition_weights):
             perceptual = PerceptualLoss(load_iresnet(options.recognition_weights, device))
 
     predictor = None
     if options.checkpoint:
-        from facerecon.training.network_fit import NetworkPredictor
-
         predictor = NetworkPredictor(options.checkpoint, FaceModelTensors(model).to(device), model.model_id)
 
     if len(inputs) == 1 and inputs[0].endswith((".h5", ".hdf5")) and Path(inputs[0]).is_file():
@@ -514,8 +512,6 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
     tensors = FaceModelTensors(model).to(device)
     oval = None
     if model.dense_triangle is not None:
-        from facerecon.facemodel.embedding import face_oval_indices
-
         oval = face_oval_indices()
     if perceptual is not None:
         summary.notes.append(f"perceptual loss on: face-recognition weights {options.recognition_weights}")

@@ -22,14 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facerecon.errors import InputError, user_file
 from facerecon import __version__
+from facerecon.errors import InputError, user_file
 from facerecon.io.atomic import atomic_path
+from facerecon.losses.perceptual import PerceptualLoss
 from facerecon.networks.cnet import (CHECKPOINT_KIND, aggregated_sizes, cnet_for, concat_coefficients,
-                                     grouped_aggregate, rnet_with_features, split_coefficients)
+    grouped_aggregate, rnet_with_features, split_coefficients)
+from facerecon.networks.iresnet import load_iresnet
 from facerecon.networks.rnet import RNet
 from facerecon.training.config import TrainConfig
-from facerecon.training.trainer import BatchPlan, FaceSet, Trainer, TrainSummary, render_preview, write_preview
+from facerecon.training.trainer import BatchPlan, FaceSet, TrainSummary, Trainer, render_preview, write_preview
 
 
 def with_aggregate(params: dict[str, torch.Tensor], confidences: torch.Tensor, sizes: dict[str, int],
@@ -73,9 +75,6 @@ class CNetTrainer(Trainer):
         self.settings = config.cnet
         perceptual = None
         if self.settings.recognition_weights is not None:
-            from facerecon.losses.perceptual import PerceptualLoss
-            from facerecon.networks.iresnet import load_iresnet
-
             with user_file(self.settings.recognition_weights):
                 perceptual = PerceptualLoss(load_iresnet(self.settings.recognition_weights, device))
         self._setup_common(config, device, None, perceptual=perceptual)

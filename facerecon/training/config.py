@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from facerecon.errors import InputError
+from facerecon.losses.hybrid import PAPER000_WEIGHTS
+from facerecon.losses.multiview import PAPER001_WEIGHTS
+from facerecon.networks.resnet import ARCHITECTURES
 from facerecon.training.augment import AugmentSettings
 
 DEFAULT_CONFIG_TEXT = '''\
@@ -131,8 +134,6 @@ validate_every = 200
 
 
 def _paper001_weights() -> dict[str, float]:
-    from facerecon.losses.multiview import PAPER001_WEIGHTS
-
     return dict(PAPER001_WEIGHTS)
 
 
@@ -244,8 +245,6 @@ def _check_data(d: dict[str, Any], merged: dict[str, Any]) -> None:
 
 
 def _check_network(n: dict[str, Any], merged: dict[str, Any]) -> None:
-    from facerecon.networks.resnet import ARCHITECTURES
-
     if n["architecture"] not in ARCHITECTURES:
         raise ConfigError(f"network.architecture must be one of {', '.join(ARCHITECTURES)}")
 
@@ -346,7 +345,6 @@ def parse_config(text: str, base: Path = Path(".")) -> TrainConfig:
         return q if q.is_absolute() else base / q
 
     loss, mv = merged["loss"], merged["multiview"]
-    from facerecon.losses.hybrid import PAPER000_WEIGHTS
 
     weights = dict(PAPER000_WEIGHTS)
     weights.update({"photo": loss["photo"], "landmark": loss["landmark"], "coefficients": loss["coefficients"],

@@ -12,6 +12,7 @@ no-op and training runs in one process as before.
 from __future__ import annotations
 
 from facerecon.errors import InputError
+from facerecon.stages.fit import pick_device
 
 import datetime
 import os
@@ -94,8 +95,6 @@ def setup(device_request: str = "auto", backend: str = "auto", timeout_minutes: 
     """
     world, rank, local_rank = env_ranks()
     if world <= 1:
-        from facerecon.stages.fit import pick_device
-
         return DistContext(device=pick_device(device_request))
     device = _device(device_request, local_rank)
     if backend == "auto":

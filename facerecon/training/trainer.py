@@ -27,21 +27,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from facerecon.errors import InputError, user_file
 from facerecon import __version__
+from facerecon.errors import InputError, user_file
 from facerecon.export.meshio import write_png
+from facerecon.facemodel.embedding import face_oval_indices
 from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import camera_rotation, crop_intrinsics, model_to_camera
 from facerecon.fitting.optimize import FaceFitter, FaceTargets, FitSettings
 from facerecon.io.atomic import atomic_path
+from facerecon.io.store import read_index
 from facerecon.losses import multiview
 from facerecon.networks.resnet import load_backbone_weights
 from facerecon.networks.rnet import RNet
 from facerecon.render.renderer import MeshRenderer
 from facerecon.stages import detect as detect_stage
 from facerecon.training import distributed
-from facerecon.training.augment import augment
+from facerecon.training.augment import augment, dense_mirror_map
 from facerecon.training.config import TrainConfig
 from facerecon.training.distributed import DistContext
 
@@ -94,8 +96,6 @@ class SynthIdentities:
 
     def _index(self, store: Path) -> dict[str, int]:
         if store not in self.indexes:
-            from facerecon.io.store import read_index
-
             items = read_index(store, "images")
             self.indexes[store] = {str(a.get("image", key)): int(a["identity"]) for key, a in items.items()
                                    if "identity" in a}
@@ -288,8 +288,6 @@ class Trainer:
         self.tensors = FaceModelTensors(self.face_model).to(device)
         oval = None
         if self.face_model.dense_triangle is not None:
-            from facerecon.facemodel.embedding import face_oval_indices
-
             oval = face_oval_indices()
         # the paper's fixed weights: the adaptive landmark trust is a per-photo fitting aid,
         # not part of the training objective
@@ -301,8 +299,6 @@ class Trainer:
         self.channels_last = config.channels_last == "on" or (config.channels_last == "auto" and device.type == "cuda")
         self.dense_mirror = None
         if self.tensors.dense_triangle is not None:
-            from facerecon.training.augment import dense_mirror_map
-
             points = self.tensors.dense_points(self.tensors.mean_shape[None])[0].cpu().numpy()
             self.dense_mirror = torch.as_tensor(dense_mirror_map(points), device=device)
         self.step = 0
@@ -573,31 +569,3 @@ def prepare_data(config: TrainConfig, should_stop=None) -> list[Path]:
                                 detect_stage.DetectOptions(max_faces=1), should_stop=should_stop)
         files.append(target)
     return files
-
-
-def run_training(config: TrainConfig, device: str = "auto", resume: bool = False, progress=None,
-                 should_stop=None) -> tuple[TrainSummary, Trainer]:
-    """The whole ``facerecon train`` run, in one process or as one rank under torchrun.
-
-    Rank 0 prepares the data (detecting image folders) while the others wait; every rank then
-    loads the detections, builds the same split and trains on its share of each batch. Returns
-    the summary and the trainer (its network holds the final weights).
-    """
-    if config.cnet is not None and distributed.env_ranks()[0] > 1:
-        raise InputError("C-Net training ([cnet] enabled = true) runs in one process; start it without torchrun")
-    ctx = distributed.setup(device, config.dist_backend, config.dist_timeout_minutes)
-    try:
-        files = distributed.on_main(ctx, lambda: prepare_data(config, should_stop=should_stop))
-        faces = load_faces(files, config.group_by)
-        train_set, valid_set = split_validation(faces, config.validation_fraction)
-        if config.cnet is not None:
-            from facerecon.training.cnet_training import CNetTrainer
-
-            trainer = CNetTrainer(config, ctx.device)
-        else:
-            trainer = Trainer(config, ctx.device, ctx)
-        summary = trainer.run(train_set, valid_set, resume, progress=progress if ctx.is_main else None,
-                              should_stop=should_stop)
-    finally:
-        distributed.teardown(ctx)
-    return summary, trainer
