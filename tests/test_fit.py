@@ -404,3 +404,22 @@ def test_an_internal_value_error_keeps_its_traceback(fitted_photo, ict_embedded_
 
     assert all(issubclass(e, InputError) for e in (FaceModelError, StoreError, ConfigError))
 
+
+
+def test_two_face_fit_on_each_device(synthetic_fit, ict_embedded_model, device):
+    """A short two-face fit runs on the device (CPU here; CUDA where present) and agrees with the CPU fit."""
+    _, _, _, _, targets = synthetic_fit
+    settings = FitSettings(landmark_steps=15, coarse_steps=3, fine_steps=1)
+
+    def fit_on(dev):
+        tensors = FaceModelTensors(ict_embedded_model).to(dev)
+        return FaceFitter(tensors, ict_embedded_model.regions, settings,
+                          oval_indices=face_oval_indices()).fit(targets.to(dev))
+
+    result = fit_on(device)
+    assert not result.failed.any() and result.parameters["identity"].shape[0] == 2
+    assert np.isfinite(result.losses["total"]).all()
+    if device.type != "cpu":
+        reference = fit_on(torch.device("cpu"))
+        assert np.abs(np.rad2deg(result.parameters["angles"] - reference.parameters["angles"])).max() < 0.5
+        assert np.abs(result.landmark_error_px - reference.landmark_error_px).max() < 0.2

@@ -273,11 +273,11 @@ def _tiny_scene():
     return verts, tris
 
 
-def test_gradcheck_interpolate_attributes_and_positions():
-    verts, tris = _tiny_scene()
+def test_gradcheck_interpolate_attributes_and_positions(device):
+    verts, tris = (t.to(device) for t in _tiny_scene())
     frags = rasterize(verts, tris, (8, 8))
     assert frags.mask.sum() > 20
-    attr = torch.randn(1, 4, 3, dtype=torch.float64, requires_grad=True)
+    attr = torch.randn(1, 4, 3, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a: interpolate(a, tris, frags), (attr,))
 
     attr_fixed = attr.detach()
@@ -292,12 +292,12 @@ def test_gradcheck_interpolate_attributes_and_positions():
     assert torch.autograd.gradcheck(through_positions, (sv,), eps=1e-6, atol=1e-6)
 
 
-def test_gradcheck_interpolate_generic_path():
+def test_gradcheck_interpolate_generic_path(device):
     # Fragments rebuilt by hand (no internal cache) take the generic path.
-    verts, tris = _tiny_scene()
+    verts, tris = (t.to(device) for t in _tiny_scene())
     frags = rasterize(verts, tris, (8, 8))
     bary = frags.barycentric.clone().requires_grad_(True)
-    attr = torch.randn(1, 4, 2, dtype=torch.float64, requires_grad=True)
+    attr = torch.randn(1, 4, 2, dtype=torch.float64, device=device, requires_grad=True)
 
     def fn(a, b):
         fr = raster_mod.Fragments(frags.triangle_id, b, frags.depth, frags.mask)
@@ -512,13 +512,13 @@ def test_render_gradients_flow():
     assert (albedo.grad[out.vertex_visibility].abs().sum(-1) > 0).any()
 
 
-def test_render_gradcheck_small():
-    verts, tris = _tiny_scene()
-    k = torch.eye(3, dtype=torch.float64)[None]
+def test_render_gradcheck_small(device):
+    verts, tris = (t.to(device) for t in _tiny_scene())
+    k = torch.eye(3, dtype=torch.float64, device=device)[None]
     # Camera-frame vertices whose projection with K = I gives (u, v) = (x/z, y/z).
     cam = torch.cat([verts[..., :2] * verts[..., 2:], verts[..., 2:]], -1)
-    albedo = torch.rand(1, 4, 3, dtype=torch.float64, requires_grad=True)
-    sh = torch.randn(1, 9, dtype=torch.float64, requires_grad=True)
+    albedo = torch.rand(1, 4, 3, dtype=torch.float64, device=device, requires_grad=True)
+    sh = torch.randn(1, 9, dtype=torch.float64, device=device, requires_grad=True)
     r = MeshRenderer((8, 8), backend="torch")
     cam = cam.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda c, a, s: r.render(c, tris, k, a, s).image, (cam, albedo, sh), atol=1e-6)
