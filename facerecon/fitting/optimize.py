@@ -37,7 +37,7 @@ from facerecon.losses.hybrid import (
     texture_flatness,
 )
 from facerecon.render.camera import project_points, scale_intrinsics, scale_pixels
-from facerecon.render.renderer import MeshRenderer
+from facerecon.render.renderer import MeshRenderer, RenderOutput
 from facerecon.render.shading import SH_CONSTANTS, facing_cosine, sh_basis, vertex_normals
 
 #: Landmarks on the face contour slide along the silhouette: weighted by visibility.
@@ -325,6 +325,13 @@ class FaceFitter:
         total = w_coef * coefficients + w_lan * trust * landmark
                 [+ w_photo * photometric + w_tex * texture + w_per * perceptual]  (paper 000 eq. 1)
         """
+        return self.losses_and_render(p, targets, render_size)[0]
+
+    def losses_and_render(self, p: dict[str, torch.Tensor], targets: FaceTargets, render_size: int | None
+                          ) -> tuple[dict[str, torch.Tensor], RenderOutput | None]:
+        """:meth:`losses` and the photometric render (None without ``render_size``), for callers
+        that reuse its rasterization (the multi-view training terms)."""
+        out = None
         m, w, cfg = self.model, self.settings.weights, self.settings
         b = targets.crops.shape[0]
         identity = p["identity"].expand(b, -1)
@@ -361,7 +368,7 @@ class FaceFitter:
             terms["perceptual"] = self.perceptual(out.image, target, out.mask, landmarks)
             total = total + w["perceptual"] * terms["perceptual"]
         terms["total"] = total
-        return terms
+        return terms, out
 
     def _landmark68_term(self, cam: torch.Tensor, normals: torch.Tensor, k: torch.Tensor,
                          detected: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ from facerecon.io.store import read_index
 from facerecon.losses import multiview
 from facerecon.networks.resnet import load_backbone_weights
 from facerecon.networks.rnet import RNet
+from facerecon.render.rasterize import Fragments
 from facerecon.render.renderer import MeshRenderer
 from facerecon.stages import detect as detect_stage
 from facerecon.training import distributed
@@ -272,7 +273,6 @@ class Trainer:
             self.network = self.network.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
-        self.multiview_renderer = MeshRenderer(image_size=(config.render_size, config.render_size))
         #: what the training step calls: the network, in DistributedDataParallel when distributed
         #: (wrapped in :meth:`run`, after restoring, so every rank starts from rank 0's weights)
         self.model: torch.nn.Module = self.network
@@ -367,25 +367,31 @@ class Trainer:
         with self._float32():
             return self.loss.losses(params, targets, self.config.render_size)
 
-    def multiview_terms(self, params: dict[str, torch.Tensor], targets: FaceTargets) -> dict[str, torch.Tensor]:
-        """Paper 001 terms (P,) over the view pairs of a grouped batch (see :mod:`facerecon.losses.multiview`)."""
+    def multiview_terms(self, params: dict[str, torch.Tensor], targets: FaceTargets,
+                        fragments: Fragments | None = None) -> dict[str, torch.Tensor]:
+        """Paper 001 terms (P,) over the view pairs of a grouped batch (see :mod:`facerecon.losses.multiview`).
+
+        ``fragments``: the photometric loss's rasterization of the same meshes at the render size
+        (one rasterization per step); None rasterizes here, with the fit settings' backend.
+        """
         b = targets.crops.shape[0]
         cam = model_to_camera(self.tensors.shape(params["identity"], params["expression"]), params["angles"],
                               params["translation"])
         return multiview.multiview_losses(
             cam, self.loss.photo_triangles, targets.crops, targets.landmarks68, camera_rotation(params["angles"]),
             params["translation"], crop_intrinsics(targets.size, b, device=cam.device), self.config.views_per_identity,
-            self.config.render_size, rasterizer=self.multiview_renderer.rasterize)
+            self.config.render_size, fragments=fragments,
+            rasterizer=MeshRenderer((self.config.render_size,) * 2, backend=self.loss.settings.render_backend).rasterize)
 
     def training_loss(self, batch: FaceTargets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The step's scalar loss and the detached per-term means to log."""
         params = self.predict(batch.crops, self.model)
         with self._float32():
-            terms = self.loss.losses(params, batch, self.config.render_size)
+            terms, rendered = self.loss.losses_and_render(params, batch, self.config.render_size)
             loss = terms["total"].mean()
             values = {k: v.detach().mean() for k, v in terms.items() if k != "total"}
             if self.config.grouped:
-                mv = self.multiview_terms(params, batch)
+                mv = self.multiview_terms(params, batch, rendered.fragments)
                 loss = loss + multiview.combine(mv, self.config.multiview_weights)
                 values.update({f"multiview_{k}": v.detach().mean() for k, v in mv.items()})
         return loss, values
