@@ -482,37 +482,58 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
     # Everything that can fail fast is checked before detection runs.
     model = resolve_face_model(options.face_model, options.allow_download)
     device = pick_device(options.device)
+    perceptual, predictor = _networks(options, model, device)
+    detections = _detections(inputs, out_dir, options, summary, detect_progress, should_stop)
+    if detections is None:  # detection was interrupted
+        summary.elapsed = time.perf_counter() - started
+        return summary
+
+    summary.device = str(device)
+    tensors = FaceModelTensors(model).to(device)
+    fitter = _build_fitter(model, tensors, options, perceptual, predictor, summary)
+    _fit_detections(detections, model, fitter, _FaceWriter(model, tensors, options, out_dir), options, summary,
+                    progress, should_stop)
+    summary.elapsed = time.perf_counter() - started
+    return summary
+
+
+def _networks(options: FitOptions, model: FaceModel, device: torch.device):
+    """The optional networks of a fit: (perceptual loss or None, network predictor or None)."""
     perceptual = None
     if options.recognition_weights:
         with user_file(options.recognition_weights):
             perceptual = PerceptualLoss(load_iresnet(options.recognition_weights, device))
-
     predictor = None
     if options.checkpoint:
         predictor = NetworkPredictor(options.checkpoint, FaceModelTensors(model).to(device), model.model_id)
+    return perceptual, predictor
 
+
+def _detections(inputs: list[str], out_dir: Path, options: FitOptions, summary: FitSummary,
+                detect_progress, should_stop) -> Path | None:
+    """The detections file to fit: the one given, or ``out_dir/detections.h5`` from running the
+    detect stage on the images (its failures recorded in ``summary``); None when interrupted."""
     if len(inputs) == 1 and inputs[0].endswith((".h5", ".hdf5")) and Path(inputs[0]).is_file():
         detections = Path(inputs[0])
         check_detections_file(detections)
-    else:
-        detections = out_dir / "detections.h5"
-        det_options = detect_stage.DetectOptions(max_faces=1 if options.largest else None)
-        det_summary = detect_stage.run_detect(inputs, detections, det_options, detect_progress,
-                                              should_stop=should_stop)
-        for outcome in det_summary.outcomes:
-            if outcome.status == detect_stage.STATUS_FAILED:
-                summary.images[outcome.key] = STATUS_FAILED
-                summary.image_reasons[outcome.key] = outcome.reason
-        if det_summary.interrupted:
-            summary.interrupted = True
-            summary.elapsed = time.perf_counter() - started
-            return summary
+        return detections
+    detections = out_dir / "detections.h5"
+    det_options = detect_stage.DetectOptions(max_faces=1 if options.largest else None)
+    det_summary = detect_stage.run_detect(inputs, detections, det_options, detect_progress, should_stop=should_stop)
+    for outcome in det_summary.outcomes:
+        if outcome.status == detect_stage.STATUS_FAILED:
+            summary.images[outcome.key] = STATUS_FAILED
+            summary.image_reasons[outcome.key] = outcome.reason
+    if det_summary.interrupted:
+        summary.interrupted = True
+        return None
+    return detections
 
-    summary.device = str(device)
-    tensors = FaceModelTensors(model).to(device)
-    oval = None
-    if model.dense_triangle is not None:
-        oval = face_oval_indices()
+
+def _build_fitter(model: FaceModel, tensors: FaceModelTensors, options: FitOptions, perceptual, predictor,
+                  summary: FitSummary) -> FaceFitter:
+    """The fitter, built once with its final settings (:func:`fitter_settings`); notes what it does."""
+    oval = face_oval_indices() if model.dense_triangle is not None else None
     if perceptual is not None:
         summary.notes.append(f"perceptual loss on: face-recognition weights {options.recognition_weights}")
     else:
@@ -528,9 +549,16 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
         summary.notes.append(
             f"detector-bias correction on ({_detector_bias_label(options, model)})" if model.detector_bias is not None
             else "detector-bias correction off: the face model has no table (`facerecon model calibrate`)")
+    return fitter
+
+
+def _fit_detections(detections: Path, model: FaceModel, fitter: FaceFitter, writer: _FaceWriter,
+                    options: FitOptions, summary: FitSummary, progress: Progress, should_stop) -> None:
+    """Fit every face of ``detections`` not already stored with the same settings, in batches,
+    into ``fits.h5`` beside the writer's output (a stop or Ctrl-C keeps what is stored)."""
+    out_dir = writer.out_dir
     settings = _settings(options, model)
     digest = _digest(settings)
-    writer = _FaceWriter(model, tensors, options, out_dir)
     file_attrs = {"tool": "facerecon", "tool_version": __version__, "format_version": FORMAT_VERSION,
                   "model_id": model.model_id, "settings": settings, "detections": str(detections.resolve())}
 
@@ -566,8 +594,6 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
             summary.interrupted = True
         if options.overlays:
             _write_contact_sheet(out_dir, store, writer.names)
-    summary.elapsed = time.perf_counter() - started
-    return summary
 
 
 def _scan_detections(detections: Path, done: dict[str, dict]) -> tuple[list[str], int]:
