@@ -59,7 +59,7 @@ from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.fitting.optimize import FitSettings
 from facerecon.io.atomic import atomic_path, atomic_write_text
 from facerecon.io.store import attrs_dict, open_results
-from facerecon.stages.fit import FitOptions, STATUS_SKIPPED, pick_device, run_fit
+from facerecon.stages.fit import STATUS_SKIPPED, FitOptions, FitSummary, pick_device, run_fit
 
 SPLIT_FILES = {"val": "imagepathsvalidation.txt", "test": "imagepathstest.txt"}
 CHALLENGES = ("multiview_neutral", "multiview_expressions", "multiview_occlusions", "selfie")
@@ -540,25 +540,43 @@ def run_now(root: str | Path, out_dir: str | Path, options: NowOptions | None = 
     pick_device(options.device)
     out_dir.mkdir(parents=True, exist_ok=True)
     digest = _settings_digest(options, model.model_id)
-    triangles = np.asarray(model.triangles)
 
-    images_dir, fit_dir = out_dir / "images", out_dir / "fit"
-    link_images(entries, images_dir)
-    fit_summary = None
     fit_started = time.perf_counter()
-    if any(e.image is not None for e in entries):
-        fit_options = FitOptions(face_model=options.face_model, device=options.device, batch_size=options.batch_size,
-                                 formats=[], largest=True, overlays=False, texture_size=64,
-                                 checkpoint=options.checkpoint, refine=options.refine, settings=options.settings)
-        fit_summary = run_fit([str(images_dir)], fit_dir, fit_options, progress=progress,
-                              detect_progress=detect_progress, should_stop=should_stop)
+    fit_summary = _fit_images(entries, out_dir, options, progress, detect_progress, should_stop)
     fit_seconds = time.perf_counter() - fit_started
     interrupted = bool(fit_summary is not None and fit_summary.interrupted)
+    rows, distances, interrupted = _score_entries(entries, out_dir / "fit" / "fits.h5", fit_summary, model, dataset,
+                                                  out_dir, digest, interrupted, score_progress, should_stop)
+    summary = _summary(root, dataset, list_path, options, model, rows, distances, fit_summary, fit_seconds, started,
+                       interrupted, out_dir)
+    result = NowResult(rows, aggregate(rows, distances), summary)
+    write_reports(result, out_dir, distances)
+    return result
 
+
+def _fit_images(entries: list[NowEntry], out_dir: Path, options: NowOptions, progress, detect_progress,
+                should_stop) -> FitSummary | None:
+    """Link the split's images into ``out_dir/images`` and fit them into ``out_dir/fit`` (None: no image)."""
+    images_dir = out_dir / "images"
+    link_images(entries, images_dir)
+    if not any(e.image is not None for e in entries):
+        return None
+    fit_options = FitOptions(face_model=options.face_model, device=options.device, batch_size=options.batch_size,
+                             formats=[], largest=True, overlays=False, texture_size=64,
+                             checkpoint=options.checkpoint, refine=options.refine, settings=options.settings)
+    return run_fit([str(images_dir)], out_dir / "fit", fit_options, progress=progress,
+                   detect_progress=detect_progress, should_stop=should_stop)
+
+
+def _score_entries(entries: list[NowEntry], fits_path: Path, fit_summary: FitSummary | None, model, dataset: Path,
+                   out_dir: Path, digest: str, interrupted: bool, score_progress, should_stop
+                   ) -> tuple[list[dict], dict[str, np.ndarray], bool]:
+    """Write each image's prediction and score it against its scan: (rows, distances by image,
+    interrupted); images never reached by an interrupted run are listed with that reason."""
+    triangles = np.asarray(model.triangles)
     rows: list[dict] = []
     distances: dict[str, np.ndarray] = {}
     ground_truth: dict[str, NowGroundTruth | str] = {}
-    fits_path = fit_dir / "fits.h5"
     if score_progress is not None:
         score_progress.start(len(entries))
     with open_results(fits_path, "images") as results:
@@ -588,10 +606,15 @@ def run_now(root: str | Path, out_dir: str | Path, options: NowOptions | None = 
                 row = _new_row(entry)
                 row["reason"] = row["reason"] or "not evaluated (interrupted)"
                 rows.append(row)
+    return rows, distances, interrupted
 
+
+def _summary(root, dataset: Path, list_path: Path, options: NowOptions, model, rows: list[dict],
+             distances: dict[str, np.ndarray], fit_summary: FitSummary | None, fit_seconds: float, started: float,
+             interrupted: bool, out_dir: Path) -> dict:
+    """The run's summary record (now_results.json without the rows)."""
     statuses = list(fit_summary.images.values()) if fit_summary is not None else []
     processed_now = statuses.count("ok") + statuses.count("no_face")
-    by_challenge = aggregate(rows, distances)
     overall = pooled_statistics(distances.values())
     scored = [r for r in rows if r["status"] == STATUS_OK]
     summary = {
@@ -614,9 +637,7 @@ def run_now(root: str | Path, out_dir: str | Path, options: NowOptions | None = 
         "failures": [{"image": r["image"], "reason": r["reason"]} for r in rows if r["status"] == STATUS_FAILED],
         "not_scored": [{"image": r["image"], "reason": r["reason"]} for r in rows if r["status"] == STATUS_PREDICTED],
     }
-    result = NowResult(rows, by_challenge, summary)
-    write_reports(result, out_dir, distances)
-    return result
+    return summary
 
 
 def _predict_and_score(entry: NowEntry, row: dict, results, fit_summary, model, triangles: np.ndarray,
