@@ -22,9 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facerecon import __version__
 from facerecon.errors import InputError, user_file
-from facerecon.io.atomic import atomic_path
 from facerecon.losses.perceptual import PerceptualLoss
 from facerecon.networks.cnet import (CHECKPOINT_KIND, aggregated_sizes, cnet_for, concat_coefficients,
     grouped_aggregate, rnet_with_features, split_coefficients)
@@ -123,21 +121,13 @@ class CNetTrainer(Trainer):
         return self.settings.images_per_identity
 
     # -------------------------------------------------------------- checkpoints
-    def save(self, path: Path) -> None:
-        state = {"kind": CHECKPOINT_KIND,
-                 # the frozen R-Net exactly as an R-Net checkpoint stores it
-                 "network": self.rnet.state_dict(), "architecture": self.rnet.backbone.architecture,
-                 "sizes": self.rnet.sizes, "model_id": self.face_model.model_id, "rnet_source": self.rnet_source,
-                 "cnet": self.cnet.state_dict(), "cnet_layout": {**self.cnet.layout, "aggregated": list(self.sizes)},
-                 "optimizer": self.optimizer.state_dict(), "step": self.step, "config": self.config.to_dict(),
-                 "code_version": __version__}
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
+    def network_state(self) -> dict:
+        # the frozen R-Net exactly as an R-Net checkpoint stores it, then the C-Net
+        return {"network": self.rnet.state_dict(), "architecture": self.rnet.backbone.architecture,
+                "sizes": self.rnet.sizes, "rnet_source": self.rnet_source,
+                "cnet": self.cnet.state_dict(), "cnet_layout": {**self.cnet.layout, "aggregated": list(self.sizes)}}
 
-    def restore(self, path: Path) -> None:
-        state = self.load_checkpoint(path)
+    def restore_networks(self, state: dict, path: Path) -> None:
         aggregated = tuple(state["cnet_layout"]["aggregated"])
         if aggregated != self.settings.aggregated:
             raise InputError(f"checkpoint {path} aggregates {'+'.join(aggregated)}; the configuration "
@@ -145,10 +135,6 @@ class CNetTrainer(Trainer):
         self._build(state)
         self.rnet_source = state.get("rnet_source", self.rnet_source)
         self.cnet.load_state_dict(state["cnet"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
 
     def _start(self, resume: bool, summary: TrainSummary) -> None:
         latest = self.config.output / "checkpoints" / "latest.pt"

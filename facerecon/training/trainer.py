@@ -313,11 +313,20 @@ class Trainer:
         self.network.train()
 
     # -------------------------------------------------------------- checkpoints
+    def network_state(self) -> dict:
+        """The checkpoint's network entries (a subclass stores its own networks here)."""
+        return {"network": self.network.state_dict(), "architecture": self.config.architecture,
+                "sizes": self.network.sizes}
+
+    def restore_networks(self, state: dict, path: Path) -> None:
+        """Load :meth:`network_state`'s entries of a checkpoint read from ``path``."""
+        self.network.load_state_dict(state["network"])
+
     def save(self, path: Path) -> None:
-        state = {"kind": self.checkpoint_kind, "network": self.network.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "step": self.step,
-                 "config": self.config.to_dict(), "model_id": self.face_model.model_id, "code_version": __version__,
-                 "architecture": self.config.architecture, "sizes": self.network.sizes}
+        """Write a checkpoint atomically: :meth:`network_state` plus optimiser, scaler, step, config."""
+        state = {"kind": self.checkpoint_kind, **self.network_state(), "optimizer": self.optimizer.state_dict(),
+                 "step": self.step, "config": self.config.to_dict(), "model_id": self.face_model.model_id,
+                 "code_version": __version__}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         with atomic_path(path) as tmp:
@@ -336,8 +345,9 @@ class Trainer:
         return state
 
     def restore(self, path: Path) -> None:
+        """Resume from a checkpoint of :meth:`save`: networks, then optimiser, scaler and step."""
         state = self.load_checkpoint(path)
-        self.network.load_state_dict(state["network"])
+        self.restore_networks(state, path)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
