@@ -607,35 +607,8 @@ def run_micc(root: str | Path, out_dir: str | Path, options: MiccOptions | None 
                 errors[(subject.name, scenario)] = vertex_errors
             else:
                 t0 = time.perf_counter()
-                row = _new_row(subject, scenario)
-                vertex_errors, stop = None, False
-                try:
-                    if subject.scan is None:
-                        row["reason"] = subject.scan_reason
-                    elif subject.videos.get(scenario) is None:
-                        row["reason"] = f"missing video: no Video/{SCENARIOS[scenario]}.* (nor a frame folder)"
-                    else:
-                        if subject.name not in ground_truth:
-                            try:
-                                ground_truth[subject.name] = prepare_scan(subject.scan)
-                            except (ValueError, OSError, IndexError) as exc:
-                                ground_truth[subject.name] = f"unusable scan: {_one_line(exc)}"
-                        gt = ground_truth[subject.name]
-                        if isinstance(gt, str):
-                            row["reason"] = gt
-                        else:
-                            row, vertex_errors, stop = _evaluate_video(subject, scenario, model, gt, out_dir,
-                                                                        options, should_stop)
-                            if row["status"] == STATUS_OK:
-                                if subject.name not in baselines:
-                                    baselines[subject.name] = score_shape(
-                                        model.mean_shape, model.triangles, int(model.landmarks68[30]),
-                                        gt).rmse_point_to_plane
-                                row["baseline_rmse_mm"] = baselines[subject.name]
-                except KeyboardInterrupt:
-                    stop = True
-                except Exception as exc:  # noqa: BLE001 - one video's failure is a reason, the run goes on
-                    row["reason"] = f"{type(exc).__name__}: {_one_line(exc)}"
+                row, vertex_errors, stop = _run_video(subject, scenario, model, out_dir, options, should_stop,
+                                                      ground_truth, baselines)
                 if stop:
                     interrupted = True
                     break
@@ -650,7 +623,51 @@ def run_micc(root: str | Path, out_dir: str | Path, options: MiccOptions | None 
                 progress.advance()
         if interrupted:
             break
-    by_scenario = aggregate(rows, options.scenarios)
+    result = MiccResult(rows, aggregate(rows, options.scenarios),
+                        _summary(root, options, model, subjects, rows, started, interrupted))
+    write_reports(result, out_dir, model, errors)
+    return result
+
+
+def _run_video(subject, scenario: str, model, out_dir: Path, options: MiccOptions, should_stop,
+               ground_truth: dict, baselines: dict[str, float]) -> tuple[dict, np.ndarray | None, bool]:
+    """Evaluate one (subject, scenario) video not finished before: (row, per-vertex errors or None,
+    stop requested). Its scan is prepared once per subject (``ground_truth``), and the mean face is
+    scored against it once (``baselines``); a failure is the row's reason, not an exception."""
+    row = _new_row(subject, scenario)
+    vertex_errors, stop = None, False
+    try:
+        if subject.scan is None:
+            row["reason"] = subject.scan_reason
+        elif subject.videos.get(scenario) is None:
+            row["reason"] = f"missing video: no Video/{SCENARIOS[scenario]}.* (nor a frame folder)"
+        else:
+            if subject.name not in ground_truth:
+                try:
+                    ground_truth[subject.name] = prepare_scan(subject.scan)
+                except (ValueError, OSError, IndexError) as exc:
+                    ground_truth[subject.name] = f"unusable scan: {_one_line(exc)}"
+            gt = ground_truth[subject.name]
+            if isinstance(gt, str):
+                row["reason"] = gt
+            else:
+                row, vertex_errors, stop = _evaluate_video(subject, scenario, model, gt, out_dir, options,
+                                                            should_stop)
+                if row["status"] == STATUS_OK:
+                    if subject.name not in baselines:
+                        baselines[subject.name] = score_shape(
+                            model.mean_shape, model.triangles, int(model.landmarks68[30]), gt).rmse_point_to_plane
+                    row["baseline_rmse_mm"] = baselines[subject.name]
+    except KeyboardInterrupt:
+        stop = True
+    except Exception as exc:  # noqa: BLE001 - one video's failure is a reason, the run goes on
+        row["reason"] = f"{type(exc).__name__}: {_one_line(exc)}"
+    return row, vertex_errors, stop
+
+
+def _summary(root, options: MiccOptions, model, subjects: list, rows: list[dict], started: float,
+             interrupted: bool) -> dict:
+    """The run's summary record (micc_results.json without the rows)."""
     ok = [r for r in rows if r["status"] == STATUS_OK]
     overall_mean, overall_std = _mean_std([r["rmse_mm"] for r in ok])
     run_seconds = [r["seconds"] for r in rows if not r["resumed"] and r["status"] == STATUS_OK]
@@ -668,9 +685,7 @@ def run_micc(root: str | Path, out_dir: str | Path, options: MiccOptions | None 
         "failures": [{"subject": r["subject"], "scenario": r["scenario"], "reason": r["reason"]}
                      for r in rows if r["status"] != STATUS_OK],
     }
-    result = MiccResult(rows, by_scenario, summary)
-    write_reports(result, out_dir, model, errors)
-    return result
+    return summary
 
 
 def _one_line(exc: BaseException) -> str:
