@@ -88,7 +88,7 @@ def render_vertex_values(vertices: np.ndarray, triangles: np.ndarray, values: np
     k = torch.tensor([[focal, 0.0, (size - 1) / 2], [0.0, focal, (size - 1) / 2], [0.0, 0.0, 1.0]])[None]
     albedo = torch.as_tensor(vertex_colors(values, vmax, cmap), dtype=torch.float32)[None]
     white = torch.ones(1, size, size, 3)
-    out = MeshRenderer(image_size=(size, size), backend="auto").render(
+    out = MeshRenderer(image_size=(size, size), backend="torch").render(
         torch.as_tensor(camera, dtype=torch.float32)[None], torch.as_tensor(np.asarray(triangles), dtype=torch.long),
         k.float(), albedo, None, background=white)
     shade = (0.35 + 0.65 * (-out.normals[0, ..., 2]).clamp(0, 1))[..., None]
