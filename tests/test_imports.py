@@ -119,3 +119,13 @@ def test_function_local_imports_only_where_they_keep_the_cli_fast():
     _, local = import_graph()
     outside_cli = {m for m in local if not m.startswith("facerecon.cli")}
     assert outside_cli <= LOCAL_IMPORTS_LEFT, sorted(outside_cli - LOCAL_IMPORTS_LEFT)
+
+
+def test_the_stage_layer_registers_the_default_model_fetcher():
+    """facemodel.resolve fetches the default model through the stages' fetch_and_install_ict (it
+    calibrates with the fitter) without importing the stages itself."""
+    import facerecon.stages  # noqa: F401 - registers the fetcher
+    from facerecon.facemodel import resolve
+    from facerecon.stages.model_install import fetch_and_install_ict
+
+    assert resolve.default_fetcher is fetch_and_install_ict
