@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import os
 import re
+from contextlib import contextmanager
+from typing import Iterator
 
 
 class InputError(ValueError):
@@ -66,3 +68,16 @@ def describe_os_error(exc: BaseException) -> str:
     if root.errno in (errno.ENOSPC, errno.EDQUOT):
         text += " (free some space and run the same command again; finished work is kept)"
     return text
+
+
+@contextmanager
+def user_file(path) -> Iterator[None]:
+    """Report a ``ValueError`` raised while reading the file ``path`` that the user named (weights,
+    checkpoints) as an :class:`InputError`: for code that validates user files with plain
+    ``ValueError`` (the network loaders). Keep the block narrow: only the read itself."""
+    try:
+        yield
+    except InputError:
+        raise
+    except ValueError as exc:
+        raise InputError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from exc

@@ -123,12 +123,13 @@ def eyeballs(model: FaceModelTensors, vertices: torch.Tensor) -> tuple[torch.Ten
 
 
 def render_faces(model: FaceModelTensors, parameters: dict[str, torch.Tensor], size: int = 224,
-                 background: torch.Tensor | None = None, zoom: float = 1.0, with_eyes: bool = True
-                 ) -> SyntheticBatch:
+                 background: torch.Tensor | None = None, zoom: float = 1.0, with_eyes: bool = True,
+                 backend: str = "torch") -> SyntheticBatch:
     """Render faces of ``model`` with ``parameters`` on the fitting camera of a ``size`` crop.
 
     ``zoom`` scales the focal length (0.6 makes the face fill ~45 % of the image, like a
-    portrait photo); ``with_eyes`` adds eyeballs behind the eye openings.
+    portrait photo); ``with_eyes`` adds eyeballs behind the eye openings; ``backend``: the
+    :class:`MeshRenderer` backend (explicit, so synthetic data never depends on what is installed).
     """
     batch = parameters["identity"].shape[0]
     verts = model.shape(parameters["identity"], parameters["expression"])
@@ -143,7 +144,7 @@ def render_faces(model: FaceModelTensors, parameters: dict[str, torch.Tensor], s
         triangles = torch.cat([model.triangles, eye_tris + verts.shape[1]])
         all_albedo = torch.cat([albedo, eye_albedo], 1)
     cam_all = model_to_camera(all_verts, parameters["angles"], parameters["translation"])
-    out = MeshRenderer(image_size=(size, size), backend="auto").render(
+    out = MeshRenderer(image_size=(size, size), backend=backend).render(
         cam_all, triangles, k, all_albedo, parameters["sh"], background=background)
     cam = cam_all[:, : verts.shape[1]]
     lm = project_points(model.landmark_points(cam), k)[..., :2]

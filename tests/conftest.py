@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ICT_NPZ = REPO_ROOT.parent / "shared" / "facemodels" / "ict_face_light.npz"
@@ -28,6 +29,17 @@ def require_file(path: Path, what: str) -> Path:
     if os.environ.get("FACERECON_REQUIRE_TEST_DATA") == "1":
         pytest.fail(message)
     pytest.skip(message)
+
+
+#: every device a device-parametrised test runs on; an absent device is skipped, not failed
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="CUDA is not available"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """A torch device: the test runs once on the CPU and once on CUDA (skipped without a GPU)."""
+    return torch.device(request.param)
 
 
 @pytest.fixture(autouse=True)

@@ -145,7 +145,8 @@ def test_cnet_training_freezes_rnet_trains_cnet_and_resumes_exactly(grouped_data
                                                                     tmp_path):
     from facerecon.networks.cnet import CHECKPOINT_KIND
     from facerecon.training.cnet_training import CNetTrainer
-    from facerecon.training.trainer import load_faces, run_training
+    from facerecon.training.run import run_training
+    from facerecon.training.trainer import load_faces
 
     config = parse_config(_cnet_config(grouped_data, ict_model_file, rnet_checkpoint, tmp_path / "run"))
     assert (config.learning_rate, config.batch_size, config.steps, config.views_per_identity) == (1e-3, 6, 4, 3)
@@ -216,7 +217,8 @@ def test_bad_cnet_configs_fail_with_one_line(text, message):
 
 def test_cnet_defaults_are_the_papers_and_runs_refuse_what_they_cannot_do(grouped_data, ict_model_file,
                                                                           rnet_checkpoint, tmp_path, monkeypatch):
-    from facerecon.training.trainer import Trainer, load_faces, run_training, split_validation
+    from facerecon.training.run import run_training
+    from facerecon.training.trainer import Trainer, load_faces, split_validation
 
     printed = CliRunner().invoke(main, ["train", "--print-config"]).output
     assert "[cnet]" in printed
@@ -271,7 +273,7 @@ def test_validation_fallback_holds_out_a_whole_identity():
 
 @pytest.fixture(scope="module")
 def cnet_checkpoint(grouped_data, ict_model_file, rnet_checkpoint, tmp_path_factory):
-    from facerecon.training.trainer import run_training
+    from facerecon.training.run import run_training
 
     output = tmp_path_factory.mktemp("cnet_run")
     config = parse_config(_cnet_config(grouped_data, ict_model_file, rnet_checkpoint, output, steps=2))

@@ -159,7 +159,7 @@ def test_fitter_removes_a_pose_dependent_bias(ict_model):
 
 
 def test_calibration_measures_the_detector_on_renders(ict_embedded_model, tmp_path):
-    from facerecon.fitting.calibration import calibrate_detector_bias
+    from facerecon.stages.calibrate import calibrate_detector_bias
 
     calls = []
     table = calibrate_detector_bias(ict_embedded_model, yaws=(0.0, 40.0), pitches=(0.0,), faces_per_cell=2,

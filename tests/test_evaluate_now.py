@@ -202,6 +202,26 @@ def test_crop_region_follows_now():
     kept = now.crop_scan(grid, landmarks)
     assert len(kept) and np.linalg.norm(kept - centre, axis=1).max() <= radius
     assert np.linalg.norm(grid - centre, axis=1)[np.linalg.norm(grid - centre, axis=1) <= radius].size == len(kept)
+    # the rule, term by term: widening the outer eye corners (lm0, lm3) by d adds 1.4 d / 2; raising
+    # the nose (lm4) away from the inner eyes by d adds 1.4 d / 2 and moves the centre by 0.7 d;
+    # the mouth corners (lm5, lm6) and any rigid motion change nothing
+    wider = landmarks.copy()
+    wider[0, 0] -= 5.0
+    wider[3, 0] += 5.0
+    assert now.crop_region(wider)[1] == pytest.approx(radius + 1.4 * 10.0 / 2)
+    longer = landmarks.copy()
+    longer[4] += 6.0 * (landmarks[4] - [0, 0, 0]) / np.linalg.norm(landmarks[4])
+    long_centre, long_radius = now.crop_region(longer)
+    assert long_radius == pytest.approx(radius + 1.4 * 6.0 / 2)
+    assert np.linalg.norm(long_centre - centre) == pytest.approx(0.7 * 6.0)
+    mouth = landmarks.copy()
+    mouth[5:] += [3.0, -8.0, 2.0]
+    assert now.crop_region(mouth)[1] == pytest.approx(radius)
+    c, s = math.cos(0.4), math.sin(0.4)
+    rotation = np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+    moved_centre, moved_radius = now.crop_region(landmarks @ rotation.T + [10.0, -3.0, 40.0])
+    assert moved_radius == pytest.approx(radius)
+    assert np.allclose(moved_centre, centre @ rotation.T + [10.0, -3.0, 40.0])
 
 
 def test_scan_to_mesh_distance_known_offsets(ict_model):

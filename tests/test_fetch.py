@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from facerecon.facemodel import fetch
-from facerecon.facemodel.install import fetch_and_install_ict
+from facerecon.stages.model_install import fetch_and_install_ict
 from facerecon.facemodel.model import load_face_model
 from tests.ict_fixtures import write_mini_checkout
 

@@ -394,3 +394,46 @@ def test_fit_runs_in_the_model_dtype(synthetic_fit, ict_embedded_model):
     assert all(v.dtype == np.float64 for v in r64.losses.values())
     assert np.abs(np.rad2deg(r64.parameters["angles"] - r32.parameters["angles"])).max() < 1.0
     assert np.abs(r64.landmark_error_px - r32.landmark_error_px).max() < 0.2
+
+
+def test_an_internal_value_error_keeps_its_traceback(fitted_photo, ict_embedded_model_file, tmp_path, monkeypatch):
+    """User mistakes (InputError) print one line; a ValueError from a bug (a shape mismatch) is not
+    swallowed into an 'error:' line but propagates with its traceback."""
+    from facerecon.errors import InputError
+
+    _, out, _ = fitted_photo
+
+    def shape_bug(self, *args, **kwargs):
+        raise ValueError("operands could not be broadcast together with shapes (2, 68) (3, 68)")
+
+    monkeypatch.setattr(FaceFitter, "fit", shape_bug)
+    result = CliRunner().invoke(main, ["fit", str(out / "detections.h5"), "--out", str(tmp_path / "o"),
+                                       "--face-model", str(ict_embedded_model_file), "--quiet", "--no-overlays"])
+    assert type(result.exception) is ValueError and "broadcast" in str(result.exception)
+    assert "error: operands" not in result.output
+    # the user-facing errors are InputErrors, caught by the command line
+    from facerecon.facemodel.model import FaceModelError
+    from facerecon.io.store import StoreError
+    from facerecon.training.config import ConfigError
+
+    assert all(issubclass(e, InputError) for e in (FaceModelError, StoreError, ConfigError))
+
+
+
+def test_two_face_fit_on_each_device(synthetic_fit, ict_embedded_model, device):
+    """A short two-face fit runs on the device (CPU here; CUDA where present) and agrees with the CPU fit."""
+    _, _, _, _, targets = synthetic_fit
+    settings = FitSettings(landmark_steps=15, coarse_steps=3, fine_steps=1)
+
+    def fit_on(dev):
+        tensors = FaceModelTensors(ict_embedded_model).to(dev)
+        return FaceFitter(tensors, ict_embedded_model.regions, settings,
+                          oval_indices=face_oval_indices()).fit(targets.to(dev))
+
+    result = fit_on(device)
+    assert not result.failed.any() and result.parameters["identity"].shape[0] == 2
+    assert np.isfinite(result.losses["total"]).all()
+    if device.type != "cpu":
+        reference = fit_on(torch.device("cpu"))
+        assert np.abs(np.rad2deg(result.parameters["angles"] - reference.parameters["angles"])).max() < 0.5
+        assert np.abs(result.landmark_error_px - reference.landmark_error_px).max() < 0.2

@@ -19,7 +19,7 @@ from facerecon.cli import main
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import camera_rotation, crop_intrinsics, model_to_camera
 from facerecon.losses import multiview as mv
-from facerecon.render.camera import project_points
+from facerecon.render.camera import project_points, scale_intrinsics
 from tests.helpers_detect import write_synth_detections
 from facerecon.render.renderer import MeshRenderer
 from facerecon.synthetic import random_parameters
@@ -369,7 +369,7 @@ def test_torchrun_two_processes_on_cpu(grouped_data, ict_model_file, tmp_path):
                                    extra="[augment]\nenabled = false"))
     code = f"""
 import os, torch
-import facerecon.training.trainer as T
+import facerecon.training.run as T
 rank, out = os.environ["RANK"], {str(tmp_path)!r}
 original_prepare, original_run = T.prepare_data, T.run_training
 def prepare(*args, **kwargs):
@@ -410,3 +410,23 @@ main(["train", "--config", {str(cfg)!r}, "--device", "cpu", "--json"], standalon
     for key in ("loss", "photometric", "landmark", "multiview_pixel", "multiview_covisible"):
         assert one[key] == pytest.approx(records[0][key], rel=1e-4), key
     assert one["multiview_depth"] == pytest.approx(records[0]["multiview_depth"], abs=1e-4)  # ~0: equal poses
+
+
+def test_multiview_terms_reuse_the_photometric_rasterization(face):
+    """A grouped training step rasterizes once: passing the photometric render's fragments (same
+    meshes, size and intrinsics) gives the same terms and gradients as rasterizing again."""
+    scene = _scene(face, [0.0, 25.0])
+    size = 32  # rendered at half the crop size, as the training loss does
+    cam = scene["cam"].clone().requires_grad_(True)
+    k_render = crop_intrinsics(SIZE, 2)
+    rendered = MeshRenderer((size, size), backend="torch").render(
+        cam, scene["tris"], scale_intrinsics(k_render, size / SIZE), torch.ones_like(cam).clamp(0, 1))
+    args = (scene["tris"], scene["out"].image, scene["landmarks"], scene["rotation"], scene["p"]["translation"],
+            scene["k"], 2, size)
+    again = mv.multiview_losses(cam, *args)
+    reused = mv.multiview_losses(cam, *args, fragments=rendered.fragments)
+    for name in again:
+        torch.testing.assert_close(reused[name], again[name])
+    grad_again, = torch.autograd.grad(again["depth"].sum() + again["pixel"].sum(), cam, retain_graph=True)
+    grad_reused, = torch.autograd.grad(reused["depth"].sum() + reused["pixel"].sum(), cam)
+    torch.testing.assert_close(grad_reused, grad_again)

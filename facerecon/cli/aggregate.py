@@ -108,6 +108,8 @@ def aggregate(albums: tuple[str, ...], out_dir: Path, method: str | None, cnet: 
         with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:
             summary = run_aggregate(list(albums), out_dir, options, progress=progress.stage("aggregate", "album"),
                                     should_stop=stop)
+    # still any ValueError: stages/aggregate and the network loaders (networks/*) report user
+    # mistakes as plain ValueError; narrow to facerecon.errors.InputError once they raise it
     except (FaceModelError, StoreError, ValueError, OSError) as exc:
         fail_run(str(exc), out_dir, as_json)
     report_stage(console, summary, quiet, as_json, _print_summary, "albums")

@@ -91,19 +91,22 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
       facerecon fit photos/ --out out/ --checkpoint runs/rnet/checkpoints/latest.pt --refine 20
     """
     from facerecon.export.meshio import parse_formats
-    from facerecon.facemodel.model import FaceModelError
+    from facerecon.errors import InputError
     from facerecon.fitting.optimize import FitSettings
-    from facerecon.io.store import StoreError
+    from facerecon.io.images import ImageLoadError
     from facerecon.stages.fit import FitOptions, run_fit
 
     try:
         format_list = parse_formats(formats)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--format") from None
-    settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2],
-                           use_dense_landmarks=not no_dense,
-                           detector_bias_iterations=FitSettings.detector_bias_iterations if detector_bias else 0,
-                           **({"landmark_trust_reference": 0.0} if landmark_trust == "full" else {}))
+    try:
+        settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2],
+                               use_dense_landmarks=not no_dense,
+                               detector_bias_iterations=FitSettings.detector_bias_iterations if detector_bias else 0,
+                               **({"landmark_trust_reference": 0.0} if landmark_trust == "full" else {}))
+    except InputError as exc:
+        raise click.UsageError(str(exc)) from None
     options = FitOptions(face_model=face_model, allow_download=False if no_download else None, device=device,
                          batch_size=batch_size, formats=format_list, pose=pose, texture_size=texture_size,
                          overlays=not no_overlays, largest=largest, overwrite=overwrite, seed=seed,
@@ -114,7 +117,7 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
         with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:
             summary = run_fit(inputs, out_dir, options, progress=progress.stage("fit", "face"),
                               detect_progress=progress.stage("detect"), should_stop=stop)
-    except (FaceModelError, StoreError, ValueError, OSError) as exc:
+    except (InputError, ImageLoadError, OSError) as exc:  # user mistakes; a bug keeps its traceback
         fail_run(describe_os_error(exc), out_dir, as_json)
     report_stage(console, summary, quiet, as_json, _print_summary, "images")
 

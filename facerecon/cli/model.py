@@ -59,7 +59,7 @@ def import_cmd(kind: str, sources: tuple[Path, ...], name: str | None, out_path:
     bfm SOURCE.. BFM_model_front.mat, or 01_MorphableModel.mat + Exp_Pca.bin
                  (see docs/bfm.md for the optional index files)
     """
-    from facerecon.facemodel.install import add_dense_embedding, add_detector_bias, import_model
+    from facerecon.stages.model_install import add_dense_embedding, add_detector_bias, import_model
     from facerecon.facemodel.model import save_face_model
     from facerecon.facemodel.resolve import install_model
 
@@ -103,7 +103,7 @@ def fetch_cmd(kind: str, name: str, url: str | None, sha256: str | None, embed: 
 
     The download resumes where it stopped if interrupted; run the command again.
     """
-    from facerecon.facemodel.install import fetch_and_install_ict
+    from facerecon.stages.model_install import fetch_and_install_ict
 
     try:
         path = fetch_and_install_ict(name=name, url=url, sha256=sha256, embed=embed, calibrate=calibrate)
@@ -169,7 +169,7 @@ def calibrate_cmd(reference: str | None, yaws: str, pitches: str, faces_per_cell
     import dataclasses
 
     from facerecon.facemodel.model import save_face_model
-    from facerecon.fitting.calibration import calibrate_detector_bias
+    from facerecon.stages.calibrate import calibrate_detector_bias
 
     grid = {"yaws": _angle_grid(yaws, "--yaws"), "pitches": _angle_grid(pitches, "--pitches")}
     try:

@@ -54,10 +54,9 @@ def train(config_path: Path | None, print_config: bool, resume: bool, device: st
     except ConfigError as exc:
         raise click.UsageError(f"{config_path}: {exc}") from None
 
-    from facerecon.facemodel.model import FaceModelError
-    from facerecon.io.store import StoreError
-    from facerecon.training.distributed import is_main_process
-    from facerecon.training.trainer import run_training
+    from facerecon.errors import InputError
+    from facerecon.training.distributed import RemoteError, is_main_process
+    from facerecon.training.run import run_training
 
     quiet = quiet or not is_main_process()  # under torchrun only rank 0 reports
     as_json = as_json and is_main_process()
@@ -66,7 +65,7 @@ def train(config_path: Path | None, print_config: bool, resume: bool, device: st
         with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:
             summary, _ = run_training(config, device, resume, progress=progress.stage("train", "step"),
                                       should_stop=stop)
-    except (FaceModelError, StoreError, ValueError, OSError, FloatingPointError) as exc:
+    except (InputError, RemoteError, OSError, FloatingPointError) as exc:  # a bug keeps its traceback
         fail_run(str(exc), config.output, as_json)
     data = summary.to_dict()
     if not quiet:

@@ -39,11 +39,15 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from scipy.spatial import cKDTree
 
+from facerecon.errors import InputError
 from facerecon.evaluation.geometry import Similarity, crop_sphere, find_nose_tip, icp_similarity, surface_distances
-from facerecon.fitting.optimize import FitSettings
+from facerecon.evaluation.plots import plot_cumulative_errors, plot_heatmaps, render_vertex_values
 from facerecon.evaluation.results import load_finished, store_finished, write_result_files
+from facerecon.facemodel.resolve import resolve_face_model
+from facerecon.fitting.optimize import FitSettings
 from facerecon.io.atomic import atomic_path, atomic_write_text
 from facerecon.io.images import IMAGE_EXTENSIONS
+from facerecon.stages.fit import FitOptions, pick_device, read_fits, run_fit
 
 SCENARIOS = {"cooperative": "Indoor-Cooperative", "indoor": "PTZ-Indoor", "outdoor": "PTZ-Outdoor"}
 VIEWS = ("frontal1", "frontal2")
@@ -153,15 +157,15 @@ def discover_subjects(root: str | Path, scenarios: Iterable[str] = tuple(SCENARI
     scenarios = list(scenarios)
     unknown = [s for s in scenarios if s not in SCENARIOS]
     if unknown:
-        raise ValueError(f"unknown MICC scenario(s) {', '.join(unknown)}: use {', '.join(SCENARIOS)}")
+        raise InputError(f"unknown MICC scenario(s) {', '.join(unknown)}: use {', '.join(SCENARIOS)}")
     if not root.is_dir():
-        raise ValueError(f"{root} is not a folder")
+        raise InputError(f"{root} is not a folder")
     folders = sorted((d for d in root.iterdir() if d.is_dir() and SUBJECT_PATTERN.fullmatch(d.name)),
                      key=_subject_order)
     if not folders and ((root / "Model").is_dir() or (root / "Video").is_dir()):
         folders = [root]
     if not folders:
-        raise ValueError(f"{root} has no subject_XX folders (expected the MICC layout "
+        raise InputError(f"{root} has no subject_XX folders (expected the MICC layout "
                          "ROOT/subject_XX/Model/<view>/obj/*.obj and ROOT/subject_XX/Video/)")
     subjects = []
     for folder in folders:
@@ -369,11 +373,11 @@ def prepare_scan(path: str | Path, radius_mm: float = CROP_RADIUS_MM) -> GroundT
     vertices, _ = read_obj(path)
     vertices = vertices[np.all(np.isfinite(vertices), axis=1)]
     if len(vertices) < MIN_SCAN_POINTS:
-        raise ValueError(f"scan {Path(path).name} has {len(vertices)} vertices")
+        raise InputError(f"scan {Path(path).name} has {len(vertices)} vertices")
     tip = find_scan_nose_tip(vertices, radius_mm)
     points, _, _ = crop_sphere(vertices, tip, radius_mm)
     if len(points) < MIN_SCAN_POINTS:
-        raise ValueError(f"scan {Path(path).name}: only {len(points)} vertices within {radius_mm:g} mm of the nose tip")
+        raise InputError(f"scan {Path(path).name}: only {len(points)} vertices within {radius_mm:g} mm of the nose tip")
     spacing = float(np.median(cKDTree(points).query(points, k=2)[0][:, 1]))
     return GroundTruth(points, tip, int(len(vertices)), spacing)
 
@@ -483,8 +487,6 @@ def _store_finished(out_dir: Path, row: dict, vertex_errors: np.ndarray, digest:
 
 def _no_shape_reason(fits_path: Path, files: list[str], fit_summary) -> str:
     """Why no frame of a video gave a shape (one line)."""
-    from facerecon.stages.fit import read_fits
-
     statuses: dict[str, str] = {}
     reasons: list[str] = []
     if fits_path.is_file():
@@ -504,8 +506,6 @@ def _no_shape_reason(fits_path: Path, files: list[str], fit_summary) -> str:
 def _evaluate_video(subject: MiccSubject, scenario: str, model, gt: GroundTruth, out_dir: Path, options: MiccOptions,
                     should_stop) -> tuple[dict, np.ndarray | None, bool]:
     """Sample, reconstruct and score one video. Returns (row, vertex errors or None, interrupted)."""
-    from facerecon.stages.fit import FitOptions, read_fits, run_fit
-
     row = _new_row(subject, scenario)
     source = subject.videos[scenario]
     frames_dir = out_dir / "frames" / subject.name / scenario
@@ -577,12 +577,9 @@ def run_micc(root: str | Path, out_dir: str | Path, options: MiccOptions | None 
     video; ``should_stop()`` polled between videos and fit batches (interrupted runs keep
     finished videos and report ``interrupted``).
     """
-    from facerecon.facemodel.resolve import resolve_face_model
-    from facerecon.stages.fit import pick_device
-
     options = options or MiccOptions()
     if options.frames < 1:
-        raise ValueError("--frames must be at least 1")
+        raise InputError("--frames must be at least 1")
     out_dir = Path(out_dir)
     started = time.perf_counter()
     subjects = discover_subjects(root, options.scenarios)
@@ -610,35 +607,8 @@ def run_micc(root: str | Path, out_dir: str | Path, options: MiccOptions | None 
                 errors[(subject.name, scenario)] = vertex_errors
             else:
                 t0 = time.perf_counter()
-                row = _new_row(subject, scenario)
-                vertex_errors, stop = None, False
-                try:
-                    if subject.scan is None:
-                        row["reason"] = subject.scan_reason
-                    elif subject.videos.get(scenario) is None:
-                        row["reason"] = f"missing video: no Video/{SCENARIOS[scenario]}.* (nor a frame folder)"
-                    else:
-                        if subject.name not in ground_truth:
-                            try:
-                                ground_truth[subject.name] = prepare_scan(subject.scan)
-                            except (ValueError, OSError, IndexError) as exc:
-                                ground_truth[subject.name] = f"unusable scan: {_one_line(exc)}"
-                        gt = ground_truth[subject.name]
-                        if isinstance(gt, str):
-                            row["reason"] = gt
-                        else:
-                            row, vertex_errors, stop = _evaluate_video(subject, scenario, model, gt, out_dir,
-                                                                        options, should_stop)
-                            if row["status"] == STATUS_OK:
-                                if subject.name not in baselines:
-                                    baselines[subject.name] = score_shape(
-                                        model.mean_shape, model.triangles, int(model.landmarks68[30]),
-                                        gt).rmse_point_to_plane
-                                row["baseline_rmse_mm"] = baselines[subject.name]
-                except KeyboardInterrupt:
-                    stop = True
-                except Exception as exc:  # noqa: BLE001 - one video's failure is a reason, the run goes on
-                    row["reason"] = f"{type(exc).__name__}: {_one_line(exc)}"
+                row, vertex_errors, stop = _run_video(subject, scenario, model, out_dir, options, should_stop,
+                                                      ground_truth, baselines)
                 if stop:
                     interrupted = True
                     break
@@ -653,7 +623,51 @@ def run_micc(root: str | Path, out_dir: str | Path, options: MiccOptions | None 
                 progress.advance()
         if interrupted:
             break
-    by_scenario = aggregate(rows, options.scenarios)
+    result = MiccResult(rows, aggregate(rows, options.scenarios),
+                        _summary(root, options, model, subjects, rows, started, interrupted))
+    write_reports(result, out_dir, model, errors)
+    return result
+
+
+def _run_video(subject, scenario: str, model, out_dir: Path, options: MiccOptions, should_stop,
+               ground_truth: dict, baselines: dict[str, float]) -> tuple[dict, np.ndarray | None, bool]:
+    """Evaluate one (subject, scenario) video not finished before: (row, per-vertex errors or None,
+    stop requested). Its scan is prepared once per subject (``ground_truth``), and the mean face is
+    scored against it once (``baselines``); a failure is the row's reason, not an exception."""
+    row = _new_row(subject, scenario)
+    vertex_errors, stop = None, False
+    try:
+        if subject.scan is None:
+            row["reason"] = subject.scan_reason
+        elif subject.videos.get(scenario) is None:
+            row["reason"] = f"missing video: no Video/{SCENARIOS[scenario]}.* (nor a frame folder)"
+        else:
+            if subject.name not in ground_truth:
+                try:
+                    ground_truth[subject.name] = prepare_scan(subject.scan)
+                except (ValueError, OSError, IndexError) as exc:
+                    ground_truth[subject.name] = f"unusable scan: {_one_line(exc)}"
+            gt = ground_truth[subject.name]
+            if isinstance(gt, str):
+                row["reason"] = gt
+            else:
+                row, vertex_errors, stop = _evaluate_video(subject, scenario, model, gt, out_dir, options,
+                                                            should_stop)
+                if row["status"] == STATUS_OK:
+                    if subject.name not in baselines:
+                        baselines[subject.name] = score_shape(
+                            model.mean_shape, model.triangles, int(model.landmarks68[30]), gt).rmse_point_to_plane
+                    row["baseline_rmse_mm"] = baselines[subject.name]
+    except KeyboardInterrupt:
+        stop = True
+    except Exception as exc:  # noqa: BLE001 - one video's failure is a reason, the run goes on
+        row["reason"] = f"{type(exc).__name__}: {_one_line(exc)}"
+    return row, vertex_errors, stop
+
+
+def _summary(root, options: MiccOptions, model, subjects: list, rows: list[dict], started: float,
+             interrupted: bool) -> dict:
+    """The run's summary record (micc_results.json without the rows)."""
     ok = [r for r in rows if r["status"] == STATUS_OK]
     overall_mean, overall_std = _mean_std([r["rmse_mm"] for r in ok])
     run_seconds = [r["seconds"] for r in rows if not r["resumed"] and r["status"] == STATUS_OK]
@@ -671,9 +685,7 @@ def run_micc(root: str | Path, out_dir: str | Path, options: MiccOptions | None 
         "failures": [{"subject": r["subject"], "scenario": r["scenario"], "reason": r["reason"]}
                      for r in rows if r["status"] != STATUS_OK],
     }
-    result = MiccResult(rows, by_scenario, summary)
-    write_reports(result, out_dir, model, errors)
-    return result
+    return summary
 
 
 def _one_line(exc: BaseException) -> str:
@@ -691,8 +703,6 @@ CSV_FIELDS = ["subject", "scenario", "status", "reason", "rmse_mm", "mean_mm", "
 def write_reports(result: MiccResult, out_dir: Path, model, errors: dict[tuple[str, str], np.ndarray]) -> None:
     """micc_results.json, micc_results.csv, micc_cumulative_error.png and (when anything was
     scored) micc_error_heatmap.png."""
-    from facerecon.evaluation.plots import plot_cumulative_errors, plot_heatmaps, render_vertex_values
-
     plots = {"cumulative_error": str(out_dir / "micc_cumulative_error.png")}
     curves = {s: [r["rmse_mm"] for r in result.rows if r["scenario"] == s and r["status"] == STATUS_OK]
               for s in result.summary["scenario_names"]}

@@ -48,10 +48,18 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from facerecon.evaluation.geometry import Similarity, umeyama
-from facerecon.fitting.optimize import FitSettings
+from facerecon.errors import InputError
+from facerecon.evaluation.aflw2000 import landmark_points68
+from facerecon.evaluation.geometry import Similarity, triangle_normals, umeyama
+from facerecon.evaluation.micc import read_obj
+from facerecon.evaluation.plots import plot_cumulative_distribution
 from facerecon.evaluation.results import load_finished, store_finished, write_result_files
+from facerecon.facemodel.geometry import closest_points_on_mesh
+from facerecon.facemodel.resolve import resolve_face_model
+from facerecon.fitting.optimize import FitSettings
 from facerecon.io.atomic import atomic_path, atomic_write_text
+from facerecon.io.store import attrs_dict, open_results
+from facerecon.stages.fit import STATUS_SKIPPED, FitOptions, FitSummary, pick_device, run_fit
 
 SPLIT_FILES = {"val": "imagepathsvalidation.txt", "test": "imagepathstest.txt"}
 CHALLENGES = ("multiview_neutral", "multiview_expressions", "multiview_occlusions", "selfie")
@@ -95,8 +103,6 @@ def scan_to_mesh_distances(points: np.ndarray, vertices: np.ndarray, triangles: 
                            chunk: int = 20000) -> np.ndarray:
     """Unsigned distance (P,) of each point (P, 3) to the closest point of the mesh surface
     (vertices (N, 3), triangles (F, 3)), in chunks to bound memory."""
-    from facerecon.facemodel.geometry import closest_points_on_mesh
-
     points = np.asarray(points, dtype=np.float64)
     vertices = np.asarray(vertices, dtype=np.float64)
     triangles = np.asarray(triangles)
@@ -154,9 +160,6 @@ def align_to_scan(pred_vertices: np.ndarray, triangles: np.ndarray, pred_landmar
     when the cost improves by less than ``tolerance`` (relative) or after ``iterations``.
     Returns (final similarity, landmark-only similarity), prediction -> scan.
     """
-    from facerecon.evaluation.geometry import triangle_normals
-    from facerecon.facemodel.geometry import closest_points_on_mesh
-
     pred_vertices = np.asarray(pred_vertices, dtype=np.float64)
     triangles = np.asarray(triangles)
     initial = umeyama(np.asarray(pred_landmarks, dtype=np.float64), np.asarray(scan_landmarks, dtype=np.float64))
@@ -254,12 +257,12 @@ def read_landmarks(path: str | Path) -> np.ndarray:
             points = [[float(p.attrib[a]) for a in ("x", "y", "z")] for p in root.iter("point")
                       if p.attrib.get("active", "1") != "0"]
     except (OSError, ValueError, KeyError, ElementTree.ParseError) as exc:
-        raise ValueError(f"unreadable landmarks {path.name}: {' '.join(str(exc).split())[:200]}") from None
+        raise InputError(f"unreadable landmarks {path.name}: {' '.join(str(exc).split())[:200]}") from None
     points = np.asarray(points, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] != 3 or len(points) < 7:
-        raise ValueError(f"landmarks {path.name}: expected 7 points (x, y, z), found shape {points.shape}")
+        raise InputError(f"landmarks {path.name}: expected 7 points (x, y, z), found shape {points.shape}")
     if not np.all(np.isfinite(points[:7])):
-        raise ValueError(f"landmarks {path.name} has non-finite values")
+        raise InputError(f"landmarks {path.name} has non-finite values")
     return points[:7]
 
 
@@ -277,7 +280,7 @@ def parse_entry(line: str) -> tuple[str, str, str]:
     """(subject, challenge, file name) from the last three parts of an image-list line."""
     parts = [p for p in line.split("/") if p]
     if len(parts) < 3:
-        raise ValueError(f"image-list line {line!r} is not <subject>/<challenge>/<image>")
+        raise InputError(f"image-list line {line!r} is not <subject>/<challenge>/<image>")
     return parts[-3], parts[-2], parts[-1]
 
 
@@ -289,7 +292,7 @@ def find_dataset_folder(root: str | Path, split: str) -> Path:
     for folder in (root, root / "final_release_version", root / "NoW_Dataset" / "final_release_version"):
         if (folder / name).is_file():
             return folder
-    raise ValueError(f"{root} has no {name} (expected the NoW layout: {name}, iphone_pictures/, scans/, "
+    raise InputError(f"{root} has no {name} (expected the NoW layout: {name}, iphone_pictures/, scans/, "
                      "scans_lmks_onlypp/; or give --image-list)")
 
 
@@ -327,12 +330,12 @@ def discover_entries(root: str | Path, split: str = "val", image_list: str | Pat
     dropped, restricted to ``challenges`` when given). An entry whose photo is missing carries
     a reason."""
     if split not in SPLIT_FILES:
-        raise ValueError(f"unknown NoW split {split!r}: use {', '.join(SPLIT_FILES)}")
+        raise InputError(f"unknown NoW split {split!r}: use {', '.join(SPLIT_FILES)}")
     root = Path(root)
     if image_list is not None:
         list_path = Path(image_list)
         if not list_path.is_file():
-            raise ValueError(f"image list {list_path} not found")
+            raise InputError(f"image list {list_path} not found")
         try:
             dataset = find_dataset_folder(root, split)
         except ValueError:
@@ -354,7 +357,7 @@ def discover_entries(root: str | Path, split: str = "val", image_list: str | Pat
             entry.reason = f"missing image: {line} not found under {dataset / 'iphone_pictures'}"
         entries.append(entry)
     if not entries:
-        raise ValueError(f"{list_path} lists no images" + (" of the chosen challenges" if wanted else ""))
+        raise InputError(f"{list_path} lists no images" + (" of the chosen challenges" if wanted else ""))
     return dataset, list_path, entries
 
 
@@ -376,15 +379,13 @@ def find_ground_truth(dataset: Path, subject: str) -> tuple[Path | None, Path | 
 
 def prepare_ground_truth(scan_path: Path, landmarks_path: Path) -> NowGroundTruth:
     """Read a scan (mm) and its 7 landmarks and crop the scan to NoW's face sphere."""
-    from facerecon.evaluation.micc import read_obj
-
     vertices, _ = read_obj(scan_path)
     vertices = vertices[np.all(np.isfinite(vertices), axis=1)]
     landmarks = read_landmarks(landmarks_path)
     centre, radius = crop_region(landmarks)
     points = vertices[np.linalg.norm(vertices - centre, axis=1) <= radius]
     if len(points) < MIN_SCAN_POINTS:
-        raise ValueError(f"scan {scan_path.name}: only {len(points)} vertices within {radius:.0f} mm of the face "
+        raise InputError(f"scan {scan_path.name}: only {len(points)} vertices within {radius:.0f} mm of the face "
                          "centre given by its landmarks (scan and landmarks in different units?)")
     return NowGroundTruth(points, landmarks, centre, radius, int(len(vertices)))
 
@@ -494,8 +495,6 @@ def _store_finished(out_dir: Path, entry: NowEntry, row: dict, distances: np.nda
 
 def _fitted_neutral(results, key: str) -> tuple[dict | None, np.ndarray | None]:
     """Attributes of a fitted image and the neutral vertices (N, 3) of its first face."""
-    from facerecon.io.store import attrs_dict
-
     if key not in results:
         return None, None
     group = results[key]
@@ -531,10 +530,6 @@ def run_now(root: str | Path, out_dir: str | Path, options: NowOptions | None = 
     callbacks of the fit, detect and scoring stages; ``should_stop()`` is polled between images
     and fit batches (an interrupted run keeps everything finished and reports ``interrupted``).
     """
-    from facerecon.facemodel.resolve import resolve_face_model
-    from facerecon.io.store import open_results
-    from facerecon.stages.fit import FitOptions, pick_device, run_fit
-
     options = options or NowOptions()
     out_dir = Path(out_dir)
     started = time.perf_counter()
@@ -545,25 +540,43 @@ def run_now(root: str | Path, out_dir: str | Path, options: NowOptions | None = 
     pick_device(options.device)
     out_dir.mkdir(parents=True, exist_ok=True)
     digest = _settings_digest(options, model.model_id)
-    triangles = np.asarray(model.triangles)
 
-    images_dir, fit_dir = out_dir / "images", out_dir / "fit"
-    link_images(entries, images_dir)
-    fit_summary = None
     fit_started = time.perf_counter()
-    if any(e.image is not None for e in entries):
-        fit_options = FitOptions(face_model=options.face_model, device=options.device, batch_size=options.batch_size,
-                                 formats=[], largest=True, overlays=False, texture_size=64,
-                                 checkpoint=options.checkpoint, refine=options.refine, settings=options.settings)
-        fit_summary = run_fit([str(images_dir)], fit_dir, fit_options, progress=progress,
-                              detect_progress=detect_progress, should_stop=should_stop)
+    fit_summary = _fit_images(entries, out_dir, options, progress, detect_progress, should_stop)
     fit_seconds = time.perf_counter() - fit_started
     interrupted = bool(fit_summary is not None and fit_summary.interrupted)
+    rows, distances, interrupted = _score_entries(entries, out_dir / "fit" / "fits.h5", fit_summary, model, dataset,
+                                                  out_dir, digest, interrupted, score_progress, should_stop)
+    summary = _summary(root, dataset, list_path, options, model, rows, distances, fit_summary, fit_seconds, started,
+                       interrupted, out_dir)
+    result = NowResult(rows, aggregate(rows, distances), summary)
+    write_reports(result, out_dir, distances)
+    return result
 
+
+def _fit_images(entries: list[NowEntry], out_dir: Path, options: NowOptions, progress, detect_progress,
+                should_stop) -> FitSummary | None:
+    """Link the split's images into ``out_dir/images`` and fit them into ``out_dir/fit`` (None: no image)."""
+    images_dir = out_dir / "images"
+    link_images(entries, images_dir)
+    if not any(e.image is not None for e in entries):
+        return None
+    fit_options = FitOptions(face_model=options.face_model, device=options.device, batch_size=options.batch_size,
+                             formats=[], largest=True, overlays=False, texture_size=64,
+                             checkpoint=options.checkpoint, refine=options.refine, settings=options.settings)
+    return run_fit([str(images_dir)], out_dir / "fit", fit_options, progress=progress,
+                   detect_progress=detect_progress, should_stop=should_stop)
+
+
+def _score_entries(entries: list[NowEntry], fits_path: Path, fit_summary: FitSummary | None, model, dataset: Path,
+                   out_dir: Path, digest: str, interrupted: bool, score_progress, should_stop
+                   ) -> tuple[list[dict], dict[str, np.ndarray], bool]:
+    """Write each image's prediction and score it against its scan: (rows, distances by image,
+    interrupted); images never reached by an interrupted run are listed with that reason."""
+    triangles = np.asarray(model.triangles)
     rows: list[dict] = []
     distances: dict[str, np.ndarray] = {}
     ground_truth: dict[str, NowGroundTruth | str] = {}
-    fits_path = fit_dir / "fits.h5"
     if score_progress is not None:
         score_progress.start(len(entries))
     with open_results(fits_path, "images") as results:
@@ -593,10 +606,15 @@ def run_now(root: str | Path, out_dir: str | Path, options: NowOptions | None = 
                 row = _new_row(entry)
                 row["reason"] = row["reason"] or "not evaluated (interrupted)"
                 rows.append(row)
+    return rows, distances, interrupted
 
+
+def _summary(root, dataset: Path, list_path: Path, options: NowOptions, model, rows: list[dict],
+             distances: dict[str, np.ndarray], fit_summary: FitSummary | None, fit_seconds: float, started: float,
+             interrupted: bool, out_dir: Path) -> dict:
+    """The run's summary record (now_results.json without the rows)."""
     statuses = list(fit_summary.images.values()) if fit_summary is not None else []
     processed_now = statuses.count("ok") + statuses.count("no_face")
-    by_challenge = aggregate(rows, distances)
     overall = pooled_statistics(distances.values())
     scored = [r for r in rows if r["status"] == STATUS_OK]
     summary = {
@@ -619,18 +637,13 @@ def run_now(root: str | Path, out_dir: str | Path, options: NowOptions | None = 
         "failures": [{"image": r["image"], "reason": r["reason"]} for r in rows if r["status"] == STATUS_FAILED],
         "not_scored": [{"image": r["image"], "reason": r["reason"]} for r in rows if r["status"] == STATUS_PREDICTED],
     }
-    result = NowResult(rows, by_challenge, summary)
-    write_reports(result, out_dir, distances)
-    return result
+    return summary
 
 
 def _predict_and_score(entry: NowEntry, row: dict, results, fit_summary, model, triangles: np.ndarray,
                        dataset: Path, out_dir: Path, digest: str, ground_truth: dict, distances: dict) -> None:
     """Fill ``row`` for one image: prediction files from the fit, then the score (stored, or
     loaded when an earlier run finished it)."""
-    from facerecon.evaluation.aflw2000 import landmark_points68
-    from facerecon.stages.fit import STATUS_SKIPPED
-
     if entry.image is None:
         return
     t0 = time.perf_counter()
@@ -702,8 +715,6 @@ CSV_FIELDS = ["image", "subject", "challenge", "status", "reason", "median_mm", 
 
 def write_reports(result: NowResult, out_dir: Path, distances: dict[str, np.ndarray]) -> None:
     """now_results.json, now_results.csv and now_cumulative_error.png (atomically)."""
-    from facerecon.evaluation.plots import plot_cumulative_distribution
-
     plots = {"cumulative_error": str(out_dir / "now_cumulative_error.png")}
     curves: dict[str, np.ndarray] = {}
     for row in result.by_challenge:

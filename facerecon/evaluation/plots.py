@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from facerecon.io.atomic import atomic_write_bytes
+from facerecon.render.renderer import MeshRenderer
 
 NO_VALUE_GRAY = (0.78, 0.78, 0.78)
 
@@ -73,8 +74,6 @@ def render_vertex_values(vertices: np.ndarray, triangles: np.ndarray, values: np
     ``focus``: vertex indices the view is framed on (default: the vertices with a value, or
     all when none has one).
     """
-    from facerecon.render.renderer import MeshRenderer
-
     vertices = np.asarray(vertices, dtype=np.float64)
     if focus is None:
         focus = np.flatnonzero(np.isfinite(values))
@@ -89,7 +88,7 @@ def render_vertex_values(vertices: np.ndarray, triangles: np.ndarray, values: np
     k = torch.tensor([[focal, 0.0, (size - 1) / 2], [0.0, focal, (size - 1) / 2], [0.0, 0.0, 1.0]])[None]
     albedo = torch.as_tensor(vertex_colors(values, vmax, cmap), dtype=torch.float32)[None]
     white = torch.ones(1, size, size, 3)
-    out = MeshRenderer(image_size=(size, size), backend="auto").render(
+    out = MeshRenderer(image_size=(size, size), backend="torch").render(
         torch.as_tensor(camera, dtype=torch.float32)[None], torch.as_tensor(np.asarray(triangles), dtype=torch.long),
         k.float(), albedo, None, background=white)
     shade = (0.35 + 0.65 * (-out.normals[0, ..., 2]).clamp(0, 1))[..., None]

@@ -25,6 +25,7 @@ from facerecon.export.meshio import write_png
 from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.optimize import FitSettings
+from facerecon.io.atomic import atomic_write_bytes
 from facerecon.stages.fit import FitOptions, read_fits, run_fit
 from facerecon.synthetic import random_parameters, render_faces, textured_backgrounds, to_uint8
 
@@ -165,6 +166,5 @@ def plot_error_by_yaw(by_yaw: list[dict], path: Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)
-    from facerecon.io.atomic import atomic_write_bytes
 
     atomic_write_bytes(path, buffer.getvalue())

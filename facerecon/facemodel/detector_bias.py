@@ -6,7 +6,7 @@ towards frontal (its jaw and nose points lag behind the rotation), so a fit to r
 detections underestimates yaw and pitch and bends the identity to compensate. The table
 holds, for sample head poses, the detector's mean offset (detected minus true position of
 every landmark, on the aligned crop) measured on renders of this model
-(:func:`facerecon.fitting.calibration.calibrate_detector_bias`); the fitter subtracts the
+(:func:`facerecon.stages.calibrate.calibrate_detector_bias`); the fitter subtracts the
 offset interpolated at its current pose estimate (:func:`interpolate_offsets`).
 
 Offsets are stored as fractions of the crop size, so they apply to any crop size.

@@ -24,8 +24,14 @@ import warnings
 import numpy as np
 import torch
 
+from facerecon.detection.mediapipe_backend import FaceAnalyzer
 from facerecon.facemodel.geometry import closest_points_on_mesh
 from facerecon.facemodel.model import FaceModel, FaceModelError
+from facerecon.facemodel.tensors import FaceModelTensors, triangle_frames
+from facerecon.render.camera import euler_to_matrix, intrinsics_from_fov, project_points
+from facerecon.render.renderer import MeshRenderer
+from facerecon.render.shading import SH_CONSTANTS
+from facerecon.synthetic import eyeballs, textured_backgrounds
 
 N_DENSE = 468
 DEFAULT_YAWS = (-45.0, -30.0, -15.0, 0.0, 15.0, 30.0, 45.0)
@@ -43,8 +49,6 @@ def face_oval_indices() -> np.ndarray:
 
 def standard_light() -> torch.Tensor:
     """SH light (27,): a photo-like exposure, mostly from the camera side, a little from above."""
-    from facerecon.render.shading import SH_CONSTANTS
-
     sh = torch.zeros(27)
     sh[[0, 9, 18]] = 0.9 / SH_CONSTANTS[0]  # ambient: a white surface facing the light renders at ~0.9
     sh[[3, 12, 21]] = -0.25  # from the camera side (normals towards -z_cam)
@@ -54,8 +58,6 @@ def standard_light() -> torch.Tensor:
 
 def varied_lights(count: int, generator: torch.Generator) -> torch.Tensor:
     """``count`` SH lights (count, 27) spread like the synthetic faces' (white-ish, off-axis)."""
-    from facerecon.render.shading import SH_CONSTANTS
-
     sh = torch.zeros(count, 27)
     level = (0.7 + 0.4 * torch.rand(count, 1, generator=generator)) / SH_CONSTANTS[0]
     sh[:, [0, 9, 18]] = level * (0.92 + 0.16 * torch.rand(count, 3, generator=generator))
@@ -78,9 +80,6 @@ def render_mean_face(model: FaceModel, yaw_degrees: float, image_size: int = 512
         as (u, v, z) float64, and with ``return_projection`` the (3, 4) float64 matrix
         mapping homogeneous mean-shape points to homogeneous pixels.
     """
-    from facerecon.render.camera import euler_to_matrix, intrinsics_from_fov, project_points
-    from facerecon.render.renderer import MeshRenderer
-
     vertices = torch.as_tensor(model.mean_shape, dtype=torch.float32)[None]
     landmarks = vertices[0, torch.as_tensor(model.landmarks68, dtype=torch.int64)]
     centre = landmarks.mean(dim=0)
@@ -100,8 +99,6 @@ def render_mean_face(model: FaceModel, yaw_degrees: float, image_size: int = 512
         background.float()[None]
     triangles = torch.as_tensor(model.triangles, dtype=torch.int64)
     # Eyeballs behind the eye openings, as in a photo: the detector places eyelid points on them.
-    from facerecon.facemodel.tensors import FaceModelTensors
-    from facerecon.synthetic import eyeballs
 
     eye_vertices, eye_triangles, eye_albedo = eyeballs(FaceModelTensors(model), vertices)
     eye_cam = (eye_vertices - centre) @ rotation.T + torch.tensor([0.0, 0.0, distance])
@@ -198,13 +195,9 @@ def embed_dense_landmarks(model: FaceModel, yaws: tuple[float, ...] = DEFAULT_YA
     Raises:
         FaceModelError: when the detector finds no face in the frontal render.
     """
-    from facerecon.detection.mediapipe_backend import FaceAnalyzer
-    from facerecon.facemodel.tensors import triangle_frames
-
     own = analyzer is None
     analyzer = analyzer or FaceAnalyzer(max_faces=1)
     oval = face_oval_indices()
-    from facerecon.synthetic import textured_backgrounds
 
     # The detector's points shift with exposure, light direction and roll (by ~1 % of the eye
     # distance from a dim to a normally exposed render), so every view is seen under several

@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from facerecon.errors import InputError
 from facerecon.facemodel.detector_bias import DetectorBias
 from facerecon.io.atomic import atomic_path
 
@@ -24,7 +25,7 @@ FORMAT_VERSION = 1
 REQUIRED_REGIONS = ("face", "photometric", "skin", "eyes", "inner_mouth")
 
 
-class FaceModelError(Exception):
+class FaceModelError(InputError):
     """A face-model file or source cannot be read or is inconsistent."""
 
 

@@ -24,6 +24,13 @@ HOW_TO_GET_A_MODEL = (
 )
 
 
+#: Fetches, converts and installs the default model when none is installed: () -> Path. The
+#: stage layer sets it (``facerecon/stages/__init__.py`` registers
+#: :func:`facerecon.stages.model_install.fetch_and_install_ict`, which also calibrates the
+#: detector bias with the fitter), so this module needs no import from ``stages``.
+default_fetcher: Callable[[], Path] | None = None
+
+
 class FaceModelUnavailable(FaceModelError):
     """No face model could be found (and none could be fetched)."""
 
@@ -80,10 +87,9 @@ def resolve_face_model_path(
     if not allow_download:
         reason = " and automatic downloads are switched off" if downloads_disabled() else ""
         raise FaceModelUnavailable(f"no face model installed in {models_dir()}{reason}; {HOW_TO_GET_A_MODEL}")
-    if fetcher is None:
-        from facerecon.facemodel.install import fetch_and_install_ict
-
-        fetcher = fetch_and_install_ict
+    fetcher = fetcher or default_fetcher
+    if fetcher is None:  # pragma: no cover - importing any stage registers one
+        raise FaceModelUnavailable(f"no face model installed and no fetcher registered; {HOW_TO_GET_A_MODEL}")
     try:
         return fetcher()
     except FaceModelError as exc:

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from facerecon.detection.landmarks import IBUG68_FROM_MP478
+from facerecon.errors import InputError
 from facerecon.facemodel.detector_bias import canonical_pitch_yaw, interpolate_offsets
 from facerecon.facemodel.model import FaceModel
 
@@ -79,7 +81,6 @@ class FaceModelTensors(nn.Module):
             self.register_buffer("dense_barycentric", torch.as_tensor(model.dense_barycentric, dtype=dtype))
             offset = model.dense_offset if model.dense_offset is not None else model.dense_barycentric * 0
             self.register_buffer("dense_offset", torch.as_tensor(offset, dtype=dtype))
-            from facerecon.detection.landmarks import IBUG68_FROM_MP478
 
             # which dense points make up the detector's 68-point subset
             self.register_buffer("ibug68_dense", torch.as_tensor(IBUG68_FROM_MP478, dtype=torch.int64))
@@ -124,7 +125,7 @@ class FaceModelTensors(nn.Module):
     def albedo(self, coefficients: torch.Tensor) -> torch.Tensor:
         """Per-vertex reflectance (B, N, 3) from albedo coefficients (B, K_alb)."""
         if self.albedo_mean is None:
-            raise ValueError(f"face model {self.model_id!r} has no albedo space")
+            raise InputError(f"face model {self.model_id!r} has no albedo space")
         values = self.albedo_mean + (coefficients @ self.albedo_basis).reshape(coefficients.shape[0], -1, 3)
         return values
 
@@ -157,14 +158,14 @@ class FaceModelTensors(nn.Module):
     def dense_points(self, vertices: torch.Tensor) -> torch.Tensor:
         """Positions (B, L, 3) of the detector's dense landmarks on meshes (B, N, 3)."""
         if self.dense_triangle is None:
-            raise ValueError(f"face model {self.model_id!r} has no dense landmark embedding")
+            raise InputError(f"face model {self.model_id!r} has no dense landmark embedding")
         return embedded_points(vertices, self.triangles[self.dense_triangle], self.dense_barycentric,
                                self.dense_offset)
 
     def dense_values(self, values: torch.Tensor) -> torch.Tensor:
         """Per-vertex values (B, N, C) interpolated at the dense landmarks' surface points."""
         if self.dense_triangle is None:
-            raise ValueError(f"face model {self.model_id!r} has no dense landmark embedding")
+            raise InputError(f"face model {self.model_id!r} has no dense landmark embedding")
         corners = values[:, self.triangles[self.dense_triangle]]
         return (corners * self.dense_barycentric[None, :, :, None]).sum(dim=2)
 
@@ -186,7 +187,7 @@ class FaceModelTensors(nn.Module):
             (B, 68, 2) and (B, 468, 2) (None without a dense table): detected minus true positions.
         """
         if not self.has_detector_bias:
-            raise ValueError(f"face model {self.model_id!r} has no detector-bias table")
+            raise InputError(f"face model {self.model_id!r} has no detector-bias table")
         query = canonical_pitch_yaw(angles.detach())
         if relative_to_frontal:
             query = torch.cat([query, query.new_zeros(1, 2)])

@@ -40,7 +40,7 @@ from facerecon.losses.hybrid import (
     texture_flatness,
 )
 from facerecon.render.camera import project_points, scale_intrinsics, scale_pixels
-from facerecon.render.renderer import MeshRenderer
+from facerecon.render.renderer import MeshRenderer, RenderOutput
 from facerecon.render.shading import SH_CONSTANTS, facing_cosine, sh_basis, vertex_normals
 
 #: Landmarks on the face contour slide along the silhouette: weighted by visibility.
@@ -342,6 +342,13 @@ class FaceFitter:
         total = w_coef * coefficients + w_lan * trust * landmark
                 [+ w_photo * photometric + w_tex * texture + w_per * perceptual]  (paper 000 eq. 1)
         """
+        return self.losses_and_render(p, targets, render_size)[0]
+
+    def losses_and_render(self, p: dict[str, torch.Tensor], targets: FaceTargets, render_size: int | None
+                          ) -> tuple[dict[str, torch.Tensor], RenderOutput | None]:
+        """:meth:`losses` and the photometric render (None without ``render_size``), for callers
+        that reuse its rasterization (the multi-view training terms)."""
+        out = None
         m, w, cfg = self.model, self.settings.weights, self.settings
         b = targets.crops.shape[0]
         identity = p["identity"].expand(b, -1)
@@ -382,7 +389,7 @@ class FaceFitter:
             terms["perceptual"] = self.perceptual(out.image, target, out.mask, landmarks)
             total = total + w["perceptual"] * terms["perceptual"]
         terms["total"] = total
-        return terms
+        return terms, out
 
     def _landmark68_term(self, cam: torch.Tensor, normals: torch.Tensor, k: torch.Tensor,
                          detected: torch.Tensor) -> torch.Tensor:
@@ -464,8 +471,9 @@ class FaceFitter:
     # ------------------------------------------------------------------ optimisation
     #: Adam step size of each variable as a multiple of ``settings.learning_rate``, so that one
     #: step moves each by a comparable amount (model units: mm for ICT, radians, coefficient
-    #: standard deviations, SH coefficients); hand-tuned on the synthetic ICT faces of
-    #: tests/test_fit.py together with the default learning rate 0.03.
+    #: standard deviations, SH coefficients). Hand-set with the default learning rate 0.03 when
+    #: the fitter was written (commits 7c4f1c8, 61236e7; no tuning record kept); check changes
+    #: with benchmarks/fit.py and tests/test_fit.py.
     ADAM_STEP_SCALES = {"translation": 50.0, "angles": 1.0, "sh": 1.0, "identity": 3.0, "expression": 1.0,
                         "albedo": 3.0}
     #: the same in the photometric stages: landmarks already fixed the pose, so the photometric
@@ -549,7 +557,8 @@ class FaceFitter:
     #: step moves the projected landmarks by a comparable amount for all of them: 0.1 rad
     #: (~6 degrees) of rotation, 10 model units (mm for ICT) of translation, 1 standard deviation
     #: of an identity coefficient, 0.1 of an expression weight (blendshapes span [0, 1]).
-    #: Hand-tuned on the synthetic ICT faces of tests/test_fit.py; L-BFGS is run with lr 1 in these units.
+    #: Hand-set when the fitter was written (commit 61236e7; no tuning record kept); L-BFGS runs
+    #: with lr 1 in these units. Check changes with benchmarks/fit.py and tests/test_fit.py.
     LANDMARK_UNITS = {"angles": 0.1, "translation": 10.0, "identity": 1.0, "expression": 0.1}
 
     def _landmark_losses(self, params: dict[str, torch.Tensor], scaled: dict[str, torch.Tensor],

@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterator, Mapping
 import h5py
 import numpy as np
 
+from facerecon.errors import InputError
 from facerecon.io.atomic import atomic_path
 
 STORE_FORMAT = "facerecon-results"
@@ -57,7 +58,7 @@ except ImportError:  # pragma: no cover - non-POSIX
     _fcntl = None
 
 
-class StoreError(Exception):
+class StoreError(InputError):
     """The store cannot be opened or written."""
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from facerecon.render.camera import project_points, scale_intrinsics
-from facerecon.render.rasterize import rasterize
+from facerecon.render.rasterize import Fragments, rasterize
 
 #: Paper 001 sec. 3.8 (eq. 6): w_mul = 1.0 (w_2D = 1.0 is the hybrid loss as it is),
 #: w_pixel = 0.15, w_depth = 1e-4, w_epi = 1e-3.
@@ -308,7 +308,8 @@ def epipolar_loss(points_t: torch.Tensor, points_s: torch.Tensor, fundamental: t
 def multiview_losses(vertices_cam: torch.Tensor, triangles: torch.Tensor, images: torch.Tensor,
                      landmarks: torch.Tensor, rotation: torch.Tensor, translation: torch.Tensor,
                      intrinsics: torch.Tensor, views: int, render_size: int,
-                     landmark_weights: torch.Tensor | None = None, rasterizer=None) -> dict[str, torch.Tensor]:
+                     landmark_weights: torch.Tensor | None = None, rasterizer=None,
+                     fragments: Fragments | None = None) -> dict[str, torch.Tensor]:
     """All paper-001 terms for a batch made of groups of ``views`` consecutive views of one face.
 
     Args:
@@ -322,6 +323,9 @@ def multiview_losses(vertices_cam: torch.Tensor, triangles: torch.Tensor, images
         landmark_weights: (L,) weights of the epipolar term; None means 1 (as the paper).
         rasterizer: ``(screen_vertices, triangles) -> Fragments`` at ``render_size``, e.g.
             ``MeshRenderer(...).rasterize`` to use its backend; None: the torch rasterizer.
+        fragments: the rasterization of ``vertices_cam`` / ``triangles`` at ``render_size`` with
+            ``intrinsics`` scaled to it (e.g. the photometric loss's ``RenderOutput.fragments``
+            of the same step), reused instead of rasterizing again; None: rasterized here.
 
     Returns:
         dict of (P,) tensors over all ordered pairs (see :func:`view_pairs`): ``pixel`` (eq. 3),
@@ -333,11 +337,10 @@ def multiview_losses(vertices_cam: torch.Tensor, triangles: torch.Tensor, images
         raise ValueError(f"batch of {b} is not made of groups of {views} views")
     size = images.shape[1]
     k_render = scale_intrinsics(intrinsics, render_size / size)
-    screen = project_points(vertices_cam, k_render)
-    if rasterizer is None:
-        fragments = rasterize(screen, triangles, (render_size, render_size))
-    else:
-        fragments = rasterizer(screen, triangles)
+    if fragments is None:
+        screen = project_points(vertices_cam, k_render)
+        fragments = (rasterize(screen, triangles, (render_size, render_size)) if rasterizer is None
+                     else rasterizer(screen, triangles))
     visible = vertex_visibility(fragments.triangle_id, triangles, n)
     t, s = view_pairs(b // views, views, vertices_cam.device)
     rel_r, rel_t = relative_pose(rotation[t], translation[t], rotation[s], translation[s])

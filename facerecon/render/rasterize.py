@@ -33,6 +33,7 @@ zero screen area, when a vertex is not finite, or (with culling) when back-facin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -170,6 +171,11 @@ def rasterize_triangle_ids(
 ) -> torch.Tensor:
     """Visibility only: the nearest triangle covering each pixel centre.
 
+    Setup (:func:`_snapped_triangles`: snapping, culling, pixel boxes), bucketing by box size
+    (:func:`_bucket_order`), per-triangle edge and depth tables (:func:`_edge_tables`), then one
+    kernel, :func:`_raster_bucket`, over each bucket (:func:`_scan_buckets`). The contract it
+    implements is spelled out per pixel by :func:`rasterize_triangle_ids_reference`.
+
     Args:
         screen_vertices: (B, N, 3) ``(u, v, z)`` (see module docstring).
         triangles: (F, 3) int64/int32 vertex indices.
@@ -187,134 +193,228 @@ def rasterize_triangle_ids(
     B, N = sv.shape[0], sv.shape[1]
     tris = triangles.to(device=device, dtype=torch.long)
     F = tris.shape[0]
+    empty = torch.full((B, H, W), -1, dtype=torch.long, device=device)
     if B == 0 or F == 0 or N == 0 or H == 0 or W == 0:
-        return torch.full((B, H, W), -1, dtype=torch.long, device=device)
-    f64 = torch.float64
-    ox, oy = W // 2, H // 2  # integer shift: small, exact coordinates
-
+        return empty
     with torch.no_grad():
-        # Structure-of-arrays layout: one contiguous (B*F,) row per corner coordinate.
-        # u, v are snapped to a 1/SUBPIXEL grid relative to the image centre and kept
-        # as integer-valued float64, so edge functions below are computed exactly.
-        comps = sv.to(f64).permute(2, 0, 1)  # (3, B, N)
-        u0, u1, u2, v0, v1, v2, z0, z1, z2 = (
-            comps[c].index_select(1, tris[:, k]).reshape(-1) for c in range(3) for k in range(3)
-        )
-        u0, u1, u2 = (torch.round((u - ox) * SUBPIXEL) for u in (u0, u1, u2))
-        v0, v1, v2 = (torch.round((v - oy) * SUBPIXEL) for v in (v0, v1, v2))
-        cross = (u1 - u0) * (v2 - v0) - (u2 - u0) * (v1 - v0)
-        valid = (z0 > near) & (z1 > near) & (z2 > near) & torch.isfinite(cross) & (cross != 0)
-        if cull_backfaces:
-            valid &= cross < 0
-        # Integer pixel bounding box clipped to the image (in float, NaN-safe clamps).
-        def _lo(a, b, c, off, size):
-            m = torch.minimum(torch.minimum(a, b), c) / SUBPIXEL + off
-            return torch.ceil(m.clamp(-1.0, size + 1.0)).clamp_min(0.0)
-
-        def _hi(a, b, c, off, size):
-            m = torch.maximum(torch.maximum(a, b), c) / SUBPIXEL + off
-            return torch.floor(m.clamp(-1.0, size + 1.0)).clamp_max(size - 1.0)
-
-        x0, x1 = _lo(u0, u1, u2, ox, W), _hi(u0, u1, u2, ox, W)
-        y0, y1 = _lo(v0, v1, v2, oy, H), _hi(v0, v1, v2, oy, H)
-        keep = valid & (x1 >= x0) & (y1 >= y0)  # NaN comparisons are False
-
-        # Bucket by box size class (width, height); dropped triangles go to a last,
-        # never processed class. One sort gives the kept triangles grouped by bucket,
-        # so each bucket below is a contiguous slice of the per-triangle rows.
-        classes = torch.tensor(_size_classes(max(H, W)), device=device, dtype=f64)
-        ncls = classes.numel()
-        nclass2 = ncls * ncls
-        combo = torch.searchsorted(classes, (y1 - y0 + 1).nan_to_num(1.0)) * ncls
-        combo += torch.searchsorted(classes, (x1 - x0 + 1).nan_to_num(1.0))
-        combo = torch.where(keep, combo, nclass2)
-        counts = torch.bincount(combo, minlength=nclass2 + 1)[:nclass2].tolist()
-        M = sum(counts)
-        if M == 0:
-            return torch.full((B, H, W), -1, dtype=torch.long, device=device)
-        class_list = [int(c) for c in classes.tolist()]
-        remap = _merge_small_buckets(counts, class_list)
-        if remap is not None:  # fewer, slightly larger buckets: fewer kernel launches
-            lut = torch.tensor(remap + [nclass2], device=device)
-            combo = lut.index_select(0, combo)
-            counts = torch.bincount(combo, minlength=nclass2 + 1)[:nclass2].tolist()
-        sel = torch.sort(combo, stable=True).indices[:M]  # (M,) b * F + f, bucket order
-
+        rows, keep = _snapped_triangles(sv, tris, H, W, cull_backfaces, near)
+        order = _bucket_order(rows, keep, H, W)
+        if order is None:
+            return empty
+        sel, counts, class_list = order
         # A 1-D index_select per row is much faster on CPU than gathering a 2-D table.
-        u0, u1, u2, v0, v1, v2, z0, z1, z2, cr, x0, y0, x1, y1 = (
-            r.index_select(0, sel) for r in (u0, u1, u2, v0, v1, v2, z0, z1, z2, cross, x0, y0, x1, y1)
-        )
-        xmin, ymin = x0.long(), y0.long()
-        nx = x1.long() - xmin + 1
-        ny = y1.long() - ymin + 1
+        rows = [r.index_select(0, sel) for r in rows]
         bidx = sel // F
-        face = sel - bidx * F
-
-        # Orient every triangle clockwise-as-displayed (positive cross) by swapping
-        # corners 1 and 2 of the others; inside points then have all edges >= 0.
-        flip = cr < 0
-        u1, u2 = torch.where(flip, u2, u1), torch.where(flip, u1, u2)
-        v1, v2 = torch.where(flip, v2, v1), torch.where(flip, v1, v2)
-        z1, z2 = torch.where(flip, z2, z1), torch.where(flip, z1, z2)
-        us = (u0, u1, u2)
-        vs = (v0, v1, v2)
-        zs = (z0, z1, z2)
-        area2 = cr.abs()
-        c_rows, a_rows, b_rows, tl_rows = [], [], [], []
-        pz = qz = rz = None
-        for k in range(3):  # the three edges; edge k goes P -> Q, opposite corner k
-            pu, pv = us[(k + 1) % 3], vs[(k + 1) % 3]
-            qu, qv = us[(k + 2) % 3], vs[(k + 2) % 3]
-            # E_k(x, y) = C + A x + B y = (Q - P) x (X - P); swapping P and Q negates
-            # C, A and B exactly, so shared edges are evaluated consistently.
-            ce = pu * qv - pv * qu
-            ae = pv - qv
-            be = qu - pu
-            # Top-left rule: dy < 0, or dy == 0 and dx > 0 (dy = -A, dx = B). Exactly
-            # one direction of an edge qualifies; every non-degenerate triangle has
-            # at least one such edge.
-            tl = (ae > 0) | ((ae == 0) & (be > 0))
-            # Negate non-top-left edges so that inside <=> (E' >= 0) == tl per edge.
-            sgn = tl.to(f64) * 2.0 - 1.0
-            c_rows.append(ce * sgn)
-            a_rows.append(ae * sgn)
-            b_rows.append(be * sgn)
-            tl_rows.append(tl)
-            # 1/z is affine in screen space: sum_k E_k / (area2 * z_k).
-            g = 1.0 / (area2 * zs[k])
-            pz = ce * g if pz is None else pz + ce * g
-            qz = ae * g if qz is None else qz + ae * g
-            rz = be * g if rz is None else rz + be * g
-        # Per-triangle tables: edge coefficients C, A, B of the three edges, the 1/z
-        # plane, top-left flags, integer box / key / pixel-base rows.
-        # The 1/z plane is re-based at the box corner pixel and expressed per pixel, so
-        # it can be evaluated in float32 without cancellation: p0 + q * dx + r * dy.
-        p0 = pz + qz * ((xmin - ox) * SUBPIXEL).to(f64) + rz * ((ymin - oy) * SUBPIXEL).to(f64)
-        edges = torch.stack(c_rows + a_rows + b_rows)  # (9, M) float64: C0-2, A0-2, B0-2
-        zplane = torch.stack([p0, qz * SUBPIXEL, rz * SUBPIXEL]).float()  # (3, M)
-        tl3 = torch.stack(tl_rows)  # (3, M) bool
-        irows = [xmin, ymin, nx, ny, face | _KEY_HI_BASE, bidx * (H * W)]
-
+        edges, zplane, tl3, irows = _edge_tables(rows, bidx, sel - bidx * F, H, W)
         zbuf = torch.full((B * H * W,), _KEY_EMPTY, dtype=torch.long, device=device)
-        start = 0
-        for cid, cnt in enumerate(counts):
-            if cnt == 0:
-                continue
-            kx = class_list[cid % ncls]
-            ky = class_list[cid // ncls]
-            step = max(1, MAX_CANDIDATES_PER_CHUNK // (kx * ky))
-            ar_x = torch.arange(kx, device=device)[:, None]
-            ar_y = torch.arange(ky, device=device)[:, None]
-            for s0 in range(start, start + cnt, step):
-                sl = slice(s0, min(s0 + step, start + cnt))
-                _raster_bucket(
-                    zbuf, edges[:, sl], zplane[:, sl], tl3[:, sl], [r[sl] for r in irows],
-                    ar_x, ar_y, ox, oy, W,
-                )
-            start += cnt
-
+        _scan_buckets(zbuf, edges, zplane, tl3, irows, counts, class_list, W // 2, H // 2, W)
         tid = torch.where(zbuf == _KEY_EMPTY, -1, zbuf & _LOW32)
     return tid.view(B, H, W)
+
+
+def _snapped_triangles(sv: torch.Tensor, tris: torch.Tensor, H: int, W: int, cull_backfaces: bool,
+                       near: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every (batch item, triangle) as rows of length B*F, and which of them to draw.
+
+    Returns ``[u0, u1, u2, v0, v1, v2, z0, z1, z2, cross, x0, y0, x1, y1]`` and ``keep`` (B*F,) bool.
+    Structure-of-arrays layout: one contiguous row per corner coordinate. u, v are snapped to a
+    1/SUBPIXEL grid relative to the image centre (``W // 2, H // 2``, an integer shift: small,
+    exact coordinates) and kept as integer-valued float64, so edge functions are computed
+    exactly; x0..y1 is the integer pixel bounding box clipped to the image.
+    """
+    f64 = torch.float64
+    ox, oy = W // 2, H // 2
+    comps = sv.to(f64).permute(2, 0, 1)  # (3, B, N)
+    u0, u1, u2, v0, v1, v2, z0, z1, z2 = (
+        comps[c].index_select(1, tris[:, k]).reshape(-1) for c in range(3) for k in range(3)
+    )
+    u0, u1, u2 = (torch.round((u - ox) * SUBPIXEL) for u in (u0, u1, u2))
+    v0, v1, v2 = (torch.round((v - oy) * SUBPIXEL) for v in (v0, v1, v2))
+    cross = (u1 - u0) * (v2 - v0) - (u2 - u0) * (v1 - v0)
+    valid = (z0 > near) & (z1 > near) & (z2 > near) & torch.isfinite(cross) & (cross != 0)
+    if cull_backfaces:
+        valid &= cross < 0
+
+    # Integer pixel bounding box clipped to the image (in float, NaN-safe clamps).
+    def _lo(a, b, c, off, size):
+        m = torch.minimum(torch.minimum(a, b), c) / SUBPIXEL + off
+        return torch.ceil(m.clamp(-1.0, size + 1.0)).clamp_min(0.0)
+
+    def _hi(a, b, c, off, size):
+        m = torch.maximum(torch.maximum(a, b), c) / SUBPIXEL + off
+        return torch.floor(m.clamp(-1.0, size + 1.0)).clamp_max(size - 1.0)
+
+    x0, x1 = _lo(u0, u1, u2, ox, W), _hi(u0, u1, u2, ox, W)
+    y0, y1 = _lo(v0, v1, v2, oy, H), _hi(v0, v1, v2, oy, H)
+    keep = valid & (x1 >= x0) & (y1 >= y0)  # NaN comparisons are False
+    return [u0, u1, u2, v0, v1, v2, z0, z1, z2, cross, x0, y0, x1, y1], keep
+
+
+def _bucket_order(rows: list[torch.Tensor], keep: torch.Tensor, H: int, W: int
+                  ) -> tuple[torch.Tensor, list[int], list[int]] | None:
+    """Bucket the kept triangles by box size class (width, height).
+
+    Returns ``(sel, counts, class_list)``: (M,) indices b * F + f of the kept triangles in
+    bucket order (each bucket a contiguous slice), the triangles per bucket id ``iy * ncls + ix``
+    and the size classes; None when nothing is drawn. Dropped triangles go to a last, never
+    processed class, so one sort does it.
+    """
+    x0, y0, x1, y1 = rows[10:14]
+    device = keep.device
+    classes = torch.tensor(_size_classes(max(H, W)), device=device, dtype=torch.float64)
+    ncls = classes.numel()
+    nclass2 = ncls * ncls
+    combo = torch.searchsorted(classes, (y1 - y0 + 1).nan_to_num(1.0)) * ncls
+    combo += torch.searchsorted(classes, (x1 - x0 + 1).nan_to_num(1.0))
+    combo = torch.where(keep, combo, nclass2)
+    counts = torch.bincount(combo, minlength=nclass2 + 1)[:nclass2].tolist()
+    M = sum(counts)
+    if M == 0:
+        return None
+    class_list = [int(c) for c in classes.tolist()]
+    remap = _merge_small_buckets(counts, class_list)
+    if remap is not None:  # fewer, slightly larger buckets: fewer kernel launches
+        lut = torch.tensor(remap + [nclass2], device=device)
+        combo = lut.index_select(0, combo)
+        counts = torch.bincount(combo, minlength=nclass2 + 1)[:nclass2].tolist()
+    sel = torch.sort(combo, stable=True).indices[:M]  # (M,) b * F + f, bucket order
+    return sel, counts, class_list
+
+
+def _edge_tables(rows: list[torch.Tensor], bidx: torch.Tensor, face: torch.Tensor, H: int, W: int):
+    """Per-triangle tables of the kernel for M sorted triangles (rows of :func:`_snapped_triangles`).
+
+    Returns ``edges`` (9, M) float64 (C0-2, A0-2, B0-2 of the three sign-adjusted edge
+    functions), ``zplane`` (3, M) float32 (1/z at the box corner pixel and its per-pixel x and y
+    slopes), ``tl3`` (3, M) bool top-left flags and ``irows`` (xmin, ymin, nx, ny, key base,
+    pixel base), as :func:`_raster_bucket` takes them.
+    """
+    f64 = torch.float64
+    ox, oy = W // 2, H // 2
+    u0, u1, u2, v0, v1, v2, z0, z1, z2, cr, x0, y0, x1, y1 = rows
+    xmin, ymin = x0.long(), y0.long()
+    nx = x1.long() - xmin + 1
+    ny = y1.long() - ymin + 1
+
+    # Orient every triangle clockwise-as-displayed (positive cross) by swapping
+    # corners 1 and 2 of the others; inside points then have all edges >= 0.
+    flip = cr < 0
+    u1, u2 = torch.where(flip, u2, u1), torch.where(flip, u1, u2)
+    v1, v2 = torch.where(flip, v2, v1), torch.where(flip, v1, v2)
+    z1, z2 = torch.where(flip, z2, z1), torch.where(flip, z1, z2)
+    us = (u0, u1, u2)
+    vs = (v0, v1, v2)
+    zs = (z0, z1, z2)
+    area2 = cr.abs()
+    c_rows, a_rows, b_rows, tl_rows = [], [], [], []
+    pz = qz = rz = None
+    for k in range(3):  # the three edges; edge k goes P -> Q, opposite corner k
+        pu, pv = us[(k + 1) % 3], vs[(k + 1) % 3]
+        qu, qv = us[(k + 2) % 3], vs[(k + 2) % 3]
+        # E_k(x, y) = C + A x + B y = (Q - P) x (X - P); swapping P and Q negates
+        # C, A and B exactly, so shared edges are evaluated consistently.
+        ce = pu * qv - pv * qu
+        ae = pv - qv
+        be = qu - pu
+        # Top-left rule: dy < 0, or dy == 0 and dx > 0 (dy = -A, dx = B). Exactly
+        # one direction of an edge qualifies; every non-degenerate triangle has
+        # at least one such edge.
+        tl = (ae > 0) | ((ae == 0) & (be > 0))
+        # Negate non-top-left edges so that inside <=> (E' >= 0) == tl per edge.
+        sgn = tl.to(f64) * 2.0 - 1.0
+        c_rows.append(ce * sgn)
+        a_rows.append(ae * sgn)
+        b_rows.append(be * sgn)
+        tl_rows.append(tl)
+        # 1/z is affine in screen space: sum_k E_k / (area2 * z_k).
+        g = 1.0 / (area2 * zs[k])
+        pz = ce * g if pz is None else pz + ce * g
+        qz = ae * g if qz is None else qz + ae * g
+        rz = be * g if rz is None else rz + be * g
+    # The 1/z plane is re-based at the box corner pixel and expressed per pixel, so
+    # it can be evaluated in float32 without cancellation: p0 + q * dx + r * dy.
+    p0 = pz + qz * ((xmin - ox) * SUBPIXEL).to(f64) + rz * ((ymin - oy) * SUBPIXEL).to(f64)
+    edges = torch.stack(c_rows + a_rows + b_rows)  # (9, M) float64: C0-2, A0-2, B0-2
+    zplane = torch.stack([p0, qz * SUBPIXEL, rz * SUBPIXEL]).float()  # (3, M)
+    tl3 = torch.stack(tl_rows)  # (3, M) bool
+    irows = [xmin, ymin, nx, ny, face | _KEY_HI_BASE, bidx * (H * W)]
+    return edges, zplane, tl3, irows
+
+
+def _scan_buckets(zbuf, edges, zplane, tl3, irows, counts: list[int], class_list: list[int], ox: int, oy: int,
+                  W: int) -> None:
+    """Run :func:`_raster_bucket` over every bucket (in chunks of at most
+    ``MAX_CANDIDATES_PER_CHUNK`` candidate pixels), updating the depth-key buffer ``zbuf``."""
+    ncls = len(class_list)
+    device = zbuf.device
+    start = 0
+    for cid, cnt in enumerate(counts):
+        if cnt == 0:
+            continue
+        kx = class_list[cid % ncls]
+        ky = class_list[cid // ncls]
+        step = max(1, MAX_CANDIDATES_PER_CHUNK // (kx * ky))
+        ar_x = torch.arange(kx, device=device)[:, None]
+        ar_y = torch.arange(ky, device=device)[:, None]
+        for s0 in range(start, start + cnt, step):
+            sl = slice(s0, min(s0 + step, start + cnt))
+            _raster_bucket(
+                zbuf, edges[:, sl], zplane[:, sl], tl3[:, sl], [r[sl] for r in irows],
+                ar_x, ar_y, ox, oy, W,
+            )
+        start += cnt
+
+
+def rasterize_triangle_ids_reference(
+    screen_vertices: torch.Tensor,
+    triangles: torch.Tensor,
+    image_size: Sequence[int],
+    cull_backfaces: bool = True,
+    near: float = DEFAULT_NEAR,
+) -> torch.Tensor:
+    """:func:`rasterize_triangle_ids`, one triangle and one pixel centre at a time (slow; for tests
+    and for reading). Same arguments and result, the same rules:
+
+    * corners snapped to a 1/SUBPIXEL grid (relative to pixel ``(W // 2, H // 2)``);
+    * a triangle is drawn if all its corners lie beyond ``near`` and it is not degenerate
+      (and, with ``cull_backfaces``, counter-clockwise as displayed);
+    * a pixel centre on an edge belongs to the triangle only for a top-left edge (dy < 0, or
+      dy == 0 and dx > 0 with the triangle oriented clockwise as displayed);
+    * the nearest triangle wins, by 1/z interpolated affinely in screen space and rounded to
+      float32 as the fast path does; equal keys go to the lower triangle index.
+    """
+    H, W = int(image_size[0]), int(image_size[1])
+    ox, oy = W // 2, H // 2
+    sv = screen_vertices.detach().to(torch.float64).cpu()
+    tris = triangles.to(dtype=torch.long).cpu()
+    out = torch.full((sv.shape[0], H, W), -1, dtype=torch.long)
+    best = torch.full((sv.shape[0], H, W), -1.0, dtype=torch.float64)
+    for b in range(sv.shape[0]):
+        for f, corners in enumerate(tris.tolist()):
+            (u, v, z) = sv[b, corners].T.tolist()
+            u = [round((x - ox) * SUBPIXEL) for x in u]
+            v = [round((y - oy) * SUBPIXEL) for y in v]
+            cross = (u[1] - u[0]) * (v[2] - v[0]) - (u[2] - u[0]) * (v[1] - v[0])
+            if min(z) <= near or cross == 0 or not math.isfinite(cross) or (cull_backfaces and cross > 0):
+                continue
+            if cross < 0:  # orient clockwise as displayed
+                u[1], u[2], v[1], v[2], z[1], z[2] = u[2], u[1], v[2], v[1], z[2], z[1]
+            for i in range(H):
+                for j in range(W):
+                    x, y = (j - ox) * SUBPIXEL, (i - oy) * SUBPIXEL
+                    inside, invz = True, 0.0
+                    for k in range(3):
+                        pu, pv, qu, qv = u[(k + 1) % 3], v[(k + 1) % 3], u[(k + 2) % 3], v[(k + 2) % 3]
+                        e = (qu - pu) * (y - pv) - (qv - pv) * (x - pu)
+                        top_left = (pv - qv > 0) or (pv == qv and qu - pu > 0)
+                        inside &= e > 0 or (e == 0 and top_left)
+                        invz += e / (abs(cross) * z[k])
+                    if not inside:
+                        continue
+                    key = float(torch.tensor(max(invz, 0.0), dtype=torch.float32))
+                    if key > best[b, i, j]:
+                        best[b, i, j], out[b, i, j] = key, f
+    return out
 
 
 def _merge_small_buckets(counts: list[int], class_list: list[int], min_share: float = 0.02):

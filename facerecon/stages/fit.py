@@ -23,21 +23,26 @@ import torch
 
 from facerecon import __version__
 from facerecon.detection.align import invert_affine, similarity_scale
+from facerecon.errors import InputError, user_file
 from facerecon.export.meshio import TexturedMesh, write_mesh, write_png
 from facerecon.export.overlay import blend, contact_sheet, draw_landmarks
 from facerecon.export.texture import unwrap_texture
+from facerecon.facemodel.embedding import face_oval_indices
 from facerecon.facemodel.model import FaceModel
 from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
-from facerecon.fitting.camera import crop_intrinsics, model_to_camera
+from facerecon.fitting.camera import camera_rotation, crop_intrinsics, model_to_camera
 from facerecon.fitting.gaze import gaze_weights
 from facerecon.fitting.optimize import FaceFitter, FaceTargets, FitSettings
 from facerecon.io.background import Background
 from facerecon.io.images import ImageLoadError, load_image
 from facerecon.io.store import ResultStore, attrs_dict, open_results
+from facerecon.losses.perceptual import PerceptualLoss
+from facerecon.networks.iresnet import load_iresnet
 from facerecon.render.camera import project_points, scale_intrinsics
 from facerecon.render.renderer import MeshRenderer
 from facerecon.stages import detect as detect_stage
+from facerecon.training.network_fit import NetworkPredictor
 
 KIND = "fits"
 ITEMS_GROUP = "images"
@@ -149,10 +154,10 @@ def check_detections_file(path: Path) -> None:
         with h5py.File(path, "r") as f:
             kind = f.attrs.get("kind", "")
     except OSError as exc:
-        raise ValueError(f"{path} is not a readable HDF5 file ({exc})") from None
+        raise InputError(f"{path} is not a readable HDF5 file ({exc})") from None
     kind = kind.decode() if isinstance(kind, bytes) else str(kind)
     if kind != detect_stage.KIND:
-        raise ValueError(f"{path} is not a detections file (kind={kind or '?'}); "
+        raise InputError(f"{path} is not a detections file (kind={kind or '?'}); "
                          "give photos or the .h5 written by `facerecon detect`")
 
 
@@ -163,13 +168,13 @@ def pick_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA GPU is available")
+        raise InputError("--device cuda requested but no CUDA GPU is available")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("--device mps requested but no Apple GPU (MPS) is available")
+        raise InputError("--device mps requested but no Apple GPU (MPS) is available")
     if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+        raise InputError(f"unsupported device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     return device
 
 
@@ -465,7 +470,6 @@ def _mesh(model: FaceModel, stored: dict[str, Any], neutral: bool, pose: str, pa
     if pose == "camera":
         vertices = stored["vertices_camera"]
         if neutral:  # camera pose of the neutral shape: same rigid transform
-            from facerecon.fitting.camera import camera_rotation
 
             rot = camera_rotation(torch.as_tensor(params["angles"])[None])[0].numpy()
             vertices = stored["vertices_neutral"] @ rot.T + params["translation"]
@@ -575,44 +579,60 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
     # Everything that can fail fast is checked before detection runs.
     model = resolve_face_model(options.face_model, options.allow_download)
     device = pick_device(options.device)
-    perceptual = None
-    if options.recognition_weights:
-        from facerecon.losses.perceptual import PerceptualLoss
-        from facerecon.networks.iresnet import load_iresnet
-
-        perceptual = PerceptualLoss(load_iresnet(options.recognition_weights, device))
-
-    predictor = None
-    if options.checkpoint:
-        from facerecon.training.network_fit import NetworkPredictor
-
-        predictor = NetworkPredictor(options.checkpoint, FaceModelTensors(model).to(device), model.model_id)
-
+    perceptual, predictor = _networks(options, model, device)
     out_dir.mkdir(parents=True, exist_ok=True)  # only once the run can start: no empty folder on refusal
-    if len(inputs) == 1 and inputs[0].endswith((".h5", ".hdf5")) and Path(inputs[0]).is_file():
-        detections = Path(inputs[0])
-        check_detections_file(detections)
-    else:
-        detections = out_dir / "detections.h5"
-        det_options = detect_stage.DetectOptions(max_faces=1 if options.largest else None)
-        det_summary = detect_stage.run_detect(inputs, detections, det_options, detect_progress,
-                                              should_stop=should_stop, exclude=[out_dir])
-        for outcome in det_summary.outcomes:
-            if outcome.status == detect_stage.STATUS_FAILED:
-                summary.images[outcome.key] = STATUS_FAILED
-                summary.image_reasons[outcome.key] = outcome.reason
-        if det_summary.interrupted:
-            summary.interrupted = True
-            summary.elapsed = time.perf_counter() - started
-            return summary
+    detections = _detections(inputs, out_dir, options, summary, detect_progress, should_stop)
+    if detections is None:  # detection was interrupted
+        summary.elapsed = time.perf_counter() - started
+        return summary
 
     summary.device = str(device)
     tensors = FaceModelTensors(model).to(device)
-    oval = None
-    if model.dense_triangle is not None:
-        from facerecon.facemodel.embedding import face_oval_indices
+    fitter = _build_fitter(model, tensors, options, perceptual, predictor, summary)
+    _fit_detections(detections, model, fitter, _FaceWriter(model, tensors, options, out_dir), options, summary,
+                    progress, should_stop)
+    summary.elapsed = time.perf_counter() - started
+    return summary
 
-        oval = face_oval_indices()
+
+def _networks(options: FitOptions, model: FaceModel, device: torch.device):
+    """The optional networks of a fit: (perceptual loss or None, network predictor or None)."""
+    perceptual = None
+    if options.recognition_weights:
+        with user_file(options.recognition_weights):
+            perceptual = PerceptualLoss(load_iresnet(options.recognition_weights, device))
+    predictor = None
+    if options.checkpoint:
+        predictor = NetworkPredictor(options.checkpoint, FaceModelTensors(model).to(device), model.model_id)
+    return perceptual, predictor
+
+
+def _detections(inputs: list[str], out_dir: Path, options: FitOptions, summary: FitSummary,
+                detect_progress, should_stop) -> Path | None:
+    """The detections file to fit: the one given, or ``out_dir/detections.h5`` from running the
+    detect stage on the images (its failures recorded in ``summary``); None when interrupted."""
+    if len(inputs) == 1 and inputs[0].endswith((".h5", ".hdf5")) and Path(inputs[0]).is_file():
+        detections = Path(inputs[0])
+        check_detections_file(detections)
+        return detections
+    detections = out_dir / "detections.h5"
+    det_options = detect_stage.DetectOptions(max_faces=1 if options.largest else None)
+    det_summary = detect_stage.run_detect(inputs, detections, det_options, detect_progress,
+                                          should_stop=should_stop, exclude=[out_dir])
+    for outcome in det_summary.outcomes:
+        if outcome.status == detect_stage.STATUS_FAILED:
+            summary.images[outcome.key] = STATUS_FAILED
+            summary.image_reasons[outcome.key] = outcome.reason
+    if det_summary.interrupted:
+        summary.interrupted = True
+        return None
+    return detections
+
+
+def _build_fitter(model: FaceModel, tensors: FaceModelTensors, options: FitOptions, perceptual, predictor,
+                  summary: FitSummary) -> FaceFitter:
+    """The fitter, built once with its final settings (:func:`fitter_settings`); notes what it does."""
+    oval = face_oval_indices() if model.dense_triangle is not None else None
     if perceptual is not None:
         summary.notes.append(f"perceptual loss on: face-recognition weights {options.recognition_weights}")
     else:
@@ -628,9 +648,16 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
         summary.notes.append(
             f"detector-bias correction on ({_detector_bias_label(options, model)})" if model.detector_bias is not None
             else "detector-bias correction off: the face model has no table (`facerecon model calibrate`)")
+    return fitter
+
+
+def _fit_detections(detections: Path, model: FaceModel, fitter: FaceFitter, writer: _FaceWriter,
+                    options: FitOptions, summary: FitSummary, progress: Progress, should_stop) -> None:
+    """Fit every face of ``detections`` not already stored with the same settings, in batches,
+    into ``fits.h5`` beside the writer's output (a stop or Ctrl-C keeps what is stored)."""
+    out_dir = writer.out_dir
     settings = _settings(options, model)
     digest = _digest(settings)
-    writer = _FaceWriter(model, tensors, options, out_dir)
     file_attrs = {"tool": "facerecon", "tool_version": __version__, "format_version": FORMAT_VERSION,
                   "model_id": model.model_id, "settings": settings, "detections": str(detections.resolve())}
 
@@ -671,8 +698,6 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
             summary.interrupted = True
         if options.overlays:
             _write_contact_sheet(out_dir, store, writer.names)
-    summary.elapsed = time.perf_counter() - started
-    return summary
 
 
 def _remove_stale_files(writer: "_FaceWriter", previous: dict[str, Any] | None, key: str, keep: set[int]) -> None:

@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facerecon import __version__
-from facerecon.io.atomic import atomic_path
+from facerecon.errors import InputError, user_file
+from facerecon.losses.perceptual import PerceptualLoss
 from facerecon.networks.cnet import (CHECKPOINT_KIND, aggregated_sizes, cnet_for, concat_coefficients,
-                                     grouped_aggregate, rnet_with_features, split_coefficients)
+    grouped_aggregate, rnet_with_features, split_coefficients)
+from facerecon.networks.iresnet import load_iresnet
 from facerecon.networks.rnet import RNet
 from facerecon.training.config import TrainConfig
-from facerecon.training.trainer import BatchPlan, FaceSet, Trainer, TrainSummary, render_preview, write_preview
+from facerecon.training.trainer import BatchPlan, FaceSet, TrainSummary, Trainer, render_preview, write_preview
 
 
 def with_aggregate(params: dict[str, torch.Tensor], confidences: torch.Tensor, sizes: dict[str, int],
@@ -68,14 +69,12 @@ class CNetTrainer(Trainer):
 
     def __init__(self, config: TrainConfig, device: torch.device):
         if config.cnet is None:
-            raise ValueError("CNetTrainer needs [cnet] enabled = true")
+            raise InputError("CNetTrainer needs [cnet] enabled = true")
         self.settings = config.cnet
         perceptual = None
         if self.settings.recognition_weights is not None:
-            from facerecon.losses.perceptual import PerceptualLoss
-            from facerecon.networks.iresnet import load_iresnet
-
-            perceptual = PerceptualLoss(load_iresnet(self.settings.recognition_weights, device))
+            with user_file(self.settings.recognition_weights):
+                perceptual = PerceptualLoss(load_iresnet(self.settings.recognition_weights, device))
         self._setup_common(config, device, None, perceptual=perceptual)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
         self.rnet: RNet | None = None
@@ -90,11 +89,11 @@ class CNetTrainer(Trainer):
         try:
             state = torch.load(path, map_location=self.device, weights_only=False)
         except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad file
-            raise ValueError(f"cnet.rnet_checkpoint: cannot read {path}: {exc}") from None
+            raise InputError(f"cnet.rnet_checkpoint: cannot read {path}: {exc}") from None
         if not isinstance(state, dict) or "network" not in state or "architecture" not in state:
-            raise ValueError(f"cnet.rnet_checkpoint: {path} is not a `facerecon train` R-Net checkpoint")
+            raise InputError(f"cnet.rnet_checkpoint: {path} is not a `facerecon train` R-Net checkpoint")
         if state.get("model_id") != self.face_model.model_id:
-            raise ValueError(f"cnet.rnet_checkpoint: {path} was trained with face model {state.get('model_id')!r}, "
+            raise InputError(f"cnet.rnet_checkpoint: {path} was trained with face model {state.get('model_id')!r}, "
                              f"not {self.face_model.model_id!r}")
         return state
 
@@ -122,32 +121,20 @@ class CNetTrainer(Trainer):
         return self.settings.images_per_identity
 
     # -------------------------------------------------------------- checkpoints
-    def save(self, path: Path) -> None:
-        state = {"kind": CHECKPOINT_KIND,
-                 # the frozen R-Net exactly as an R-Net checkpoint stores it
-                 "network": self.rnet.state_dict(), "architecture": self.rnet.backbone.architecture,
-                 "sizes": self.rnet.sizes, "model_id": self.face_model.model_id, "rnet_source": self.rnet_source,
-                 "cnet": self.cnet.state_dict(), "cnet_layout": {**self.cnet.layout, "aggregated": list(self.sizes)},
-                 "optimizer": self.optimizer.state_dict(), "step": self.step, "config": self.config.to_dict(),
-                 "code_version": __version__}
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
+    def network_state(self) -> dict:
+        # the frozen R-Net exactly as an R-Net checkpoint stores it, then the C-Net
+        return {"network": self.rnet.state_dict(), "architecture": self.rnet.backbone.architecture,
+                "sizes": self.rnet.sizes, "rnet_source": self.rnet_source,
+                "cnet": self.cnet.state_dict(), "cnet_layout": {**self.cnet.layout, "aggregated": list(self.sizes)}}
 
-    def restore(self, path: Path) -> None:
-        state = self.load_checkpoint(path)
+    def restore_networks(self, state: dict, path: Path) -> None:
         aggregated = tuple(state["cnet_layout"]["aggregated"])
         if aggregated != self.settings.aggregated:
-            raise ValueError(f"checkpoint {path} aggregates {'+'.join(aggregated)}; the configuration "
+            raise InputError(f"checkpoint {path} aggregates {'+'.join(aggregated)}; the configuration "
                              f"{'+'.join(self.settings.aggregated)} (cnet.aggregate_albedo changed)")
         self._build(state)
         self.rnet_source = state.get("rnet_source", self.rnet_source)
         self.cnet.load_state_dict(state["cnet"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
 
     def _start(self, resume: bool, summary: TrainSummary) -> None:
         latest = self.config.output / "checkpoints" / "latest.pt"
@@ -155,7 +142,7 @@ class CNetTrainer(Trainer):
             self.restore(latest)
             summary.notes.append(f"resumed at step {self.step} (R-Net from that checkpoint)")
         elif self.rnet is None:
-            raise ValueError(f"cnet.rnet_checkpoint: {self.settings.rnet_checkpoint} does not exist")
+            raise InputError(f"cnet.rnet_checkpoint: {self.settings.rnet_checkpoint} does not exist")
 
     def start_notes(self, plan: BatchPlan) -> list[str]:
         return [f"C-Net over a frozen R-Net ({self.rnet_source}); aggregating {'+'.join(self.sizes)} "

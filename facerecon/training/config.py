@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from facerecon.errors import InputError
+from facerecon.losses.hybrid import PAPER000_WEIGHTS
+from facerecon.losses.multiview import PAPER001_WEIGHTS
+from facerecon.networks.resnet import ARCHITECTURES
 from facerecon.training.augment import AugmentSettings
 
 DEFAULT_CONFIG_TEXT = '''\
@@ -130,12 +134,10 @@ validate_every = 200
 
 
 def _paper001_weights() -> dict[str, float]:
-    from facerecon.losses.multiview import PAPER001_WEIGHTS
-
     return dict(PAPER001_WEIGHTS)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration problem, described in one line naming the key."""
 
 
@@ -243,8 +245,6 @@ def _check_data(d: dict[str, Any], merged: dict[str, Any]) -> None:
 
 
 def _check_network(n: dict[str, Any], merged: dict[str, Any]) -> None:
-    from facerecon.networks.resnet import ARCHITECTURES
-
     if n["architecture"] not in ARCHITECTURES:
         raise ConfigError(f"network.architecture must be one of {', '.join(ARCHITECTURES)}")
 
@@ -345,7 +345,6 @@ def parse_config(text: str, base: Path = Path(".")) -> TrainConfig:
         return q if q.is_absolute() else base / q
 
     loss, mv = merged["loss"], merged["multiview"]
-    from facerecon.losses.hybrid import PAPER000_WEIGHTS
 
     weights = dict(PAPER000_WEIGHTS)
     weights.update({"photo": loss["photo"], "landmark": loss["landmark"], "coefficients": loss["coefficients"],

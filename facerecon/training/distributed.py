@@ -11,6 +11,9 @@ no-op and training runs in one process as before.
 
 from __future__ import annotations
 
+from facerecon.errors import InputError
+from facerecon.stages.fit import pick_device
+
 import datetime
 import os
 from dataclasses import dataclass, field
@@ -53,7 +56,7 @@ def env_ranks() -> tuple[int, int, int]:
         try:
             return int(os.environ.get(name, default))
         except ValueError:
-            raise ValueError(f"environment variable {name} must be an integer, got {os.environ[name]!r}") from None
+            raise InputError(f"environment variable {name} must be an integer, got {os.environ[name]!r}") from None
 
     return number("WORLD_SIZE", 1), number("RANK", 0), number("LOCAL_RANK", 0)
 
@@ -70,15 +73,15 @@ def _device(request: str, local_rank: int) -> torch.device:
         try:
             kind = torch.device(request).type
         except RuntimeError:
-            raise ValueError(f"unknown device {request!r}: use auto, cpu, cuda or cuda:N") from None
+            raise InputError(f"unknown device {request!r}: use auto, cpu, cuda or cuda:N") from None
     if kind == "cpu":
         return torch.device("cpu")
     if kind != "cuda":
-        raise ValueError(f"distributed training runs on cpu or cuda, not {kind!r}")
+        raise InputError(f"distributed training runs on cpu or cuda, not {kind!r}")
     if not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA GPU is available")
+        raise InputError("--device cuda requested but no CUDA GPU is available")
     if local_rank >= torch.cuda.device_count():
-        raise ValueError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices on this node "
+        raise InputError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices on this node "
                          "(lower --nproc_per_node)")
     return torch.device("cuda", local_rank)  # one GPU per process, by local rank
 
@@ -92,14 +95,12 @@ def setup(device_request: str = "auto", backend: str = "auto", timeout_minutes: 
     """
     world, rank, local_rank = env_ranks()
     if world <= 1:
-        from facerecon.stages.fit import pick_device
-
         return DistContext(device=pick_device(device_request))
     device = _device(device_request, local_rank)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
-        raise ValueError("distributed.backend = 'nccl' needs CUDA devices (use 'gloo' on CPU)")
+        raise InputError("distributed.backend = 'nccl' needs CUDA devices (use 'gloo' on CPU)")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -174,7 +175,7 @@ def shard(units: np.ndarray, ctx: DistContext) -> np.ndarray:
     if not ctx.enabled:
         return units
     if len(units) % ctx.world_size:
-        raise ValueError(f"a batch of {len(units)} cannot be split evenly over {ctx.world_size} processes; make "
+        raise InputError(f"a batch of {len(units)} cannot be split evenly over {ctx.world_size} processes; make "
                          "optim.batch_size (in views per identity when grouped) a multiple of the process count")
     return units[ctx.rank::ctx.world_size]
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from facerecon.errors import InputError
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.optimize import FaceTargets
 from facerecon.networks.rnet import RNet
@@ -18,11 +19,11 @@ class NetworkPredictor:
         try:
             state = torch.load(Path(checkpoint), map_location=tensors.mean_shape.device, weights_only=False)
         except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad file
-            raise ValueError(f"cannot read checkpoint {checkpoint}: {exc}") from None
+            raise InputError(f"cannot read checkpoint {checkpoint}: {exc}") from None
         if not isinstance(state, dict) or "network" not in state or "architecture" not in state:
-            raise ValueError(f"{checkpoint} is not a facerecon training checkpoint")
+            raise InputError(f"{checkpoint} is not a facerecon training checkpoint")
         if state.get("model_id") != model_id:
-            raise ValueError(f"checkpoint {checkpoint} was trained with face model {state.get('model_id')!r}; "
+            raise InputError(f"checkpoint {checkpoint} was trained with face model {state.get('model_id')!r}; "
                              f"this run uses {model_id!r} (pass --face-model)")
         self.network = RNet(tensors, state["architecture"]).to(tensors.mean_shape.device)
         self.network.load_state_dict(state["network"])

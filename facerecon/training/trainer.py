@@ -28,19 +28,23 @@ import numpy as np
 import torch
 
 from facerecon import __version__
+from facerecon.errors import InputError, user_file
 from facerecon.export.meshio import write_png
+from facerecon.facemodel.embedding import face_oval_indices
 from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import camera_rotation, crop_intrinsics, model_to_camera
 from facerecon.fitting.optimize import FaceFitter, FaceTargets, FitSettings
 from facerecon.io.atomic import atomic_path
+from facerecon.io.store import read_index
 from facerecon.losses import multiview
 from facerecon.networks.resnet import load_backbone_weights
 from facerecon.networks.rnet import RNet
+from facerecon.render.rasterize import Fragments
 from facerecon.render.renderer import MeshRenderer
 from facerecon.stages import detect as detect_stage
 from facerecon.training import distributed
-from facerecon.training.augment import augment
+from facerecon.training.augment import augment, dense_mirror_map
 from facerecon.training.config import TrainConfig
 from facerecon.training.distributed import DistContext
 
@@ -93,8 +97,6 @@ class SynthIdentities:
 
     def _index(self, store: Path) -> dict[str, int]:
         if store not in self.indexes:
-            from facerecon.io.store import read_index
-
             items = read_index(store, "images")
             self.indexes[store] = {str(a.get("image", key)): int(a["identity"]) for key, a in items.items()
                                    if "identity" in a}
@@ -134,14 +136,14 @@ def load_faces(files: list[Path], group_by: str = "none") -> FaceSet:
                 attention.append(face.skin_attention)
                 groups.append(group if face.index == 0 else None)
     if not keys:
-        raise ValueError("no faces in the training data (run `facerecon detect` on photos with faces)")
+        raise InputError("no faces in the training data (run `facerecon detect` on photos with faces)")
     sizes = {c.shape for c in crops}
     if len(sizes) > 1:
-        raise ValueError(f"training crops differ in size ({sorted(sizes)}); detect with one --crop-size")
+        raise InputError(f"training crops differ in size ({sorted(sizes)}); detect with one --crop-size")
     if group_by != "none" and not any(g is not None for g in groups):
         where = ("no image lies in a sub-folder of an input folder" if group_by == "folder" else
                  "no image is recorded in a synth.h5 beside or in its folder")
-        raise ValueError(f"data.group_by = {group_by!r} but {where}")
+        raise InputError(f"data.group_by = {group_by!r} but {where}")
     return FaceSet(keys, np.stack(crops), np.stack(lm), np.stack(dense), np.stack(attention),
                    groups if group_by != "none" else None)
 
@@ -190,7 +192,7 @@ class BatchPlan:
             self.tuples = int((sizes // views).sum())
             self.unused = int(sizes[sizes < views].sum() + (self.codes < 0).sum())
             if self.tuples == 0:
-                raise ValueError(f"no identity group has {views_key} = {views} training images "
+                raise InputError(f"no identity group has {views_key} = {views} training images "
                                  f"({len(table)} groups, largest {int(sizes.max()) if len(sizes) else 0})")
         self._cache: tuple[int, np.ndarray] | None = None
 
@@ -232,7 +234,7 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     if mode == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if mode == "fp16" and device.type != "cuda":
-        raise ValueError("optim.amp = 'fp16' needs a CUDA device (use 'bf16' or 'off' on CPU)")
+        raise InputError("optim.amp = 'fp16' needs a CUDA device (use 'bf16' or 'off' on CPU)")
     return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
@@ -271,7 +273,6 @@ class Trainer:
             self.network = self.network.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
-        self.multiview_renderer = MeshRenderer(image_size=(config.render_size, config.render_size))
         #: what the training step calls: the network, in DistributedDataParallel when distributed
         #: (wrapped in :meth:`run`, after restoring, so every rank starts from rank 0's weights)
         self.model: torch.nn.Module = self.network
@@ -287,8 +288,6 @@ class Trainer:
         self.tensors = FaceModelTensors(self.face_model).to(device)
         oval = None
         if self.face_model.dense_triangle is not None:
-            from facerecon.facemodel.embedding import face_oval_indices
-
             oval = face_oval_indices()
         # the paper's fixed weights: the adaptive landmark trust is a per-photo fitting aid,
         # not part of the training objective
@@ -300,8 +299,6 @@ class Trainer:
         self.channels_last = config.channels_last == "on" or (config.channels_last == "auto" and device.type == "cuda")
         self.dense_mirror = None
         if self.tensors.dense_triangle is not None:
-            from facerecon.training.augment import dense_mirror_map
-
             points = self.tensors.dense_points(self.tensors.mean_shape[None])[0].cpu().numpy()
             self.dense_mirror = torch.as_tensor(dense_mirror_map(points), device=device)
         self.step = 0
@@ -316,11 +313,20 @@ class Trainer:
         self.network.train()
 
     # -------------------------------------------------------------- checkpoints
+    def network_state(self) -> dict:
+        """The checkpoint's network entries (a subclass stores its own networks here)."""
+        return {"network": self.network.state_dict(), "architecture": self.config.architecture,
+                "sizes": self.network.sizes}
+
+    def restore_networks(self, state: dict, path: Path) -> None:
+        """Load :meth:`network_state`'s entries of a checkpoint read from ``path``."""
+        self.network.load_state_dict(state["network"])
+
     def save(self, path: Path) -> None:
-        state = {"kind": self.checkpoint_kind, "network": self.network.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "step": self.step,
-                 "config": self.config.to_dict(), "model_id": self.face_model.model_id, "code_version": __version__,
-                 "architecture": self.config.architecture, "sizes": self.network.sizes}
+        """Write a checkpoint atomically: :meth:`network_state` plus optimiser, scaler, step, config."""
+        state = {"kind": self.checkpoint_kind, **self.network_state(), "optimizer": self.optimizer.state_dict(),
+                 "step": self.step, "config": self.config.to_dict(), "model_id": self.face_model.model_id,
+                 "code_version": __version__}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         with atomic_path(path) as tmp:
@@ -331,16 +337,17 @@ class Trainer:
         state = torch.load(path, map_location=self.device, weights_only=False)
         kind = state.get("kind", "rnet")
         if kind != self.checkpoint_kind:
-            raise ValueError(f"checkpoint {path} is a {kind} checkpoint, not {self.checkpoint_kind} (--resume needs "
+            raise InputError(f"checkpoint {path} is a {kind} checkpoint, not {self.checkpoint_kind} (--resume needs "
                              "an output.directory of this kind of training)")
         if state.get("model_id") != self.face_model.model_id:
-            raise ValueError(f"checkpoint {path} was trained with face model {state.get('model_id')!r}, "
+            raise InputError(f"checkpoint {path} was trained with face model {state.get('model_id')!r}, "
                              f"not {self.face_model.model_id!r}")
         return state
 
     def restore(self, path: Path) -> None:
+        """Resume from a checkpoint of :meth:`save`: networks, then optimiser, scaler and step."""
         state = self.load_checkpoint(path)
-        self.network.load_state_dict(state["network"])
+        self.restore_networks(state, path)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
@@ -370,25 +377,31 @@ class Trainer:
         with self._float32():
             return self.loss.losses(params, targets, self.config.render_size)
 
-    def multiview_terms(self, params: dict[str, torch.Tensor], targets: FaceTargets) -> dict[str, torch.Tensor]:
-        """Paper 001 terms (P,) over the view pairs of a grouped batch (see :mod:`facerecon.losses.multiview`)."""
+    def multiview_terms(self, params: dict[str, torch.Tensor], targets: FaceTargets,
+                        fragments: Fragments | None = None) -> dict[str, torch.Tensor]:
+        """Paper 001 terms (P,) over the view pairs of a grouped batch (see :mod:`facerecon.losses.multiview`).
+
+        ``fragments``: the photometric loss's rasterization of the same meshes at the render size
+        (one rasterization per step); None rasterizes here, with the fit settings' backend.
+        """
         b = targets.crops.shape[0]
         cam = model_to_camera(self.tensors.shape(params["identity"], params["expression"]), params["angles"],
                               params["translation"])
         return multiview.multiview_losses(
             cam, self.loss.photo_triangles, targets.crops, targets.landmarks68, camera_rotation(params["angles"]),
             params["translation"], crop_intrinsics(targets.size, b, device=cam.device), self.config.views_per_identity,
-            self.config.render_size, rasterizer=self.multiview_renderer.rasterize)
+            self.config.render_size, fragments=fragments,
+            rasterizer=MeshRenderer((self.config.render_size,) * 2, backend=self.loss.settings.render_backend).rasterize)
 
     def training_loss(self, batch: FaceTargets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The step's scalar loss and the detached per-term means to log."""
         params = self.predict(batch.crops, self.model)
         with self._float32():
-            terms = self.loss.losses(params, batch, self.config.render_size)
+            terms, rendered = self.loss.losses_and_render(params, batch, self.config.render_size)
             loss = terms["total"].mean()
             values = {k: v.detach().mean() for k, v in terms.items() if k != "total"}
             if self.config.grouped:
-                mv = self.multiview_terms(params, batch)
+                mv = self.multiview_terms(params, batch, rendered.fragments)
                 loss = loss + multiview.combine(mv, self.config.multiview_weights)
                 values.update({f"multiview_{k}": v.detach().mean() for k, v in mv.items()})
         return loss, values
@@ -446,14 +459,15 @@ class Trainer:
         latest = cfg.output / "checkpoints" / "latest.pt"
         found = resume and latest.is_file()
         if ctx.enabled and resume and distributed.any_rank(ctx, found) and not distributed.all_ranks(ctx, found):
-            raise ValueError(f"--resume: {latest} is not visible to every process; output.directory must be on a "
+            raise InputError(f"--resume: {latest} is not visible to every process; output.directory must be on a "
                              "filesystem all nodes share")
         if found:
             self.restore(latest)
             summary.notes.append(f"resumed at step {self.step}")
         elif cfg.init is not None and self.step == 0:
             if ctx.is_main:  # DistributedDataParallel copies rank 0's weights to the others
-                load_backbone_weights(self.network.backbone, cfg.init)
+                with user_file(cfg.init):
+                    load_backbone_weights(self.network.backbone, cfg.init)
             summary.notes.append(f"backbone initialised from {cfg.init}")
         if ctx.enabled and self.model is self.network:
             self.model = distributed.wrap(self.network, ctx)
@@ -563,7 +577,7 @@ def prepare_data(config: TrainConfig, should_stop=None) -> list[Path]:
     files = list(config.detections)
     for path in files:
         if not path.is_file():
-            raise ValueError(f"data.detections: {path} does not exist")
+            raise InputError(f"data.detections: {path} does not exist")
     if config.images:
         target = config.output / "detections.h5"
         config.output.mkdir(parents=True, exist_ok=True)
@@ -571,31 +585,3 @@ def prepare_data(config: TrainConfig, should_stop=None) -> list[Path]:
                                 detect_stage.DetectOptions(max_faces=1), should_stop=should_stop)
         files.append(target)
     return files
-
-
-def run_training(config: TrainConfig, device: str = "auto", resume: bool = False, progress=None,
-                 should_stop=None) -> tuple[TrainSummary, Trainer]:
-    """The whole ``facerecon train`` run, in one process or as one rank under torchrun.
-
-    Rank 0 prepares the data (detecting image folders) while the others wait; every rank then
-    loads the detections, builds the same split and trains on its share of each batch. Returns
-    the summary and the trainer (its network holds the final weights).
-    """
-    if config.cnet is not None and distributed.env_ranks()[0] > 1:
-        raise ValueError("C-Net training ([cnet] enabled = true) runs in one process; start it without torchrun")
-    ctx = distributed.setup(device, config.dist_backend, config.dist_timeout_minutes)
-    try:
-        files = distributed.on_main(ctx, lambda: prepare_data(config, should_stop=should_stop))
-        faces = load_faces(files, config.group_by)
-        train_set, valid_set = split_validation(faces, config.validation_fraction)
-        if config.cnet is not None:
-            from facerecon.training.cnet_training import CNetTrainer
-
-            trainer = CNetTrainer(config, ctx.device)
-        else:
-            trainer = Trainer(config, ctx.device, ctx)
-        summary = trainer.run(train_set, valid_set, resume, progress=progress if ctx.is_main else None,
-                              should_stop=should_stop)
-    finally:
-        distributed.teardown(ctx)
-    return summary, trainer

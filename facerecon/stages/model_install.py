@@ -1,13 +1,26 @@
-"""Import/fetch orchestration: source files -> converted model in the data directory."""
+"""Import/fetch orchestration: source files -> converted, embedded, calibrated model in the data directory.
+
+A stage: the detector-bias calibration (:mod:`facerecon.stages.calibrate`) runs the detector and
+the fitter. :mod:`facerecon.facemodel.resolve` fetches the default model through
+:func:`fetch_and_install_ict`, which the stage layer registers with it (``facerecon.stages``
+package import), so ``facemodel`` imports nothing from here.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from facerecon.errors import InputError
+from facerecon.facemodel import fetch
+from facerecon.facemodel.bfm import import_bfm
+from facerecon.facemodel.embedding import embed_dense_landmarks
+from facerecon.facemodel.ict import import_ict
 from facerecon.facemodel.model import FaceModel
 from facerecon.facemodel.resolve import DEFAULT_MODEL_NAME, install_model, model_path_for_name
+from facerecon.stages.calibrate import calibrate_detector_bias
 
 ProgressCallback = Callable[[int, int | None], None]
 
@@ -19,10 +32,6 @@ def add_dense_embedding(model: FaceModel, log: Callable[[str], None] | None = No
     so a failure here is reported, not raised.
     """
     try:
-        from facerecon.facemodel.embedding import embed_dense_landmarks
-    except ImportError:  # embedding module not available in this build
-        return model
-    try:
         return embed_dense_landmarks(model)
     except Exception as exc:  # noqa: BLE001 - report and keep the usable model
         if log:
@@ -32,15 +41,11 @@ def add_dense_embedding(model: FaceModel, log: Callable[[str], None] | None = No
 
 def add_detector_bias(model: FaceModel, log: Callable[[str], None] | None = None,
                       progress: Callable[[int, int], None] | None = None) -> FaceModel:
-    """Attach the detector-bias table (see :mod:`facerecon.fitting.calibration`).
+    """Attach the detector-bias table (see :mod:`facerecon.stages.calibrate`).
 
     Like the embedding, optional: a model without it fits raw detections, so a failure is
     reported, not raised.
     """
-    import dataclasses
-
-    from facerecon.fitting.calibration import calibrate_detector_bias
-
     try:
         return dataclasses.replace(model, detector_bias=calibrate_detector_bias(model, progress=progress))
     except Exception as exc:  # noqa: BLE001 - report and keep the usable model
@@ -52,14 +57,10 @@ def add_detector_bias(model: FaceModel, log: Callable[[str], None] | None = None
 def import_model(kind: str, sources: Sequence[str | Path], include_head: bool = False) -> FaceModel:
     """Convert user-owned model files of ``kind`` ('ict' or 'bfm') into a FaceModel."""
     if kind == "ict":
-        from facerecon.facemodel.ict import import_ict
-
         return import_ict(sources[0], include_head=include_head)
     if kind == "bfm":
-        from facerecon.facemodel.bfm import import_bfm
-
         return import_bfm(list(sources))
-    raise ValueError(f"unknown face-model kind {kind!r}")
+    raise InputError(f"unknown face-model kind {kind!r}")
 
 
 def _stderr_progress():
@@ -91,8 +92,6 @@ def fetch_and_install_ict(
     opener=None,
 ) -> Path:
     """Download ICT-FaceKit (resumable), convert it and install it as ``name``."""
-    from facerecon.facemodel import fetch
-    from facerecon.facemodel.ict import import_ict
 
     stop = None
     if progress is None:

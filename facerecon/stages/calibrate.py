@@ -1,5 +1,8 @@
 """Measure the landmark detector's pose-dependent bias on renders of a face model.
 
+A stage (it runs the ``detect`` stage's detector and the fitter), so it lives here and not in
+:mod:`facerecon.facemodel`, which imports nothing from ``fitting`` or ``stages``.
+
 For every cell of a (yaw, pitch) grid, random faces of the model (identity, expression,
 albedo, light; textured backgrounds) are rendered, run through the ``detect`` stage's
 detector and alignment, and compared with the exact projections of the model's own
@@ -15,8 +18,15 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from facerecon.detection.align import transform_points
+from facerecon.detection.mediapipe_backend import FaceAnalyzer
 from facerecon.facemodel.detector_bias import DetectorBias, canonical_pitch_yaw
+from facerecon.facemodel.embedding import face_oval_indices
 from facerecon.facemodel.model import FaceModel, FaceModelError
+from facerecon.facemodel.tensors import FaceModelTensors
+from facerecon.fitting.optimize import FaceFitter, FaceTargets, FitSettings
+from facerecon.stages.detect import analyze_image
+from facerecon.synthetic import random_parameters, render_faces, textured_backgrounds, to_uint8
 
 DEFAULT_YAWS = tuple(float(y) for y in range(-90, 91, 15))
 DEFAULT_PITCHES = (-30.0, -15.0, 0.0, 15.0, 30.0)
@@ -51,13 +61,6 @@ def calibrate_detector_bias(model: FaceModel, yaws: tuple[float, ...] = DEFAULT_
     Raises:
         FaceModelError: the model has no albedo, or the detector found no face.
     """
-    from facerecon.detection.align import transform_points
-    from facerecon.detection.mediapipe_backend import FaceAnalyzer
-    from facerecon.facemodel.embedding import face_oval_indices
-    from facerecon.facemodel.tensors import FaceModelTensors
-    from facerecon.fitting.optimize import FaceFitter, FaceTargets, FitSettings
-    from facerecon.stages.detect import analyze_image
-    from facerecon.synthetic import random_parameters, render_faces, textured_backgrounds, to_uint8
 
     if not model.has_albedo:
         raise FaceModelError("detector calibration renders faces and needs a model with albedo")
