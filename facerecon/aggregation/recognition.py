@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from facerecon.losses.perceptual import binomial_halve, halved_matrix, pyramid_levels, sampling_grid
+from facerecon.networks.chips import binomial_halve, halved_matrix, pyramid_levels, sampling_grid
 
 #: dlib's same-person threshold: Euclidean distance between two descriptors of one person
 SAME_PERSON_DISTANCE = 0.6

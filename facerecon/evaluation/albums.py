@@ -29,9 +29,14 @@ from typing import Any, Callable
 import numpy as np
 
 from facerecon.evaluation.geometry import umeyama
+from facerecon.evaluation.plots import plot_cumulative_errors
 from facerecon.evaluation.results import write_result_files
+from facerecon.export.meshio import write_png
+from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.fitting.optimize import FitSettings
 from facerecon.io.images import IMAGE_EXTENSIONS
+from facerecon.io.images import ImageLoadError, load_image
+from facerecon.stages.fit import FitOptions, pick_device, read_fits, run_fit
 
 RESOLUTIONS = (240, 480, 720, 1080)
 
@@ -93,8 +98,6 @@ def _resized_copies(people: dict[str, list[Path]], folder: Path, heights: tuple[
     key -> (person, original photo name, height)."""
     import cv2
 
-    from facerecon.export.meshio import write_png
-    from facerecon.io.images import ImageLoadError, load_image
 
     made = {}
     for person, photos in people.items():
@@ -142,7 +145,6 @@ class AlbumResult:
 
 def _neutral_shapes(fits_path: Path, region: np.ndarray, keys) -> dict[str, np.ndarray]:
     """key -> the fitted neutral shape's region vertices, for fitted keys among ``keys``."""
-    from facerecon.stages.fit import read_fits
 
     wanted = set(keys)
     shapes = {}
@@ -155,7 +157,6 @@ def _neutral_shapes(fits_path: Path, region: np.ndarray, keys) -> dict[str, np.n
 
 
 def _fit(inputs: list[str], out: Path, options: AlbumOptions, progress, detect_progress, should_stop):
-    from facerecon.stages.fit import FitOptions, run_fit
 
     fit_options = FitOptions(face_model=options.face_model, device=options.device, batch_size=options.batch_size,
                              formats=[], largest=True, overlays=False, texture_size=64, settings=options.settings)
@@ -200,8 +201,6 @@ def run_albums(root: str | Path, out_dir: str | Path, options: AlbumOptions | No
                detect_progress=None, should_stop: Callable[[], bool] | None = None) -> AlbumResult:
     """Fit every album photo (and the resized copies) and score; writes albums_results.json,
     albums_results.csv (one row per photo), albums_pairs.csv and albums_distances.png."""
-    from facerecon.facemodel.resolve import resolve_face_model
-    from facerecon.stages.fit import pick_device
 
     options = options or AlbumOptions()
     out_dir = Path(out_dir)
@@ -255,7 +254,6 @@ def run_albums(root: str | Path, out_dir: str | Path, options: AlbumOptions | No
 
 def write_reports(result: AlbumResult, out_dir: Path) -> None:
     """albums_results.json/.csv, albums_pairs.csv and albums_distances.png (atomic)."""
-    from facerecon.evaluation.plots import plot_cumulative_errors
 
     same = [p["rms_mm"] for p in result.pairs if p["same"]]
     different = [p["rms_mm"] for p in result.pairs if not p["same"]]

@@ -37,9 +37,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from facerecon.fitting.optimize import FitSettings
+from facerecon.detection.align import invert_affine
+from facerecon.detection.landmarks import IBUG68_FROM_MP478
+from facerecon.evaluation.plots import plot_bar_groups, plot_cumulative_errors
 from facerecon.evaluation.results import write_result_files
+from facerecon.facemodel.resolve import resolve_face_model
+from facerecon.facemodel.tensors import embedded_points
+from facerecon.fitting.optimize import FitSettings
 from facerecon.io.images import IMAGE_EXTENSIONS
+from facerecon.io.store import attrs_dict, open_results
+from facerecon.stages import detect as detect_stage
+from facerecon.stages.fit import STATUS_SKIPPED, FitOptions, pick_device, run_fit
 
 YAW_BINS = ((0.0, 30.0), (30.0, 60.0), (60.0, 90.0))
 YAW_BIN_LABELS = ("[0, 30]", "(30, 60]", "(60, 90]")
@@ -102,8 +110,6 @@ def landmark_points68(model, vertices: np.ndarray, on_surface: bool = False) -> 
     surface points, for comparison with points picked on a scan's skin."""
     import torch
 
-    from facerecon.detection.landmarks import IBUG68_FROM_MP478
-    from facerecon.facemodel.tensors import embedded_points
 
     vertices = np.asarray(vertices, dtype=np.float64)
     if getattr(model, "dense_triangle", None) is None:
@@ -121,7 +127,6 @@ def project_to_photo(points_camera: np.ndarray, intrinsics: np.ndarray, align_ma
     """Photo pixels (P, 2) of camera-frame points (P, 3) of a fitted face: pinhole projection
     with the crop's intrinsics (3, 3), then the inverse of the photo -> crop similarity
     ``align_matrix`` (2, 3). Pixel centres at integers."""
-    from facerecon.detection.align import invert_affine
 
     p = np.asarray(points_camera, dtype=np.float64)
     k = np.asarray(intrinsics, dtype=np.float64)
@@ -326,8 +331,6 @@ def _new_row(item: LandmarkItem) -> dict[str, Any]:
 
 def _detector_landmarks(detections: Path, keys: set[str]) -> dict[tuple[str, int], np.ndarray]:
     """(key, face index) -> the detector's 68 landmarks (68, 2) in photo pixels."""
-    from facerecon.io.store import open_results
-    from facerecon.stages import detect as detect_stage
 
     found: dict[tuple[str, int], np.ndarray] = {}
     if not detections.is_file():
@@ -401,7 +404,6 @@ def _reason_for(key: str, attrs: dict | None, fit_summary) -> str:
 def _fitted_faces(results, key: str) -> tuple[dict | None, list[dict]]:
     """A fitted image's attributes and, per face, the arrays the landmarks need
     (``vertices_camera``, ``intrinsics``, ``align_matrix``) and the face's attributes."""
-    from facerecon.io.store import attrs_dict
 
     if key not in results:
         return None, []
@@ -421,7 +423,6 @@ def _score_row(row: dict, key: str, truth: Annotation, status: str | None, attrs
     """Fill one image's row from its fit: the face matching the annotation and its NME. A photo
     whose annotated face was not detected (or not reconstructed where it is annotated) is a
     miss: ``missed`` is set and it counts against the protocol, never silently dropped."""
-    from facerecon.stages.fit import STATUS_SKIPPED
 
     # the stored fit counts only when this run fitted it or found it done with the same settings
     current = status in ("ok", STATUS_SKIPPED, "no_face")
@@ -536,9 +537,6 @@ def run_landmarks(root: str | Path, out_dir: str | Path, options: LandmarkOption
     and detect stages; ``should_stop()`` is polled between images and fit batches (an
     interrupted run scores what is fitted and reports ``interrupted``).
     """
-    from facerecon.facemodel.resolve import resolve_face_model
-    from facerecon.io.store import open_results
-    from facerecon.stages.fit import FitOptions, pick_device, run_fit
 
     options = options or LandmarkOptions()
     out_dir = Path(out_dir)
@@ -587,7 +585,6 @@ CSV_FIELDS = ["image", "status", "reason", "missed", "format", "yaw_degrees", "y
 def write_reports(result: LandmarkResult, out_dir: Path) -> None:
     """<protocol>_results.json, <protocol>_results.csv, <protocol>_nme_by_yaw.png and
     <protocol>_cumulative_nme.png (written atomically)."""
-    from facerecon.evaluation.plots import plot_bar_groups, plot_cumulative_errors
 
     stem = result.summary.get("protocol", "landmarks")
     plots = {"nme_by_yaw": str(out_dir / f"{stem}_nme_by_yaw.png"),

@@ -39,6 +39,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
+from facerecon.evaluation.micc import GroundTruth
+from facerecon.evaluation.plots import plot_bar_groups
+from facerecon.facemodel.resolve import resolve_face_model
+from facerecon.stages.fit import FitOptions, pick_device, read_fits, run_fit
+from facerecon.synthetic import textured_backgrounds, to_uint8
 
 from facerecon.evaluation.geometry import Similarity, crop_sphere, icp_similarity, surface_distances, umeyama
 from facerecon.evaluation.landmarks import landmark_points68
@@ -159,8 +164,6 @@ def score_mesh(vertices: np.ndarray, triangles: np.ndarray, landmarks68: np.ndar
     if truth.landmarks is not None:
         start = umeyama(np.asarray(landmarks68, dtype=np.float64)[truth.landmark_ids], truth.landmarks)
     else:
-        from facerecon.evaluation.micc import GroundTruth
-
         start = initial_alignment(vertices, tip_index, GroundTruth(truth.points, truth.tip, len(truth.points), 1.0))
     alignment: Similarity = icp_similarity(vertices, truth.points, start)
     distance, plane = _chunked_distances(truth.points, alignment.apply(vertices), np.asarray(triangles))
@@ -218,8 +221,6 @@ def render_scan(scan: Scan, albedo: np.ndarray, pitch: float, yaw: float, size: 
                 distance_mm: float = 1200.0, zoom: float = 0.6) -> np.ndarray:
     """One (size, size, 3) uint8 render of the scan at head pitch / yaw (degrees) on the fitting
     camera, with soft white light from the front-top and a smooth random background."""
-    from facerecon.synthetic import textured_backgrounds, to_uint8
-
     generator = torch.Generator().manual_seed(seed)
     centre = scan.landmarks.mean(axis=0) if scan.landmarks is not None else scan.vertices.mean(axis=0)
     verts = torch.as_tensor(scan.vertices - centre, dtype=torch.float32)[None]
@@ -303,9 +304,6 @@ def run_scan(scan_path: str | Path, out_dir: str | Path, options: ScanOptions | 
              detect_progress=None, should_stop: Callable[[], bool] | None = None) -> ScanResult:
     """Fit the photos (or the scan's renders) and score them; writes scan_results.json,
     scan_results.csv and scan_error_by_image.png in ``out_dir``."""
-    from facerecon.facemodel.resolve import resolve_face_model
-    from facerecon.stages.fit import FitOptions, pick_device, read_fits, run_fit
-
     options = options or ScanOptions()
     out_dir = Path(out_dir)
     started = time.perf_counter()
@@ -374,8 +372,6 @@ CSV_FIELDS = ["image", "pitch", "yaw", "status", "reason", "fit_mean_mm", "fit_m
 
 def write_reports(result: ScanResult, out_dir: Path) -> None:
     """scan_results.json, scan_results.csv and scan_error_by_image.png (atomic)."""
-    from facerecon.evaluation.plots import plot_bar_groups
-
     ok = [r for r in result.rows if r["status"] == "ok"]
     if ok:
         labels = [Path(r["image"]).stem.replace("scan_", "") for r in ok]

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from facerecon.networks.chips import similarity_to_template
 from facerecon.networks.dlib_format import DlibFormatError, DlibLayer, DlibNetwork, read_dlib_network
 
 MODEL_FILE = "dlib_face_recognition_resnet_model_v1.dat"
@@ -89,7 +90,6 @@ def dlib_chip_matrix(landmarks68: torch.Tensor, size: int = 150, padding: float 
     gives the chip's centre, angle and scale; the chip's ``size`` pixels then span
     ``size * scale - 1`` photo pixels between the first and last pixel centres.
     """
-    from facerecon.losses.perceptual import similarity_to_template
 
     dtype = landmarks68.dtype if landmarks68.is_floating_point() else torch.float32
     points = landmarks68[:, list(CHIP_POINTS)].to(torch.float64)

@@ -17,6 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from facerecon.networks.chips import five_points, similarity_to_template
+from facerecon.networks.dlib_resnet import load_dlib_resnet
+from facerecon.networks.iresnet import ARCFACE_TEMPLATE_112, load_iresnet
+
 #: the network ``load_recognition_network`` gives by default
 DEFAULT_RECOGNITION = "dlib"
 
@@ -33,9 +37,6 @@ class ArcFaceRecognizer(nn.Module):
         self.network = network
 
     def chip_matrix(self, landmarks68: torch.Tensor) -> torch.Tensor:
-        from facerecon.losses.perceptual import five_points, similarity_to_template
-        from facerecon.networks.iresnet import ARCFACE_TEMPLATE_112
-
         return similarity_to_template(five_points(landmarks68), ARCFACE_TEMPLATE_112.to(landmarks68))
 
     def forward(self, chips: torch.Tensor) -> torch.Tensor:
@@ -52,13 +53,9 @@ def load_recognition_network(spec: str | Path = DEFAULT_RECOGNITION, device="cpu
         ValueError: unreadable weights.
     """
     if str(spec).lower() == "dlib":
-        from facerecon.networks.dlib_resnet import load_dlib_resnet
-
         return load_dlib_resnet(device=device)
     path = Path(spec).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"face-recognition weights {path} not found (give 'dlib' or an ArcFace "
                                 "backbone.pth)")
-    from facerecon.networks.iresnet import load_iresnet
-
     return ArcFaceRecognizer(load_iresnet(path, device)).eval()
