@@ -92,6 +92,28 @@ def test_expression_report_flags_opposing_pairs():
     assert not expression_report(np.array([0.0, 0.0, 0.0, 0.0, 0.6]), names)["neutral_ok"]
 
 
+def test_identity_similarity_is_one_for_the_photo_itself_and_drops_for_a_grey_face(astronaut_path):
+    import torch
+
+    from facerecon.detection.mediapipe_backend import FaceAnalyzer
+    from facerecon.evaluation.identity import composite_similarity
+    from facerecon.io.images import load_image
+    from facerecon.losses.perceptual import PerceptualLoss
+    from facerecon.networks.recognition import load_recognition_network
+    from facerecon.stages.detect import analyze_image
+
+    face = analyze_image(FaceAnalyzer(max_faces=1), load_image(astronaut_path).rgb)[0]
+    crop = torch.as_tensor(face.crop, dtype=torch.float32)[None] / 255.0
+    landmarks = torch.as_tensor(face.crop_landmarks68, dtype=torch.float32)[None]
+    size = crop.shape[1]
+    mask = torch.zeros(crop.shape[:3], dtype=torch.bool)
+    mask[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = True  # the middle of the face
+    perceptual = PerceptualLoss(load_recognition_network("dlib"))
+    same = composite_similarity(perceptual, crop, crop, mask, landmarks)
+    grey = composite_similarity(perceptual, torch.full_like(crop, 0.5), crop, mask, landmarks)
+    assert same.item() == pytest.approx(1.0, abs=1e-5) and grey.item() < 0.9
+
+
 def test_scan_units_and_self_score(ict_embedded_model):
     assert scan.units_factor(np.array([[0, 0, 0], [0.3, 0.3, 0.2]]))[1] == "m"
     assert scan.units_factor(np.array([[0, 0, 0], [30.0, 30, 20]]))[1] == "cm"
@@ -188,6 +210,10 @@ def test_evaluate_albums_on_real_people(realdata, ict_embedded_model_file, tmp_p
     assert data["people"] == 2 and data["fitted"] == 4 and data["pairs_same"] == 2 and data["pairs_different"] == 4
     assert 0.0 <= data["auc"] <= 1.0 and data["same_median_mm"] > 0 and data["different_median_mm"] > 0
     assert data["resolution"]["photos"] == 2 and data["resolution"]["median_spread_mm"] > 0
+    # identity similarity: the photo against its fit rendered over it, per photo and averaged
+    similarities = [r["identity_similarity"] for r in data["photos"]]
+    assert all(0.5 < v <= 1.0 for v in similarities)
+    assert data["identity_similarity_mean"] == pytest.approx(np.mean(similarities))
     single = tmp_path / "one"
     shutil.copytree(realdata / "albums" / "id11", single / "id11")
     bad = CliRunner().invoke(main, ["evaluate", "albums", str(single), "--out", str(tmp_path / "o"), "-q",

@@ -477,7 +477,9 @@ def albums(root: Path, out_dir: Path, resolutions: str, resolution_photos: int, 
     verification AUC (how well the distance alone tells same from different
     people), and the resolution spread: the first photo(s) of each person
     resized to each --resolutions height and fitted again (mean pairwise
-    distance of one photo's shapes; median over photos).
+    distance of one photo's shapes; median over photos). Identity
+    similarity: cosine of dlib face-recognition embeddings of each photo and
+    of its fit rendered over it (paper 003 table 5), averaged.
 
     \b
     Resumable: fits are kept in OUT. Exit codes: 0 at least two photos
@@ -517,11 +519,13 @@ def _print_album_tables(console, result, out_dir: Path) -> None:
 
     s = result.summary
     table = Table(title="albums: neutral-shape consistency (aligned RMS distance, mm)", title_justify="left")
-    for column in ("people", "photos", "fitted", "same median", "different median", "AUC", "resolution spread"):
+    for column in ("people", "photos", "fitted", "same median", "different median", "AUC", "resolution spread",
+                   "identity similarity"):
         table.add_column(column, justify="right")
     spread = (s["resolution"] or {}).get("median_spread_mm")
     table.add_row(str(s["people"]), str(s["photos"]), str(s["fitted"]), _fmt(s["same_median_mm"]),
-                  _fmt(s["different_median_mm"]), _fmt(s["auc"], "{:.3f}"), _fmt(spread))
+                  _fmt(s["different_median_mm"]), _fmt(s["auc"], "{:.3f}"), _fmt(spread),
+                  _fmt(s["identity_similarity_mean"], "{:.3f}"))
     console.print(table)
     failures = [(r["key"], r["reason"]) for r in result.rows if r["status"] != "ok"]
     if failures:

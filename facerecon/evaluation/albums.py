@@ -15,6 +15,10 @@ that person too). Every photo is reconstructed with ``detect + fit`` (largest fa
   spread is the mean pairwise RMS distance between its resolutions' neutral shapes; reported
   is the median spread over photos.
 
+* **Identity similarity** (paper 003 table 5): per photo, the cosine between dlib's
+  face-recognition embeddings of the photo and of its fit rendered over it
+  (:mod:`facerecon.evaluation.identity`); the summary gives the mean.
+
 Ground truth is identity only. Fits are resumable (OUT/fit, OUT/resolutions_fit).
 """
 
@@ -29,6 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from facerecon.evaluation.geometry import umeyama
+from facerecon.evaluation.identity import fit_identity_similarity
 from facerecon.evaluation.plots import plot_cumulative_errors
 from facerecon.evaluation.results import write_result_files
 from facerecon.export.meshio import write_png
@@ -36,6 +41,7 @@ from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.fitting.optimize import FitSettings
 from facerecon.io.images import IMAGE_EXTENSIONS
 from facerecon.io.images import ImageLoadError, load_image
+from facerecon.networks.recognition import load_recognition_network
 from facerecon.stages.fit import FitOptions, pick_device, read_fits, run_fit
 
 RESOLUTIONS = (240, 480, 720, 1080)
@@ -197,6 +203,18 @@ def _spreads(made: dict[str, tuple[str, str, int]], shapes: dict[str, np.ndarray
     return spreads
 
 
+def _identity_similarity(fit_dir: Path, model, keys: list[str]) -> dict[tuple[str, int], float]:
+    """Per fitted photo: cosine of dlib embeddings of the photo and of the fit composited over it
+    (:mod:`facerecon.evaluation.identity`); empty when the recognition model is not installed."""
+    if not keys:
+        return {}
+    try:
+        network = load_recognition_network("dlib")
+    except FileNotFoundError:
+        return {}
+    return fit_identity_similarity(fit_dir / "fits.h5", fit_dir / "detections.h5", model, network, keys)
+
+
 def run_albums(root: str | Path, out_dir: str | Path, options: AlbumOptions | None = None, progress=None,
                detect_progress=None, should_stop: Callable[[], bool] | None = None) -> AlbumResult:
     """Fit every album photo (and the resized copies) and score; writes albums_results.json,
@@ -214,7 +232,7 @@ def run_albums(root: str | Path, out_dir: str | Path, options: AlbumOptions | No
 
     fit_summary = _fit([str(root)], out_dir / "fit", options, progress, detect_progress, should_stop)
     rows = [{"key": f"{person}/{photo.relative_to(Path(root) / person).as_posix()}", "person": person,
-             "status": "failed", "reason": "", "same_person_median_mm": None}
+             "status": "failed", "reason": "", "same_person_median_mm": None, "identity_similarity": None}
             for person, photos in people.items() for photo in photos]
     shapes = _neutral_shapes(out_dir / "fit" / "fits.h5", region, [r["key"] for r in rows])
     for row in rows:
@@ -225,6 +243,12 @@ def run_albums(root: str | Path, out_dir: str | Path, options: AlbumOptions | No
             row["reason"] = fit_summary.image_reasons.get(row["key"]) or (
                 "no face detected" if status == "no_face" else "not reconstructed")
     pairs, verification = _verification(rows, shapes)
+    similarity = _identity_similarity(out_dir / "fit", model, [r["key"] for r in rows if r["status"] == "ok"])
+    for row in rows:
+        row["identity_similarity"] = similarity.get((row["key"], 0))
+    values = [v for v in similarity.values() if v is not None]
+    verification["identity_similarity_mean"] = float(np.mean(values)) if values else None
+    verification["identity_similarity_network"] = "dlib_face_recognition_resnet_model_v1" if similarity else None
 
     spreads: list[dict] = []
     resolution_summary = None
@@ -263,5 +287,5 @@ def write_reports(result: AlbumResult, out_dir: Path) -> None:
                                title="albums: shape distance of photo pairs")
         result.summary["plots"] = {"distances": str(out_dir / "albums_distances.png")}
     write_result_files(out_dir, "albums_results", result.to_dict(), result.rows,
-                       ["key", "person", "status", "reason", "same_person_median_mm"])
+                       ["key", "person", "status", "reason", "same_person_median_mm", "identity_similarity"])
     write_result_files(out_dir, "albums_pairs", {"pairs": result.pairs}, result.pairs, ["a", "b", "same", "rms_mm"])
