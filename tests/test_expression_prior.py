@@ -60,10 +60,11 @@ def test_gaze_from_irises():
 
 
 def test_prior_keeps_a_neutral_face_neutral(ict_embedded_model):
-    """Landmarks of the mean face with detector-like noise: without the blendshape prior the fit
-    turns blendshapes on to chase the noise; with it the face stays neutral."""
+    """Landmarks of neutral faces with detector-like noise: without the blendshape prior the fit
+    turns blendshapes on to chase the noise; with the default prior much less, and the faces pass
+    the neutral-face test."""
     from facerecon.facemodel.tensors import FaceModelTensors
-    from facerecon.fitting.optimize import FaceFitter, FaceTargets, FitSettings
+    from facerecon.fitting.optimize import NO_EXPRESSION_PRIOR, FaceFitter, FaceTargets, FitSettings
     from facerecon.synthetic import random_parameters, render_faces
 
     tensors = FaceModelTensors(ict_embedded_model)
@@ -71,16 +72,17 @@ def test_prior_keeps_a_neutral_face_neutral(ict_embedded_model):
     params = random_parameters(tensors, 2, generator, expression_scale=0.0)
     params["identity"] *= 0.5
     batch = render_faces(tensors, params, 224)
-    noise = torch.randn(batch.dense.shape, generator=generator) * 1.5
+    noise = torch.randn(batch.dense.shape, generator=generator) * 4.0
     targets_kwargs = dict(crops=batch.images, landmarks68=batch.landmarks68, dense=batch.dense + noise,
                           attention=batch.mask.float())
 
     reports = {}
-    for name, settings in {"off": FitSettings(coarse_steps=0, fine_steps=0, landmark_steps=60),
-                           "on": FitSettings(coarse_steps=0, fine_steps=0, landmark_steps=60, expression_l1=0.005,
-                                             expression_l2=0.005, expression_opposing=0.05)}.items():
+    for name, settings in {"off": FitSettings(coarse_steps=0, fine_steps=0, landmark_steps=60, **NO_EXPRESSION_PRIOR),
+                           "on": FitSettings(coarse_steps=0, fine_steps=0, landmark_steps=60)}.items():  # default
         fitter = FaceFitter(tensors, ict_embedded_model.regions, settings)
         result = fitter.fit(FaceTargets(**targets_kwargs))
         reports[name] = [expression_report(w, ict_embedded_model.expression_names) for w in result.parameters["expression"]]
-    assert max(r["sum_weights"] for r in reports["on"]) < 0.5 * min(r["sum_weights"] for r in reports["off"])
+    off = [r["sum_weights"] for r in reports["off"]]
+    on = [r["sum_weights"] for r in reports["on"]]
+    assert all(a < b for a, b in zip(on, off)) and sum(on) < 0.75 * sum(off)
     assert all(r["neutral_ok"] for r in reports["on"])
