@@ -40,7 +40,7 @@ import numpy as np
 from facerecon.detection.align import invert_affine
 from facerecon.detection.landmarks import IBUG68_FROM_MP478
 from facerecon.evaluation.plots import plot_bar_groups, plot_cumulative_errors
-from facerecon.evaluation.results import write_result_files
+from facerecon.evaluation.results import mean_or_none, write_result_files
 from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import embedded_points
 from facerecon.fitting.optimize import FitSettings
@@ -486,11 +486,6 @@ def _read_truths(items: list[LandmarkItem]) -> tuple[list[dict], dict[str, Annot
     return rows, truths, to_fit
 
 
-def _mean_or_none(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
-
-
 def _summary(root, model, options: LandmarkOptions, rows: list[dict], by_yaw: list[dict], fit_summary,
              fit_seconds: float, started: float) -> dict:
     ok = [r for r in rows if r["status"] == STATUS_OK]
@@ -512,10 +507,10 @@ def _summary(root, model, options: LandmarkOptions, rows: list[dict], by_yaw: li
         "scored": len(ok), "missed": sum(1 for r in rows if r["missed"]),
         "missed_images": [r["image"] for r in rows if r["missed"]],
         "miss_rate": (sum(1 for r in rows if r["missed"]) / len(with_photo)) if with_photo else None,
-        "nme_balanced_percent": _mean_or_none(bin_means) if any(m is not None for m in bin_means) else None,
-        "nme_mean_percent": _mean_or_none(r["nme_percent"] for r in ok),
-        "detector_nme_balanced_percent": _mean_or_none(detector_means),
-        "detector_nme_mean_percent": _mean_or_none(r["detector_nme_percent"] for r in ok),
+        "nme_balanced_percent": mean_or_none(bin_means),
+        "nme_mean_percent": mean_or_none(r["nme_percent"] for r in ok),
+        "detector_nme_balanced_percent": mean_or_none(detector_means),
+        "detector_nme_mean_percent": mean_or_none(r["detector_nme_percent"] for r in ok),
         "images_fitted_this_run": statuses.count("ok"),
         "images_resumed": sum(1 for r in rows if r["resumed"]),
         "fit_seconds": round(fit_seconds, 3),

@@ -42,7 +42,7 @@ from scipy.spatial import cKDTree
 from facerecon.errors import InputError
 from facerecon.evaluation.geometry import Similarity, crop_sphere, find_nose_tip, icp_similarity, surface_distances
 from facerecon.evaluation.plots import plot_cumulative_errors, plot_heatmaps, render_vertex_values
-from facerecon.evaluation.results import load_finished, store_finished, write_result_files
+from facerecon.evaluation.results import load_finished, one_line, store_finished, write_result_files
 from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.fitting.optimize import FitSettings
 from facerecon.io.atomic import atomic_path, atomic_write_text
@@ -646,7 +646,7 @@ def _run_video(subject, scenario: str, model, out_dir: Path, options: MiccOption
                 try:
                     ground_truth[subject.name] = prepare_scan(subject.scan)
                 except (ValueError, OSError, IndexError) as exc:
-                    ground_truth[subject.name] = f"unusable scan: {_one_line(exc)}"
+                    ground_truth[subject.name] = f"unusable scan: {one_line(exc)}"
             gt = ground_truth[subject.name]
             if isinstance(gt, str):
                 row["reason"] = gt
@@ -661,7 +661,7 @@ def _run_video(subject, scenario: str, model, out_dir: Path, options: MiccOption
     except KeyboardInterrupt:
         stop = True
     except Exception as exc:  # noqa: BLE001 - one video's failure is a reason, the run goes on
-        row["reason"] = f"{type(exc).__name__}: {_one_line(exc)}"
+        row["reason"] = f"{type(exc).__name__}: {one_line(exc)}"
     return row, vertex_errors, stop
 
 
@@ -686,11 +686,6 @@ def _summary(root, options: MiccOptions, model, subjects: list, rows: list[dict]
                      for r in rows if r["status"] != STATUS_OK],
     }
     return summary
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 # --------------------------------------------------------------------------- reports

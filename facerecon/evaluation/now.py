@@ -53,7 +53,7 @@ from facerecon.evaluation.aflw2000 import landmark_points68
 from facerecon.evaluation.geometry import Similarity, triangle_normals, umeyama
 from facerecon.evaluation.micc import read_obj
 from facerecon.evaluation.plots import plot_cumulative_distribution
-from facerecon.evaluation.results import load_finished, store_finished, write_result_files
+from facerecon.evaluation.results import load_finished, one_line, store_finished, write_result_files
 from facerecon.facemodel.geometry import closest_points_on_mesh
 from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.fitting.optimize import FitSettings
@@ -594,7 +594,7 @@ def _score_entries(entries: list[NowEntry], fits_path: Path, fit_summary: FitSum
                 rows.pop()
                 break
             except Exception as exc:  # noqa: BLE001 - one image's failure is a reason, the run goes on
-                row["status"], row["reason"] = STATUS_FAILED, f"{type(exc).__name__}: {_one_line(exc)}"
+                row["status"], row["reason"] = STATUS_FAILED, f"{type(exc).__name__}: {one_line(exc)}"
             if score_progress is not None:
                 score_progress.advance()
             for subject in [s for s in ground_truth if s != entry.subject]:
@@ -672,7 +672,7 @@ def _predict_and_score(entry: NowEntry, row: dict, results, fit_summary, model, 
             try:
                 ground_truth[entry.subject] = prepare_ground_truth(scan, marks)
             except (ValueError, OSError, IndexError) as exc:
-                ground_truth[entry.subject] = f"unusable ground truth: {_one_line(exc)}"
+                ground_truth[entry.subject] = f"unusable ground truth: {one_line(exc)}"
     gt = ground_truth[entry.subject]
     if isinstance(gt, str):
         row["reason"] = gt
@@ -685,11 +685,6 @@ def _predict_and_score(entry: NowEntry, row: dict, results, fit_summary, model, 
                seconds=round(time.perf_counter() - t0, 3))
     distances[entry.key] = score.distances.astype(np.float32)
     _store_finished(out_dir, entry, row, score.distances, digest)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 def aggregate(rows: list[dict], distances: dict[str, np.ndarray]) -> list[dict]:

@@ -49,3 +49,15 @@ def write_result_files(out_dir: Path, stem: str, data: dict, rows: list[dict], f
     for row in rows:
         writer.writerow({k: row.get(k) for k in fields})
     atomic_write_text(out_dir / f"{stem}.csv", buffer.getvalue())
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty), at most 300 characters."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def mean_or_none(values) -> float | None:
+    """Mean of the values that are not None, or None when there are none."""
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None

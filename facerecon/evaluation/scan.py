@@ -48,7 +48,7 @@ from facerecon.synthetic import textured_backgrounds, to_uint8
 from facerecon.evaluation.geometry import Similarity, crop_sphere, icp_similarity, surface_distances, umeyama
 from facerecon.evaluation.landmarks import landmark_points68
 from facerecon.evaluation.micc import find_scan_nose_tip, initial_alignment, read_obj
-from facerecon.evaluation.results import write_result_files
+from facerecon.evaluation.results import mean_or_none, write_result_files
 from facerecon.export.meshio import write_png
 from facerecon.facemodel.blendshape_pairs import expression_report
 from facerecon.fitting.camera import crop_intrinsics, model_to_camera
@@ -295,11 +295,6 @@ def _score_face(model, face: dict, truth: ScanTruth, tip_index: int) -> dict[str
     return row
 
 
-def _mean(rows: list[dict], key: str) -> float | None:
-    values = [r[key] for r in rows if r.get(key) is not None]
-    return float(np.mean(values)) if values else None
-
-
 def run_scan(scan_path: str | Path, out_dir: str | Path, options: ScanOptions | None = None, progress=None,
              detect_progress=None, should_stop: Callable[[], bool] | None = None) -> ScanResult:
     """Fit the photos (or the scan's renders) and score them; writes scan_results.json,
@@ -341,8 +336,8 @@ def run_scan(scan_path: str | Path, out_dir: str | Path, options: ScanOptions | 
                 "no face detected" if fit_summary.images.get(key) == "no_face" else "not reconstructed")
         rows.append(row)
     ok = [r for r in rows if r["status"] == "ok"]
-    fit_mean = _mean(ok, "fit_mean_mm")
-    neutral_mean = _mean(ok, "neutral_mean_mm")
+    fit_mean = mean_or_none(r.get("fit_mean_mm") for r in ok)
+    neutral_mean = mean_or_none(r.get("neutral_mean_mm") for r in ok)
     summary = {
         "variant": "photos" if options.photos is not None else "rendered", "scan": str(scan_path),
         "scan_units": scan.units, "scan_landmarks": 0 if scan.landmarks is None else int(len(scan.landmarks)),
@@ -350,7 +345,7 @@ def run_scan(scan_path: str | Path, out_dir: str | Path, options: ScanOptions | 
         "metric": METRIC, "model_id": model.model_id, "images": len(rows), "reconstructed": len(ok),
         "missed": [r["image"] for r in rows if r["status"] != "ok"],
         "fit_mean_mm": fit_mean, "neutral_mean_mm": neutral_mean,
-        "fit_rmse_mm": _mean(ok, "fit_rmse_mm"), "mean_face_mean_mm": baseline["mean_mm"],
+        "fit_rmse_mm": mean_or_none(r.get("fit_rmse_mm") for r in ok), "mean_face_mean_mm": baseline["mean_mm"],
         "mean_face_rmse_mm": baseline["rmse_mm"],
         "fit_improvement": None if fit_mean is None else 1.0 - fit_mean / baseline["mean_mm"],
         "neutral_improvement": None if neutral_mean is None else 1.0 - neutral_mean / baseline["mean_mm"],
