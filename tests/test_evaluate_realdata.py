@@ -219,3 +219,17 @@ def test_evaluate_albums_on_real_people(realdata, ict_embedded_model_file, tmp_p
     bad = CliRunner().invoke(main, ["evaluate", "albums", str(single), "--out", str(tmp_path / "o"), "-q",
                                     "--face-model", str(ict_embedded_model_file)])
     assert bad.exit_code == 1 and "at least two person folders" in bad.output
+
+
+def test_evaluate_user_mistakes_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch):
+    not_a_scan = tmp_path / "scan.obj"
+    not_a_scan.write_text("v 0 0 0\n")
+    result = CliRunner().invoke(main, ["evaluate", "scan", str(not_a_scan), "--out", str(tmp_path / "o"), "-q"])
+    assert result.exit_code == 1 and "not a scan mesh" in result.output and "Traceback" not in result.output
+
+    def broken(*args, **kwargs):
+        raise ValueError("operands could not be broadcast together")  # an internal bug, not a user mistake
+
+    monkeypatch.setattr(landmarks, "run_landmarks", broken)
+    result = CliRunner().invoke(main, ["evaluate", "landmarks", str(tmp_path), "--out", str(tmp_path / "o2"), "-q"])
+    assert isinstance(result.exception, ValueError) and not isinstance(result.exception, SystemExit)

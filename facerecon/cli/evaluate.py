@@ -14,14 +14,13 @@ from facerecon.cli.common import (FIT_STEPS, EXIT_NOTHING_DONE, StageProgress, f
 def _run_protocol(console, quiet: bool, out_dir: Path, as_json: bool, run):
     """``run(progress, should_stop)`` under Ctrl-C handling and a progress display; a run that
     cannot start (no face model, bad dataset, unwritable output) ends with one error line."""
-    from facerecon.facemodel.model import FaceModelError
-    from facerecon.io.store import StoreError
+    from facerecon.errors import InputError, describe_os_error
 
     try:
         with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:
             return run(progress, stop)
-    except (FaceModelError, StoreError, ValueError, OSError) as exc:
-        fail_run(str(exc), out_dir, as_json)
+    except (InputError, OSError) as exc:  # user mistakes (face model, store, dataset); a bug keeps its traceback
+        fail_run(describe_os_error(exc), out_dir, as_json)
 
 
 def _finish(result, as_json: bool, anything_done: bool) -> None:

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from facerecon.errors import InputError
 from facerecon.evaluation.geometry import umeyama
 from facerecon.evaluation.identity import fit_identity_similarity
 from facerecon.evaluation.plots import plot_cumulative_errors
@@ -85,7 +86,7 @@ def find_people(root: str | Path) -> dict[str, list[Path]]:
     """Person folder name -> its photos (sorted, recursive); folders without photos are left out."""
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"{root} is not a folder")
+        raise InputError(f"{root} is not a folder")
     people = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         photos = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
@@ -93,7 +94,7 @@ def find_people(root: str | Path) -> dict[str, list[Path]]:
         if photos:
             people[folder.name] = photos
     if len(people) < 2:
-        raise ValueError(f"{root} needs at least two person folders with photos (found {len(people)}): "
+        raise InputError(f"{root} needs at least two person folders with photos (found {len(people)}): "
                          "one sub-folder per person")
     return people
 

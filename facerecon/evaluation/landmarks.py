@@ -39,6 +39,7 @@ import numpy as np
 
 from facerecon.detection.align import invert_affine
 from facerecon.detection.landmarks import IBUG68_FROM_MP478
+from facerecon.errors import InputError
 from facerecon.evaluation.plots import plot_bar_groups, plot_cumulative_errors
 from facerecon.evaluation.results import mean_or_none, write_result_files
 from facerecon.facemodel.resolve import resolve_face_model
@@ -159,13 +160,13 @@ def _points68(points, name: str, what: str) -> np.ndarray:
     """(68, 3) float array from (68, 2|3) or (2|3, 68) points; ValueError with a one-line reason."""
     points = np.asarray(points, dtype=np.float64)
     if points.ndim != 2 or 68 not in points.shape or min(points.shape) not in (2, 3):
-        raise ValueError(f"annotation {name}: {what} has shape {points.shape}, expected 68 points")
+        raise InputError(f"annotation {name}: {what} has shape {points.shape}, expected 68 points")
     if points.shape[0] != 68:
         points = points.T
     if points.shape[1] == 2:
         points = np.concatenate([points, np.zeros((68, 1))], axis=1)
     if not np.all(np.isfinite(points[:, :2])):
-        raise ValueError(f"annotation {name}: {what} has non-finite values")
+        raise InputError(f"annotation {name}: {what} has non-finite values")
     return points
 
 
@@ -176,14 +177,14 @@ def read_pts(path: str | Path) -> Annotation:
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
-        raise ValueError(f"unreadable annotation {name}: {exc.strerror or exc}") from None
+        raise InputError(f"unreadable annotation {name}: {exc.strerror or exc}") from None
     if "{" not in text or "}" not in text:
-        raise ValueError(f"annotation {name}: not a .pts file (no '{{ ... }}' point block)")
+        raise InputError(f"annotation {name}: not a .pts file (no '{{ ... }}' point block)")
     body = text[text.index("{") + 1:text.rindex("}")]
     try:
         rows = [[float(v) for v in line.split()[:2]] for line in body.splitlines() if line.strip()]
     except ValueError:
-        raise ValueError(f"annotation {name}: a point line is not two numbers") from None
+        raise InputError(f"annotation {name}: a point line is not two numbers") from None
     points = _points68(rows, name, f"the point block ({len(rows)} points)")
     points[:, :2] -= 1.0
     return Annotation(points, np.full(7, np.nan), float("nan"), "pts")
@@ -198,7 +199,7 @@ def read_ljson(path: str | Path) -> Annotation:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ValueError(f"unreadable annotation {name}: {' '.join(str(exc).split())[:200]}") from None
+        raise InputError(f"unreadable annotation {name}: {' '.join(str(exc).split())[:200]}") from None
     candidates = []
     if isinstance(data, dict):
         if isinstance(data.get("landmarks"), dict):
@@ -211,7 +212,7 @@ def read_ljson(path: str | Path) -> Annotation:
             yx = _points68(points, name, "points")
             return Annotation(np.stack([yx[:, 1], yx[:, 0], yx[:, 2]], axis=1), np.full(7, np.nan), float("nan"),
                               "ljson")
-    raise ValueError(f"annotation {name}: no group of 68 landmark points")
+    raise InputError(f"annotation {name}: no group of 68 landmark points")
 
 
 def read_mat(path: str | Path) -> Annotation:
@@ -224,10 +225,10 @@ def read_mat(path: str | Path) -> Annotation:
     try:
         data = loadmat(str(path))
     except Exception as exc:  # noqa: BLE001 - scipy raises several types for bad files
-        raise ValueError(f"unreadable annotation {name}: {' '.join(str(exc).split())[:200]}") from None
+        raise InputError(f"unreadable annotation {name}: {' '.join(str(exc).split())[:200]}") from None
     key = next((k for k in ("pt3d_68", "pt2d") if k in data), None)
     if key is None:
-        raise ValueError(f"annotation {name} has no pt3d_68 or pt2d")
+        raise InputError(f"annotation {name} has no pt3d_68 or pt2d")
     points = _points68(data[key], name, key)
     pose = np.asarray(data.get("Pose_Para", np.full(7, np.nan)), dtype=np.float64).ravel()
     yaw = math.degrees(float(pose[1])) if pose.size >= 2 and np.isfinite(pose[1]) else float("nan")
@@ -242,7 +243,7 @@ def read_annotation(path: str | Path) -> Annotation:
     Raises ValueError with a one-line reason."""
     reader = READERS.get(Path(path).suffix.lower())
     if reader is None:
-        raise ValueError(f"annotation {Path(path).name}: unknown format (expected {', '.join(ANNOTATION_SUFFIXES)})")
+        raise InputError(f"annotation {Path(path).name}: unknown format (expected {', '.join(ANNOTATION_SUFFIXES)})")
     return reader(path)
 
 
@@ -261,7 +262,7 @@ def discover_items(root: str | Path, suffixes: tuple[str, ...] = ANNOTATION_SUFF
     too (scored as missing). ROOT may also be the folder holding ``AFLW2000/``."""
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"{root} is not a folder")
+        raise InputError(f"{root} is not a folder")
     wanted = tuple(s.lower() for s in suffixes)
 
     def scan(folder: Path) -> tuple[dict[str, Path], dict[str, Path]]:
@@ -285,7 +286,7 @@ def discover_items(root: str | Path, suffixes: tuple[str, ...] = ANNOTATION_SUFF
                 images, notes = scan(root / name)
                 break
     if not notes:
-        raise ValueError(f"{root} has no {'/'.join(wanted)} annotations (expected photos with a 68-point "
+        raise InputError(f"{root} has no {'/'.join(wanted)} annotations (expected photos with a 68-point "
                          "file of the same name beside them, e.g. image00002.jpg + image00002.mat)")
     return [LandmarkItem(images[stem].name if stem in images else f"{stem}.jpg", images.get(stem), notes.get(stem))
             for stem in sorted(set(images) | set(notes))]

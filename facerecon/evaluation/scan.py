@@ -39,6 +39,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
+from facerecon.errors import InputError
 from facerecon.evaluation.micc import GroundTruth
 from facerecon.evaluation.plots import plot_bar_groups
 from facerecon.facemodel.resolve import resolve_face_model
@@ -86,7 +87,7 @@ def units_factor(vertices: np.ndarray, units: str = "auto") -> tuple[float, str]
     diagonal (a head is about 0.3-0.5 m across: below 3 it is metres, below 100 centimetres)."""
     if units != "auto":
         if units not in UNITS:
-            raise ValueError(f"unknown scan units {units!r}: use auto, m, cm or mm")
+            raise InputError(f"unknown scan units {units!r}: use auto, m, cm or mm")
         return UNITS[units], units
     diagonal = float(np.linalg.norm(vertices.max(axis=0) - vertices.min(axis=0)))
     name = "m" if diagonal < 3.0 else "cm" if diagonal < 100.0 else "mm"
@@ -99,12 +100,12 @@ def read_scan_landmarks(path: str | Path) -> np.ndarray:
     try:
         points = np.load(path) if path.suffix.lower() == ".npy" else np.loadtxt(path, ndmin=2)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"unreadable scan landmarks {path.name}: {' '.join(str(exc).split())[:200]}") from None
+        raise InputError(f"unreadable scan landmarks {path.name}: {' '.join(str(exc).split())[:200]}") from None
     points = np.asarray(points, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] != 3 or points.shape[0] not in (51, 68):
-        raise ValueError(f"scan landmarks {path.name} have shape {points.shape}, expected (68, 3) or (51, 3)")
+        raise InputError(f"scan landmarks {path.name} have shape {points.shape}, expected (68, 3) or (51, 3)")
     if not np.all(np.isfinite(points)):
-        raise ValueError(f"scan landmarks {path.name} have non-finite values")
+        raise InputError(f"scan landmarks {path.name} have non-finite values")
     return points
 
 
@@ -112,10 +113,10 @@ def load_scan(path: str | Path, landmarks: str | Path | None = None, units: str 
     """Read a scan OBJ (and its landmarks, in the scan's units) into millimetres."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"scan {path} is not a file")
+        raise InputError(f"scan {path} is not a file")
     vertices, triangles = read_obj(path)
     if len(vertices) < MIN_SCAN_POINTS or not len(triangles):
-        raise ValueError(f"scan {path.name} has {len(vertices)} vertices and {len(triangles)} faces: not a scan mesh")
+        raise InputError(f"scan {path.name} has {len(vertices)} vertices and {len(triangles)} faces: not a scan mesh")
     factor, name = units_factor(vertices, units)
     points = ids = None
     if landmarks is not None:
@@ -146,7 +147,7 @@ def prepare_truth(scan: Scan, radius_mm: float = CROP_RADIUS_MM) -> ScanTruth:
         tip, source = find_scan_nose_tip(scan.vertices, radius_mm), "geometry"
     points, _, _ = crop_sphere(scan.vertices, tip, radius_mm)
     if len(points) < MIN_SCAN_POINTS:
-        raise ValueError(f"only {len(points)} scan vertices within {radius_mm:g} mm of the nose tip")
+        raise InputError(f"only {len(points)} scan vertices within {radius_mm:g} mm of the nose tip")
     return ScanTruth(points, tip, scan.landmarks, scan.landmark_ids, source)
 
 
@@ -305,7 +306,7 @@ def run_scan(scan_path: str | Path, out_dir: str | Path, options: ScanOptions | 
     scan = load_scan(scan_path, options.landmarks, options.units)
     truth = prepare_truth(scan)
     if options.photos is not None and not Path(options.photos).exists():
-        raise ValueError(f"photos {options.photos} do not exist")
+        raise InputError(f"photos {options.photos} do not exist")
     model = resolve_face_model(options.face_model)
     pick_device(options.device)
     out_dir.mkdir(parents=True, exist_ok=True)
