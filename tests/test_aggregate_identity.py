@@ -62,12 +62,14 @@ def test_shape_check_reason_names_the_one_face_per_photo_rule():
     assert closer <= own <= threshold
 
 
+def _people_with_a_stray_photo(tmp_path, astronaut_path):
+    """people/ann/x.png, people/bob/x.png and a stray people/stray.png."""
+    people = _people_with_a_stray_photo(tmp_path, astronaut_path)
+    return people
+
+
 def test_people_folder_with_a_stray_photo_is_not_one_album(tmp_path, astronaut_path):
-    people = tmp_path / "people"
-    for name in ("ann", "bob"):
-        (people / name).mkdir(parents=True)
-        shutil.copy(astronaut_path, people / name / "x.png")
-    shutil.copy(astronaut_path, people / "stray.png")
+    people = _people_with_a_stray_photo(tmp_path, astronaut_path)
     albums, problems = find_albums([str(people)])
     assert [a.name for a in albums] == ["ann", "bob"]
     assert [len(a.photos) for a in albums] == [1, 1]
@@ -84,11 +86,7 @@ def test_people_folder_with_a_stray_photo_is_not_one_album(tmp_path, astronaut_p
 def test_detections_of_a_people_folder_with_a_stray_photo(tmp_path, astronaut_path):
     from facerecon.stages.detect import run_detect
 
-    people = tmp_path / "people"
-    for name in ("ann", "bob"):
-        (people / name).mkdir(parents=True)
-        shutil.copy(astronaut_path, people / name / "x.png")
-    shutil.copy(astronaut_path, people / "stray.png")
+    people = _people_with_a_stray_photo(tmp_path, astronaut_path)
     run_detect([str(people)], tmp_path / "det.h5")
     albums, problems = find_albums([str(tmp_path / "det.h5")])
     assert [(a.name, a.keys) for a in albums] == [("ann", ["ann/x.png"]), ("bob", ["bob/x.png"])]

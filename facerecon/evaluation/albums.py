@@ -150,17 +150,21 @@ class AlbumResult:
         return {"protocol": "albums", **self.summary, "photos": self.rows, "resolution_spread": self.spreads}
 
 
-def _neutral_shapes(fits_path: Path, region: np.ndarray, keys) -> dict[str, np.ndarray]:
-    """key -> the fitted neutral shape's region vertices, for fitted keys among ``keys``."""
-
+def _fitted_faces(fits_path: Path, keys) -> dict[str, dict]:
+    """key -> the fitted face (the first with a neutral shape) of each fitted key among ``keys``."""
     wanted = set(keys)
-    shapes = {}
+    found = {}
     for key, attrs, faces in read_fits(fits_path):
         if key in wanted and attrs.get("status") == "ok":
             face = next((f for f in faces if "vertices_neutral" in f), None)
             if face is not None:
-                shapes[key] = face["vertices_neutral"][region].astype(np.float64)
-    return shapes
+                found[key] = face
+    return found
+
+
+def _neutral_shapes(faces: dict[str, dict], region: np.ndarray) -> dict[str, np.ndarray]:
+    """key -> the fitted neutral shape's region vertices."""
+    return {key: face["vertices_neutral"][region].astype(np.float64) for key, face in faces.items()}
 
 
 def _fit(inputs: list[str], out: Path, options: AlbumOptions, progress, detect_progress, should_stop):
@@ -204,16 +208,18 @@ def _spreads(made: dict[str, tuple[str, str, int]], shapes: dict[str, np.ndarray
     return spreads
 
 
-def _identity_similarity(fit_dir: Path, model, keys: list[str]) -> dict[tuple[str, int], float]:
+def _identity_similarity(faces: dict[str, dict], detections: Path, model) -> dict[str, float]:
     """Per fitted photo: cosine of dlib embeddings of the photo and of the fit composited over it
     (:mod:`facerecon.evaluation.identity`); empty when the recognition model is not installed."""
-    if not keys:
+    if not faces:
         return {}
     try:
         network = load_recognition_network("dlib")
     except FileNotFoundError:
         return {}
-    return fit_identity_similarity(fit_dir / "fits.h5", fit_dir / "detections.h5", model, network, keys)
+    by_face = {(key, int(face["attrs"].get("index", 0))): face for key, face in faces.items()}
+    return {key: value for (key, _index), value in
+            fit_identity_similarity(by_face, detections, model, network).items()}
 
 
 def run_albums(root: str | Path, out_dir: str | Path, options: AlbumOptions | None = None, progress=None,
@@ -235,7 +241,8 @@ def run_albums(root: str | Path, out_dir: str | Path, options: AlbumOptions | No
     rows = [{"key": f"{person}/{photo.relative_to(Path(root) / person).as_posix()}", "person": person,
              "status": "failed", "reason": "", "same_person_median_mm": None, "identity_similarity": None}
             for person, photos in people.items() for photo in photos]
-    shapes = _neutral_shapes(out_dir / "fit" / "fits.h5", region, [r["key"] for r in rows])
+    fitted = _fitted_faces(out_dir / "fit" / "fits.h5", [r["key"] for r in rows])
+    shapes = _neutral_shapes(fitted, region)
     for row in rows:
         if row["key"] in shapes:
             row["status"] = "ok"
@@ -244,9 +251,9 @@ def run_albums(root: str | Path, out_dir: str | Path, options: AlbumOptions | No
             row["reason"] = fit_summary.image_reasons.get(row["key"]) or (
                 "no face detected" if status == "no_face" else "not reconstructed")
     pairs, verification = _verification(rows, shapes)
-    similarity = _identity_similarity(out_dir / "fit", model, [r["key"] for r in rows if r["status"] == "ok"])
+    similarity = _identity_similarity(fitted, out_dir / "fit" / "detections.h5", model)
     for row in rows:
-        row["identity_similarity"] = similarity.get((row["key"], 0))
+        row["identity_similarity"] = similarity.get(row["key"])
     values = [v for v in similarity.values() if v is not None]
     verification["identity_similarity_mean"] = float(np.mean(values)) if values else None
     verification["identity_similarity_network"] = "dlib_face_recognition_resnet_model_v1" if similarity else None
@@ -257,7 +264,7 @@ def run_albums(root: str | Path, out_dir: str | Path, options: AlbumOptions | No
         made = _resized_copies(people, out_dir / "resolutions", tuple(options.resolutions), options.resolution_photos)
         res_summary = _fit([str(out_dir / "resolutions")], out_dir / "resolutions_fit", options, progress,
                            detect_progress, should_stop)
-        spreads = _spreads(made, _neutral_shapes(out_dir / "resolutions_fit" / "fits.h5", region, made))
+        spreads = _spreads(made, _neutral_shapes(_fitted_faces(out_dir / "resolutions_fit" / "fits.h5", made), region))
         values = [s["spread_mm"] for s in spreads if s["spread_mm"] is not None]
         resolution_summary = {"heights": list(options.resolutions), "photos": len(spreads),
                               "median_spread_mm": float(np.median(values)) if values else None,

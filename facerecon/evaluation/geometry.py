@@ -94,6 +94,13 @@ def surface_distances(points: np.ndarray, vertices: np.ndarray, triangles: np.nd
     return distance, plane
 
 
+def chunked_surface_distances(points: np.ndarray, vertices: np.ndarray, triangles: np.ndarray,
+                              chunk: int = 20000) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`surface_distances` of many points (P, 3), ``chunk`` points at a time (bounded memory)."""
+    parts = [surface_distances(points[i:i + chunk], vertices, triangles) for i in range(0, len(points), chunk)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 def crop_sphere(vertices: np.ndarray, centre: np.ndarray, radius_mm: float,
                 triangles: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Vertices within ``radius_mm`` of ``centre`` (inclusive), triangles wholly inside

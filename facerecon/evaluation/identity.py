@@ -22,7 +22,6 @@ from facerecon.fitting.camera import crop_intrinsics, model_to_camera
 from facerecon.losses.perceptual import PerceptualLoss
 from facerecon.render.renderer import MeshRenderer
 from facerecon.stages.detect import iter_detections
-from facerecon.stages.fit import read_fits
 
 PARAMETERS = ("identity", "expression", "albedo", "sh", "angles", "translation")
 
@@ -37,25 +36,21 @@ def composite_similarity(perceptual: PerceptualLoss, rendered: torch.Tensor, cro
         return F.cosine_similarity(perceptual.embed(composite, matrix), perceptual.embed(crops, matrix), dim=1)
 
 
-def fit_identity_similarity(fits_path: str | Path, detections_path: str | Path, model, network,
-                            keys=None, batch_size: int = 16) -> dict[tuple[str, int], float]:
-    """(image key, face index) -> identity similarity of every fitted face of a fits file
-    (only ``keys`` when given), with recognition ``network``
-    (:func:`facerecon.networks.recognition.load_recognition_network`)."""
-    wanted = None if keys is None else set(keys)
+def fit_identity_similarity(faces: dict[tuple[str, int], dict], detections_path: str | Path, model, network,
+                            batch_size: int = 16) -> dict[tuple[str, int], float]:
+    """(image key, face index) -> identity similarity of fitted faces, with recognition ``network``
+    (:func:`facerecon.networks.recognition.load_recognition_network`).
+
+    ``faces``: (image key, face index) -> a fitted face as :func:`facerecon.stages.fit.read_fits`
+    gives it (its parameters are used); ``detections_path``: the detections file the fit read
+    (the aligned crops and their landmarks). Faces without a stored crop are left out."""
+    wanted = {key for key, _index in faces}
     crops: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
-    for key, _attrs, faces in iter_detections(detections_path):
-        if wanted is None or key in wanted:
-            for face in faces:
+    for key, _attrs, detected in iter_detections(detections_path):
+        if key in wanted:
+            for face in detected:
                 crops[(key, face.index)] = (face.crop, face.crop_landmarks68)
-    items = []
-    for key, attrs, faces in read_fits(fits_path):
-        if attrs.get("status") != "ok":
-            continue
-        for face in faces:
-            index = int(face["attrs"].get("index", 0))
-            if face["attrs"].get("status") == "ok" and (key, index) in crops and all(n in face for n in PARAMETERS):
-                items.append(((key, index), face))
+    items = [(k, f) for k, f in faces.items() if k in crops and all(n in f for n in PARAMETERS)]
     tensors = FaceModelTensors(model)
     perceptual = PerceptualLoss(network)
     result: dict[tuple[str, int], float] = {}

@@ -40,7 +40,8 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from facerecon.errors import InputError
-from facerecon.evaluation.geometry import Similarity, crop_sphere, find_nose_tip, icp_similarity, surface_distances
+from facerecon.evaluation.geometry import (Similarity, chunked_surface_distances, crop_sphere, find_nose_tip,
+                                           icp_similarity)
 from facerecon.evaluation.plots import plot_cumulative_errors, plot_heatmaps, render_vertex_values
 from facerecon.evaluation.results import load_finished, one_line, store_finished, write_result_files
 from facerecon.facemodel.resolve import resolve_face_model
@@ -407,12 +408,6 @@ def initial_alignment(pred_vertices: np.ndarray, pred_tip_index: int, gt: Ground
     return Similarity(1.0, rotation, gt.tip - rotation @ pred_vertices[pred_tip_index])
 
 
-def _chunked_surface_distances(points: np.ndarray, vertices: np.ndarray, triangles: np.ndarray, chunk: int = 20000
-                               ) -> tuple[np.ndarray, np.ndarray]:
-    parts = [surface_distances(points[i:i + chunk], vertices, triangles) for i in range(0, len(points), chunk)]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
 @dataclass
 class VideoScore:
     rmse_point_to_plane: float
@@ -431,7 +426,7 @@ def score_shape(pred_vertices: np.ndarray, triangles: np.ndarray, pred_tip_index
     pred_vertices = np.asarray(pred_vertices, dtype=np.float64)
     alignment = icp_similarity(pred_vertices, gt.points, initial_alignment(pred_vertices, pred_tip_index, gt))
     aligned = alignment.apply(pred_vertices)
-    distance, plane = _chunked_surface_distances(gt.points, aligned, np.asarray(triangles))
+    distance, plane = chunked_surface_distances(gt.points, aligned, np.asarray(triangles))
     near, index = cKDTree(gt.points).query(aligned)
     vertex_errors = np.where(near <= max(3.0, 2.5 * gt.spacing), plane[index], np.nan)
     return VideoScore(float(np.sqrt((plane**2).mean())), float(distance.mean()), float(np.median(distance)),

@@ -46,7 +46,7 @@ from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.stages.fit import FitOptions, pick_device, read_fits, run_fit
 from facerecon.synthetic import textured_backgrounds, to_uint8
 
-from facerecon.evaluation.geometry import Similarity, crop_sphere, icp_similarity, surface_distances, umeyama
+from facerecon.evaluation.geometry import Similarity, chunked_surface_distances, crop_sphere, icp_similarity, umeyama
 from facerecon.evaluation.landmarks import landmark_points68
 from facerecon.evaluation.micc import find_scan_nose_tip, initial_alignment, read_obj
 from facerecon.evaluation.results import mean_or_none, write_result_files
@@ -151,12 +151,6 @@ def prepare_truth(scan: Scan, radius_mm: float = CROP_RADIUS_MM) -> ScanTruth:
     return ScanTruth(points, tip, scan.landmarks, scan.landmark_ids, source)
 
 
-def _chunked_distances(points: np.ndarray, vertices: np.ndarray, triangles: np.ndarray, chunk: int = 20000
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    parts = [surface_distances(points[i:i + chunk], vertices, triangles) for i in range(0, len(points), chunk)]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
 def score_mesh(vertices: np.ndarray, triangles: np.ndarray, landmarks68: np.ndarray, truth: ScanTruth,
                tip_index: int) -> dict[str, float]:
     """Errors (mm) of one predicted mesh (N, 3) with its 68 surface landmarks (68, 3) against the
@@ -167,7 +161,7 @@ def score_mesh(vertices: np.ndarray, triangles: np.ndarray, landmarks68: np.ndar
     else:
         start = initial_alignment(vertices, tip_index, GroundTruth(truth.points, truth.tip, len(truth.points), 1.0))
     alignment: Similarity = icp_similarity(vertices, truth.points, start)
-    distance, plane = _chunked_distances(truth.points, alignment.apply(vertices), np.asarray(triangles))
+    distance, plane = chunked_surface_distances(truth.points, alignment.apply(vertices), np.asarray(triangles))
     return {"mean_mm": float(distance.mean()), "median_mm": float(np.median(distance)),
             "rmse_mm": float(np.sqrt((plane ** 2).mean())), "scale": float(alignment.scale)}
 

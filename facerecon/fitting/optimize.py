@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from facerecon.errors import InputError
+from facerecon.facemodel.blendshape_pairs import opposing_pairs
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import crop_intrinsics, model_to_camera, pose_from_landmarks
-from facerecon.fitting.lbfgs import batched_lbfgs
-from facerecon.facemodel.blendshape_pairs import opposing_pairs
 from facerecon.fitting.gaze import gaze_columns
+from facerecon.fitting.lbfgs import batched_lbfgs
 from facerecon.losses.expression import blendshape_prior, observed_weight_prior
 from facerecon.losses.hybrid import (
     PAPER000_WEIGHTS,
@@ -328,8 +328,8 @@ class FaceFitter:
         if oval_indices is not None:
             self.contour_dense[torch.as_tensor(oval_indices, dtype=torch.int64)] = True
         self.perceptual = perceptual
-        self.opposing = torch.as_tensor(opposing_pairs(getattr(model, "expression_names", [])), device=device)
-        self.gaze_index = torch.as_tensor(gaze_columns(getattr(model, "expression_names", [])), device=device)
+        self.opposing = torch.as_tensor(opposing_pairs(model.expression_names), device=device)
+        self.gaze_index = torch.as_tensor(gaze_columns(model.expression_names), device=device)
         #: optional callable targets -> starting parameters (a trained network, method "network")
         self.predictor = None
         self.renderers: dict[int, MeshRenderer] = {}
@@ -348,8 +348,9 @@ class FaceFitter:
                ) -> dict[str, torch.Tensor]:
         """All loss terms (B,) for parameters ``p``; photometric terms only when ``render_size``.
 
-        total = w_coef * coefficients + w_lan * trust * landmark
-                [+ w_photo * photometric + w_tex * texture + w_per * perceptual]  (paper 000 eq. 1)
+        total = w_coef * coefficients + w_lan * trust * landmark  (paper 000 eq. 1)
+                [+ expression prior (blendshape models)]
+                [+ w_photo * photometric + w_tex * texture + w_per * perceptual]
         """
         return self.losses_and_render(p, targets, render_size)[0]
 
