@@ -64,7 +64,11 @@ def test_shape_check_reason_names_the_one_face_per_photo_rule():
 
 def _people_with_a_stray_photo(tmp_path, astronaut_path):
     """people/ann/x.png, people/bob/x.png and a stray people/stray.png."""
-    people = _people_with_a_stray_photo(tmp_path, astronaut_path)
+    people = tmp_path / "people"
+    for name in ("ann", "bob"):
+        (people / name).mkdir(parents=True)
+        shutil.copy(astronaut_path, people / name / "x.png")
+    shutil.copy(astronaut_path, people / "stray.png")
     return people
 
 
