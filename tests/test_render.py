@@ -21,6 +21,8 @@ from facerecon.render import (
     rasterize,
     sh_basis,
     sh_irradiance,
+    SpecularLight,
+    blinn_phong,
     shade_lambertian,
     transform_points,
     vertex_normals,
@@ -700,3 +702,97 @@ def test_rasterizer_matches_its_per_pixel_reference():
     fast = rasterize_triangle_ids(grid, grid_tris, (8, 8), cull_backfaces=False)
     assert torch.equal(fast, rasterize_triangle_ids_reference(grid, grid_tris, (8, 8), cull_backfaces=False))
     assert (fast >= 0).all()
+
+
+# ------------------------------------------------------------------- Blinn-Phong (paper 002)
+
+
+def _far_sphere(radius: float = 10.0, distance: float = 1000.0, focal: float = 4000.0, size: int = 128):
+    """A sphere far from a long-focus camera (nearly orthographic), its intrinsics and renderer."""
+    v, f = icosphere(5)
+    verts = (v * radius + torch.tensor([0.0, 0.0, distance], dtype=torch.float64))[None]
+    return verts, f, camera(focal, size, size), MeshRenderer((size, size), backend="torch")
+
+
+def _white_light(direction, shininess: float, albedo: torch.Tensor) -> SpecularLight:
+    return SpecularLight(albedo, torch.tensor([direction], dtype=torch.float64),
+                         torch.ones(1, 3, dtype=torch.float64), torch.tensor([shininess], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shininess", [4.0, 16.0])
+def test_blinn_phong_energy_on_a_sphere_with_the_light_at_the_camera(shininess):
+    # light and view along -z: n.h = cos(theta) = sqrt(1 - r^2/R^2) over the projected disk, whose
+    # integral of cos^phi is 2 pi R^2 / (phi + 2) (R in pixels)
+    verts, f, k, r = _far_sphere()
+    out = r.render(verts, f, k, torch.zeros_like(verts), torch.zeros(1, 9, dtype=torch.float64),
+                   specular=_white_light([0.0, 0.0, -1.0], shininess, torch.ones_like(verts)))
+    radius_px = 10.0 * 4000.0 / 1000.0
+    expected = 2 * math.pi * radius_px ** 2 / (shininess + 2)
+    assert out.specular[..., 0].sum().item() == pytest.approx(expected, rel=0.02)
+    peak = divmod(int(out.specular[0, ..., 0].argmax()), 128)
+    assert abs(peak[0] - 63.5) <= 1 and abs(peak[1] - 63.5) <= 1
+
+
+def test_blinn_phong_highlight_sits_where_the_normal_is_the_half_vector():
+    # light 45 degrees to the right (+x) of the view axis: the half vector is 22.5 degrees off it,
+    # so the highlight is at x = R sin(22.5 deg) on the sphere
+    verts, f, k, r = _far_sphere()
+    light = [math.sin(math.radians(45)), 0.0, -math.cos(math.radians(45))]
+    out = r.render(verts, f, k, torch.zeros_like(verts), torch.zeros(1, 9, dtype=torch.float64),
+                   specular=_white_light(light, 50.0, torch.ones_like(verts)))
+    row, col = divmod(int(out.specular[0, ..., 0].argmax()), 128)
+    surface = torch.tensor([10 * math.sin(math.radians(22.5)), 0.0, 1000 - 10 * math.cos(math.radians(22.5))])
+    u = 4000.0 * surface[0] / surface[2] + 63.5
+    assert abs(col - u.item()) <= 1.0 and abs(row - 63.5) <= 1.0
+
+
+def test_specular_adds_to_diffuse_and_scales_with_albedo_and_colour():
+    verts, f, k, albedo, sh = _sphere_batch(2, 32, 32, dtype=torch.float64)
+    r = MeshRenderer((32, 32), backend="torch")
+    plain = r.render(verts, f, k, albedo, sh)
+    t_s = torch.rand_like(verts)
+    light = SpecularLight(t_s, torch.tensor([[0.3, -0.2, -1.0], [0.0, 0.0, -1.0]], dtype=torch.float64),
+                          torch.tensor([[1.0, 0.5, 0.25], [2.0, 2.0, 2.0]], dtype=torch.float64),
+                          torch.tensor([10.0, 30.0], dtype=torch.float64))
+    out = r.render(verts, f, k, albedo, sh, specular=light)
+    m = out.mask
+    assert torch.allclose(out.diffuse[m], plain.image[m])
+    assert torch.allclose(out.image[m], out.diffuse[m] + out.specular[m])
+    assert out.specular[m].min() >= 0 and out.specular[m].max() > 0
+    assert (out.specular[~m] == 0).all()
+    brighter = r.render(verts, f, k, albedo, sh, specular=SpecularLight(
+        2 * t_s, light.direction, light.color, light.shininess))
+    assert torch.allclose(brighter.specular, 2 * out.specular)
+    # the colour of the light scales each channel (face 0's light is (1, 0.5, 0.25))
+    grey = r.render(verts, f, k, albedo, sh, specular=SpecularLight(
+        torch.ones_like(t_s), light.direction, light.color, light.shininess)).specular[0]
+    assert grey[..., 0].max() > 0
+    assert torch.allclose(grey[..., 1], 0.5 * grey[..., 0]) and torch.allclose(grey[..., 2], 0.25 * grey[..., 0])
+
+
+def test_blinn_phong_is_zero_for_a_light_behind_the_surface_and_gradcheck():
+    n = torch.tensor([[0.0, 0.0, -1.0]], dtype=torch.float64)
+    p = torch.tensor([[0.0, 0.0, 10.0]], dtype=torch.float64)
+    behind = blinn_phong(n, p, torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64),
+                         torch.tensor([5.0], dtype=torch.float64))
+    assert behind.item() == 0.0
+    normals = torch.nn.functional.normalize(torch.tensor([[0.1, -0.2, -1.0], [0.3, 0.1, -1.0]],
+                                                         dtype=torch.float64), dim=-1).requires_grad_(True)
+    points = torch.tensor([[1.0, 2.0, 50.0], [-3.0, 1.0, 60.0]], dtype=torch.float64, requires_grad=True)
+    light = torch.tensor([[0.2, -0.4, -1.0], [0.5, 0.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    phi = torch.tensor([8.0, 20.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(blinn_phong, (normals, points, light, phi))
+
+
+def test_render_with_specular_gradients_reach_light_shininess_and_vertices():
+    verts, f, k, albedo, sh = _sphere_batch(1, 32, 32, dtype=torch.float64)
+    verts.requires_grad_(True)
+    t_s = torch.full_like(verts, 0.5, requires_grad=True)
+    direction = torch.tensor([[0.3, -0.3, -1.0]], dtype=torch.float64, requires_grad=True)
+    color = torch.ones(1, 3, dtype=torch.float64, requires_grad=True)
+    phi = torch.tensor([12.0], dtype=torch.float64, requires_grad=True)
+    out = MeshRenderer((32, 32), backend="torch").render(
+        verts, f, k, albedo, sh, specular=SpecularLight(t_s, direction, color, phi))
+    out.image.square().sum().backward()
+    for t in (verts, t_s, direction, color, phi):
+        assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0

@@ -6,7 +6,7 @@ See docs/rendering.md for the conventions. Public API:
   :func:`project_points`, :func:`intrinsics_from_fov`;
 * rasterization: :class:`Fragments`, :func:`rasterize`, :func:`interpolate`;
 * shading: :func:`vertex_normals`, :func:`sh_basis`, :func:`sh_irradiance`,
-  :func:`shade_lambertian`;
+  :func:`shade_lambertian`, :class:`SpecularLight`, :func:`blinn_phong`, :func:`shade_specular`;
 * renderer: :class:`MeshRenderer`, :class:`RenderOutput`, :func:`available_backends`.
 """
 
@@ -20,7 +20,7 @@ from .camera import (
 from .pytorch3d_backend import BackendUnavailableError
 from .rasterize import Fragments, interpolate, rasterize
 from .renderer import MeshRenderer, RenderOutput, available_backends
-from .shading import sh_basis, sh_irradiance, shade_lambertian, vertex_normals
+from .shading import SpecularLight, blinn_phong, sh_basis, sh_irradiance, shade_lambertian, shade_specular, vertex_normals
 
 __all__ = [
     "euler_to_matrix",
@@ -35,6 +35,9 @@ __all__ = [
     "sh_basis",
     "sh_irradiance",
     "shade_lambertian",
+    "SpecularLight",
+    "blinn_phong",
+    "shade_specular",
     "MeshRenderer",
     "RenderOutput",
     "available_backends",

@@ -6,7 +6,10 @@ Pipeline of :meth:`MeshRenderer.render`:
 2. rasterize (torch backend, or PyTorch3D for the visibility pass);
 3. per-vertex normals (area weighted) and per-vertex Lambertian SH colours
    (Gouraud shading, as paper 000), evaluated on OpenCV camera-frame normals;
-4. interpolate colours and normals with the perspective-correct barycentrics.
+4. interpolate colours and normals with the perspective-correct barycentrics;
+5. with a :class:`~facerecon.render.shading.SpecularLight` (paper 002), add the Blinn-Phong
+   specular term, evaluated per pixel on the interpolated normal, position and specular
+   albedo (Phong-interpolated: a highlight is sharper than the mesh's triangles).
 
 Differentiable: image, depth and normals w.r.t. vertices (through barycentrics, depth,
 shading), albedo, SH coefficients, intrinsics and background. Not differentiable:
@@ -24,7 +27,7 @@ import torch
 from . import pytorch3d_backend
 from .camera import project_points
 from .rasterize import Fragments, interpolate_compact, rasterize, scatter_to_pixels
-from .shading import shade_lambertian, vertex_normals
+from .shading import SpecularLight, shade_lambertian, shade_specular, vertex_normals
 
 __all__ = ["RenderOutput", "MeshRenderer", "available_backends"]
 
@@ -49,7 +52,11 @@ class RenderOutput:
         vertex_visibility: (B, N) bool, vertex belongs to at least one triangle that
             won a pixel.
         fragments: the rasterizer's :class:`Fragments`.
-        vertex_colors: (B, N, 3) per-vertex shaded colours (albedo when unlit).
+        vertex_colors: (B, N, 3) per-vertex shaded colours (albedo when unlit); the diffuse
+            part only when a specular light is given.
+        diffuse: (B, H, W, 3) the lit diffuse image (0 on background), with a specular light only.
+        specular: (B, H, W, 3) the lit specular image (0 on background), with a specular light only;
+            ``image = diffuse + specular`` on covered pixels.
     """
 
     image: torch.Tensor
@@ -59,6 +66,8 @@ class RenderOutput:
     vertex_visibility: torch.Tensor
     fragments: Fragments
     vertex_colors: torch.Tensor
+    diffuse: Optional[torch.Tensor] = None
+    specular: Optional[torch.Tensor] = None
 
 
 class MeshRenderer:
@@ -114,6 +123,7 @@ class MeshRenderer:
         albedo: torch.Tensor,
         sh: Optional[torch.Tensor] = None,
         background: Optional[torch.Tensor] = None,
+        specular: Optional[SpecularLight] = None,
     ) -> RenderOutput:
         """Render a batch of meshes sharing one triangle list.
 
@@ -126,6 +136,8 @@ class MeshRenderer:
             sh: (B, 9), (B, 27) or (B, 3, 9) SH coefficients (see :mod:`.shading`), or None for
                 unlit rendering (image = interpolated albedo).
             background: (B, H, W, 3) used where no triangle covers the pixel; None = 0.
+            specular: a Blinn-Phong light with its (B, N, 3) specular albedo, added to the
+                (diffuse) shading per pixel (paper 002: c = c_d + c_s); None = Lambertian only.
 
         Returns:
             :class:`RenderOutput`.
@@ -147,13 +159,29 @@ class MeshRenderer:
 
         # One interpolation for colours and normals (shares the gathers), computed for
         # covered pixels only (channel-major) and written into the output images.
-        pix, vals = interpolate_compact(torch.cat([colors_v, normals_v], dim=-1), tris, frags)
+        channels = [colors_v, normals_v]
+        if specular is not None:
+            if specular.albedo.shape != (B, N, 3):
+                raise ValueError(f"specular albedo must be {(B, N, 3)}, got {tuple(specular.albedo.shape)}")
+            channels += [vertices_cam, specular.albedo.to(vertices_cam.dtype)]
+        pix, vals = interpolate_compact(torch.cat(channels, dim=-1), tris, frags)
         mask = frags.mask
         if background is not None and background.shape != (B, H, W, 3):
             raise ValueError(f"background must be {(B, H, W, 3)}, got {tuple(background.shape)}")
-        c_pix, n_pix = vals.split([3, 3], dim=0)  # split: backward is one cat, no zero fill
-        image = scatter_to_pixels(pix, c_pix, B * H * W, background).view(B, H, W, 3)
+        parts = vals.split([3] * len(channels), dim=0)  # split: backward is one cat, no zero fill
+        c_pix, n_pix = parts[0], parts[1]
         n_pix = n_pix / (n_pix * n_pix).sum(0).sqrt().clamp_min(1e-12)
+        diffuse_img = specular_img = None
+        if specular is not None:
+            # per covered pixel, each pixel a batch row with its face's light: values (3, P) -> (P, 3)
+            rows = pix // (H * W)
+            light = SpecularLight(parts[3].t(), specular.direction[rows], specular.color[rows],
+                                  specular.shininess[rows])
+            s_pix = shade_specular(light, n_pix.t(), parts[2].t()).t()
+            diffuse_img = scatter_to_pixels(pix, c_pix, B * H * W).view(B, H, W, 3)
+            specular_img = scatter_to_pixels(pix, s_pix, B * H * W).view(B, H, W, 3)
+            c_pix = c_pix + s_pix
+        image = scatter_to_pixels(pix, c_pix, B * H * W, background).view(B, H, W, 3)
         n_img = scatter_to_pixels(pix, n_pix, B * H * W).view(B, H, W, 3)
 
         visibility = self._vertex_visibility(frags, tris, B, N)
@@ -165,6 +193,8 @@ class MeshRenderer:
             vertex_visibility=visibility,
             fragments=frags,
             vertex_colors=colors_v,
+            diffuse=diffuse_img,
+            specular=specular_img,
         )
 
     @staticmethod

@@ -31,10 +31,12 @@ but not both).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["vertex_normals", "sh_basis", "sh_irradiance", "shade_lambertian", "SH_CONSTANTS"]
+__all__ = ["vertex_normals", "sh_basis", "sh_irradiance", "shade_lambertian", "blinn_phong", "shade_specular", "SpecularLight",
+           "SH_CONSTANTS"]
 
 _A0, _A1, _A2 = math.pi, 2.0 * math.pi / math.sqrt(3.0), 2.0 * math.pi / math.sqrt(8.0)
 _C0 = 1.0 / math.sqrt(4.0 * math.pi)
@@ -168,3 +170,72 @@ def shade_lambertian(albedo: torch.Tensor, normals: torch.Tensor, sh: torch.Tens
         (B, N, 3) radiance (not clamped).
     """
     return albedo * sh_irradiance(normals, sh)
+
+
+@dataclass
+class SpecularLight:
+    """One Blinn-Phong light and the specular reflectance it lights (paper 002, eq. 5).
+
+    Attributes:
+        albedo: (B, N, 3) per-vertex specular albedo t_s (linear, >= 0).
+        direction: (B, 3) direction *towards* the light, in the camera frame the renderer
+            shades in (OpenCV: x right, y down, z forward); need not be unit length. A light
+            behind the camera has a negative z.
+        color: (B, 3) linear RGB intensity of the light (multiplies t_s).
+        shininess: (B,) Blinn-Phong exponent phi (>= 1).
+    """
+
+    albedo: torch.Tensor
+    direction: torch.Tensor
+    color: torch.Tensor
+    shininess: torch.Tensor
+
+
+def blinn_phong(normals: torch.Tensor, points: torch.Tensor, light_direction: torch.Tensor,
+                shininess: torch.Tensor) -> torch.Tensor:
+    """Blinn-Phong lobe ``[Nor(v_out - v_in) . n]^phi`` of paper 002, eq. 5, per point.
+
+    ``v_in`` is the incoming light direction (from the light onto the surface, i.e. minus
+    ``light_direction``) and ``v_out`` the direction from the surface to the camera centre
+    (the origin), so ``Nor(v_out - v_in)`` is the half vector between the view and light
+    directions. The lobe is 0 where the half vector or the light is behind the surface.
+    Not energy normalised (as in the paper: the specular albedo carries the scale).
+
+    Args:
+        normals: (B, ..., 3) unit normals; points: (B, ..., 3) camera-frame positions.
+        light_direction: (B, 3) towards the light (any length > 0).
+        shininess: (B,) exponent phi >= 1.
+
+    Returns:
+        (B, ...) lobe values in [0, 1], differentiable w.r.t. every input.
+    """
+    batch = normals.shape[0]
+    extra = [1] * (normals.dim() - 2)
+    light = light_direction / light_direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    light = light.view(batch, *extra, 3)
+    view = -points / points.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    half = view + light
+    half = half / half.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    cosine = (normals * half).sum(dim=-1)
+    lit = (normals * light).sum(dim=-1) > 0
+    # clamp away from 0 so the power's gradient stays finite; masked to 0 afterwards
+    value = cosine.clamp(1e-6, 1.0) ** shininess.view(batch, *extra)
+    return torch.where(lit & (cosine > 0), value, torch.zeros_like(value))
+
+
+def shade_specular(light: SpecularLight, normals: torch.Tensor, points: torch.Tensor,
+                   albedo: torch.Tensor | None = None) -> torch.Tensor:
+    """Specular radiance ``c_s = t_s * color * lobe`` (paper 002, eq. 5).
+
+    Args:
+        light: the light (its ``albedo`` is used when ``albedo`` is None).
+        normals, points: (B, ..., 3) unit normals and camera-frame positions.
+        albedo: (B, ..., 3) specular albedo at those points, e.g. interpolated per pixel.
+
+    Returns:
+        (B, ..., 3) radiance.
+    """
+    t_s = light.albedo if albedo is None else albedo
+    lobe = blinn_phong(normals, points, light.direction, light.shininess)
+    color = light.color.view(light.color.shape[0], *[1] * (t_s.dim() - 2), 3).to(t_s.dtype)
+    return t_s * color * lobe[..., None]
