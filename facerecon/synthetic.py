@@ -9,6 +9,7 @@ import torch
 
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import crop_intrinsics, model_to_camera
+from facerecon.fitting.optimize import specular_light
 from facerecon.render.camera import project_points
 from facerecon.render.renderer import MeshRenderer
 from facerecon.render.shading import SH_CONSTANTS
@@ -33,9 +34,15 @@ class SyntheticBatch:
 
 def random_parameters(model: FaceModelTensors, batch: int, generator: torch.Generator,
                       yaw_degrees=None, pitch_degrees=None, distance_mm: float = 1200.0,
-                      identity_scale: float = 1.0, expression_scale: float = 0.3, albedo_scale: float = 1.0
-                      ) -> dict[str, torch.Tensor]:
-    """Random identity/expression/albedo/light and a pose (given yaw/pitch in degrees or random)."""
+                      identity_scale: float = 1.0, expression_scale: float = 0.3, albedo_scale: float = 1.0,
+                      specular: bool = False) -> dict[str, torch.Tensor]:
+    """Random identity/expression/albedo/light and a pose (given yaw/pitch in degrees or random).
+
+    With ``specular`` also paper 002's specular unknowns (:data:`SPECULAR_PARAMETER_NAMES`): specular
+    albedo coefficients, a light from the front upper half (camera frame, within ~35 degrees of
+    the view axis sideways and ~30 degrees upwards), a white light of intensity 1-2 and shininess
+    8-40; drawn after everything else, so the other parameters are the same with or without it.
+    """
     def normal(*shape):
         return torch.randn(*shape, generator=generator)
 
@@ -63,7 +70,7 @@ def random_parameters(model: FaceModelTensors, batch: int, generator: torch.Gene
     translation = torch.stack([uniform(-8, 8, batch), uniform(-8, 8, batch),
                                distance_mm + uniform(-60, 60, batch)], dim=1)
     translation = translation - (torch.diag(torch.tensor([1.0, -1.0, -1.0])) @ centre)[None]
-    return {
+    params = {
         "identity": normal(batch, model.n_identity) * identity_scale,
         "expression": expression,
         "albedo": normal(batch, model.n_albedo) * albedo_scale,
@@ -71,6 +78,15 @@ def random_parameters(model: FaceModelTensors, batch: int, generator: torch.Gene
         "angles": angles,
         "translation": translation,
     }
+    if specular:
+        params |= {
+            "specular": normal(batch, model.n_specular),
+            "light_direction": torch.stack([uniform(-0.7, 0.7, batch), uniform(-0.6, 0.0, batch),
+                                            -torch.ones(batch)], dim=1),
+            "light_color": uniform(1.0, 2.0, batch, 1).expand(batch, 3).clone(),
+            "log_shininess": torch.log(uniform(8.0, 40.0, batch, 1)),
+        }
+    return params
 
 
 def textured_backgrounds(batch: int, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -144,8 +160,13 @@ def render_faces(model: FaceModelTensors, parameters: dict[str, torch.Tensor], s
         triangles = torch.cat([model.triangles, eye_tris + verts.shape[1]])
         all_albedo = torch.cat([albedo, eye_albedo], 1)
     cam_all = model_to_camera(all_verts, parameters["angles"], parameters["translation"])
+    light = None
+    if "light_direction" in parameters:  # paper 002's specular term (eyes: a wet, shiny surface)
+        light = specular_light(model, parameters)
+        eyes = torch.full((batch, all_verts.shape[1] - verts.shape[1], 3), 0.3, dtype=verts.dtype)
+        light.albedo = torch.cat([light.albedo, eyes], 1)
     out = MeshRenderer(image_size=(size, size), backend=backend).render(
-        cam_all, triangles, k, all_albedo, parameters["sh"], background=background)
+        cam_all, triangles, k, all_albedo, parameters["sh"], background=background, specular=light)
     cam = cam_all[:, : verts.shape[1]]
     lm = project_points(model.landmark_points(cam), k)[..., :2]
     dense = project_points(model.dense_points(cam), k)[..., :2] if model.dense_triangle is not None else None

@@ -71,10 +71,13 @@ def evaluate() -> None:
 @click.option("--yaws", default="-80,-40,0,40,80", show_default=True, help="Yaw angles in degrees.")
 @click.option("--pitches", default="-15,-20,-25", show_default=True, help="Pitch angles in degrees.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--specular", is_flag=True, help="Render specular highlights (paper 002's Blinn-Phong light).")
+@click.option("--shading", type=click.Choice(["lambert", "blinn-phong"]), default="lambert", show_default=True,
+              help="The fit's shading (as `facerecon fit --shading`).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or table.")
 def rendered(out_dir: Path, face_model: str | None, samples: int, seed: int, yaws: str, pitches: str, device: str,
-             as_json: bool, quiet: bool) -> None:
+             specular: bool, shading: str, as_json: bool, quiet: bool) -> None:
     """Rendered-pose protocol: error by yaw against the mean-face baseline.
 
     \b
@@ -83,15 +86,20 @@ def rendered(out_dir: Path, face_model: str | None, samples: int, seed: int, yaw
     `detect + fit`, and scored on the ground truth cropped to 95 mm around its
     nose tip: ICP with isotropic scale, point-to-plane RMSE (and mean
     point-to-surface distance). In-span faces: a floor, not a claim about
-    real faces. Resumable: rerun the same command to continue.
+    real faces. Also the de-lit diffuse albedo's error over the skin (mean RGB
+    distance, as fitted and after a per-channel gain). Resumable: rerun the
+    same command to continue.
 
     \b
-    Example:
+    Examples:
       facerecon evaluate rendered --out eval/ --samples 5 --seed 1
+      facerecon evaluate rendered --out shiny/ --specular --shading blinn-phong
     """
     from facerecon.evaluation.rendered import RenderedOptions, run_rendered
+    from facerecon.fitting.optimize import FitSettings, paper002_settings
     options = RenderedOptions(face_model=face_model, samples=samples, seed=seed, yaws=_floats(yaws),
-                              pitches=_floats(pitches), device=device)
+                              pitches=_floats(pitches), device=device, specular=specular,
+                              settings=paper002_settings() if shading == "blinn-phong" else FitSettings())
     console = stderr_console(quiet=quiet)
     result = _run_protocol(console, quiet, out_dir, as_json,
                            lambda progress, stop: run_rendered(
@@ -101,13 +109,14 @@ def rendered(out_dir: Path, face_model: str | None, samples: int, seed: int, yaw
         from rich.table import Table
 
         table = Table(title="rendered-pose protocol: point-to-plane RMSE (mm)", title_justify="left")
-        for column in ("yaw", "images", "reconstructed", "fit", "mean face", "improvement"):
+        for column in ("yaw", "images", "reconstructed", "fit", "mean face", "improvement", "albedo err"):
             table.add_column(column, justify="right")
         for row in result.by_yaw:
             fmt = (lambda v, p="{:.2f}": "-" if v is None else p.format(v))  # noqa: E731
             table.add_row(f"{row['yaw']:+.0f}", str(row["images"]), str(row["reconstructed"]),
                           fmt(row["rmse_mean_mm"]) + (f" ± {row['rmse_std_mm']:.2f}" if row["rmse_std_mm"] else ""),
-                          fmt(row["baseline_rmse_mean_mm"]), fmt(row["improvement_over_baseline"], "{:.0%}"))
+                          fmt(row["baseline_rmse_mean_mm"]), fmt(row["improvement_over_baseline"], "{:.0%}"),
+                          fmt(row["albedo_error_mean"], "{:.3f}"))
         console.print(table)
         console.print(f"results: {out_dir / 'results.json'}, {out_dir / 'results.csv'}, "
                       f"{out_dir / 'error_by_yaw.png'}")

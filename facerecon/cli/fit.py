@@ -61,6 +61,10 @@ def face_model_options(function):
 @click.option("--expression-prior/--no-expression-prior", default=True, show_default=True,
               help="Blendshape prior (sparsity, size, opposing pairs; docs/fitting.md): a neutral face stays "
                    "neutral. Off: only paper 000's coefficient prior, made for PCA expressions.")
+@click.option("--shading", type=click.Choice(["lambert", "blinn-phong"]), default="lambert", show_default=True,
+              help="lambert: paper 000's SH Lambertian shading. blinn-phong: paper 002's diffuse + specular "
+                   "albedo (one Blinn-Phong light), its photometric, uniform and inner-mouth losses and weights "
+                   "(docs/fitting.md); meshes get a de-lit diffuse and a specular map.")
 @click.option("--second-look/--no-second-look", default=True, show_default=True,
               help="When the detector finds no face in a photo, look again with the short-range model "
                    "(close-ups, half profiles; docs/detection.md).")
@@ -72,7 +76,8 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
         device: str, batch_size: int, largest: bool, texture_size: int, no_overlays: bool,
         steps: tuple[int, int, int], no_dense: bool, landmark_trust: str, detector_bias: bool,
         checkpoint: str | None, refine: int,
-        perceptual: bool, recognition_weights: str | None, expression_prior: bool, second_look: bool, seed: int,
+        perceptual: bool, recognition_weights: str | None, expression_prior: bool, shading: str, second_look: bool,
+        seed: int,
         overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Reconstruct a textured 3D mesh for every face in the photos.
 
@@ -102,7 +107,7 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
     """
     from facerecon.export.meshio import parse_formats
     from facerecon.errors import InputError
-    from facerecon.fitting.optimize import NO_EXPRESSION_PRIOR, FitSettings
+    from facerecon.fitting.optimize import NO_EXPRESSION_PRIOR, FitSettings, paper002_settings
     from facerecon.io.images import ImageLoadError
     from facerecon.stages.fit import FitOptions, run_fit
 
@@ -111,7 +116,8 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--format") from None
     try:
-        settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2],
+        make = paper002_settings if shading == "blinn-phong" else FitSettings
+        settings = make(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2],
                                use_dense_landmarks=not no_dense,
                                detector_bias_iterations=FitSettings.detector_bias_iterations if detector_bias else 0,
                                **({"landmark_trust_reference": 0.0} if landmark_trust == "full" else {}),

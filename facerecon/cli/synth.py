@@ -21,12 +21,15 @@ from facerecon.cli.params import FiniteFloatRange
               help="Focal-length factor: 1 frames the face like an aligned crop, 0.6 like a portrait photo.")
 @click.option("--max-yaw", type=FiniteFloatRange(0, 90), default=60.0, show_default=True, help="Degrees.")
 @click.option("--max-pitch", type=FiniteFloatRange(0, 60), default=20.0, show_default=True, help="Degrees.")
+@click.option("--specular", is_flag=True,
+              help="Add specular highlights (paper 002: a specular albedo lit by one Blinn-Phong light); the "
+                   "light and specular parameters are stored with the others.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same images.")
 @click.option("--face-model", default=None, metavar="NAME|PATH", help="Face model to sample from.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def synth(out_dir: Path, count: int, views: int, size: int, zoom: float, max_yaw: float, max_pitch: float, seed: int,
-          face_model: str | None, as_json: bool, quiet: bool) -> None:
+def synth(out_dir: Path, count: int, views: int, size: int, zoom: float, max_yaw: float, max_pitch: float,
+          specular: bool, seed: int, face_model: str | None, as_json: bool, quiet: bool) -> None:
     """Render synthetic faces with ground-truth parameters.
 
     \b
@@ -37,15 +40,16 @@ def synth(out_dir: Path, count: int, views: int, size: int, zoom: float, max_yaw
     Resumable: rerun the same command to continue.
 
     \b
-    Example:
+    Examples:
       facerecon synth --out synth/ --count 1000 --views 4
+      facerecon synth --out shiny/ --count 50 --specular
     """
     from facerecon.facemodel.model import FaceModelError
     from facerecon.io.store import StoreError
     from facerecon.stages.synth import SynthOptions, run_synth
 
     options = SynthOptions(face_model=face_model, count=count, views=views, size=size, zoom=zoom, seed=seed,
-                           max_yaw=max_yaw, max_pitch=max_pitch)
+                           max_yaw=max_yaw, max_pitch=max_pitch, specular=specular)
     console = stderr_console(quiet=quiet)
     try:
         with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:

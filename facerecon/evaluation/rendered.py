@@ -45,6 +45,8 @@ class RenderedOptions:
     device: str = "auto"
     batch_size: int = 16
     settings: FitSettings = field(default_factory=FitSettings)
+    #: render paper 002's specular highlights (synthetic.random_parameters(specular=True))
+    specular: bool = False
 
 
 @dataclass
@@ -64,7 +66,7 @@ def _render_photos(model, options: RenderedOptions, photos: Path) -> dict[str, d
     truth = {}
     photos.mkdir(parents=True, exist_ok=True)
     for sample in range(options.samples):
-        base = random_parameters(tensors, 1, generator)
+        base = random_parameters(tensors, 1, generator, specular=options.specular)
         for pitch in options.pitches:
             for yaw in options.yaws:
                 params = {k: v.clone() for k, v in base.items()}
@@ -78,8 +80,24 @@ def _render_photos(model, options: RenderedOptions, photos: Path) -> dict[str, d
                 if not path.exists():
                     write_png(path, to_uint8(batch.images)[0])
                 truth[name] = {"sample": sample, "pitch": pitch, "yaw": yaw,
-                               "vertices": batch.vertices[0].numpy().astype(np.float64)}
+                               "vertices": batch.vertices[0].numpy().astype(np.float64),
+                               "albedo": tensors.albedo(params["albedo"]).clamp(0, 1)[0].numpy().astype(np.float64)}
     return truth
+
+
+def albedo_errors(fitted_colors: np.ndarray, truth: np.ndarray, skin: np.ndarray) -> dict[str, float]:
+    """The de-lit diffuse albedo's error over the skin vertices: mean RGB distance (channels in
+    [0, 1]) as fitted (``albedo_error``) and after the per-channel gain that best matches the truth
+    (``albedo_error_gain``: albedo and light share a scale, which one photo cannot separate).
+
+    Args:
+        fitted_colors: (N, 3) uint8, the fit's ``albedo_colors``; truth: (N, 3) in [0, 1]; skin: vertex indices.
+    """
+    fitted = fitted_colors[skin].astype(np.float64) / 255.0
+    true = truth[skin]
+    gain = (fitted * true).sum(0) / np.maximum((fitted * fitted).sum(0), 1e-12)
+    return {"albedo_error": float(np.linalg.norm(fitted - true, axis=1).mean()),
+            "albedo_error_gain": float(np.linalg.norm(fitted * gain - true, axis=1).mean())}
 
 
 def run_rendered(out_dir: str | Path, options: RenderedOptions | None = None, progress=None,
@@ -95,7 +113,7 @@ def run_rendered(out_dir: str | Path, options: RenderedOptions | None = None, pr
     summary = run_fit([str(out_dir / "photos")], out_dir / "fit", fit_options, progress=progress,
                       detect_progress=detect_progress, should_stop=should_stop)
     fitted = {key: faces for key, _a, faces in read_fits(out_dir / "fit" / "fits.h5")}
-    region = model.regions["face"]
+    region, skin = model.regions["face"], model.regions["skin"]
     rows = []
     per_sample: dict[int, tuple] = {}  # every pose of a sample shares its ground truth
     for name, record in sorted(truth.items()):
@@ -111,9 +129,11 @@ def run_rendered(out_dir: str | Path, options: RenderedOptions | None = None, pr
         if faces and "vertices_neutral" in faces[0]:
             # the ground truth carries its expression: score the fitted mesh with expression
             error = scan_error(faces[0]["vertices"].astype(np.float64), model.triangles, gt_points)
-            row.update({"status": "ok", "rmse_mm": error.rmse_point_to_plane, "mean_mm": error.mean_point_to_surface})
+            row.update({"status": "ok", "rmse_mm": error.rmse_point_to_plane, "mean_mm": error.mean_point_to_surface,
+                        **albedo_errors(faces[0]["albedo_colors"], record["albedo"], skin)})
         else:
-            row.update({"status": "not reconstructed", "rmse_mm": None, "mean_mm": None})
+            row.update({"status": "not reconstructed", "rmse_mm": None, "mean_mm": None, "albedo_error": None,
+                        "albedo_error_gain": None})
         rows.append(row)
     by_yaw = []
     for yaw in options.yaws:
@@ -122,6 +142,8 @@ def run_rendered(out_dir: str | Path, options: RenderedOptions | None = None, pr
         fit = np.array([r["rmse_mm"] for r in ok])
         base = np.array([r["baseline_rmse_mm"] for r in ok]) if ok else np.array([])
         by_yaw.append({
+            "albedo_error_mean": float(np.mean([r["albedo_error"] for r in ok])) if ok else None,
+            "albedo_error_gain_mean": float(np.mean([r["albedo_error_gain"] for r in ok])) if ok else None,
             "yaw": yaw, "images": len(group), "reconstructed": len(ok),
             "rmse_mean_mm": float(fit.mean()) if ok else None, "rmse_std_mm": float(fit.std()) if ok else None,
             "baseline_rmse_mean_mm": float(base.mean()) if ok else None,

@@ -238,6 +238,73 @@ def laplacian_albedo_space(
     return mean.astype(np.float32), basis
 
 
+#: Mean specular albedo (grey, linear) by region of the default space: skin reflects a few per
+#: cent specularly at normal incidence (Fresnel F0 of skin ~0.028, Weyrich et al. 2006) and
+#: oily regions more; paper 002's specular albedo carries the light's scale too, so the values
+#: are the product of both for a typical flash or window light. Eyes (wet cornea) are shiny,
+#: brows and the inner mouth hardly.
+SPECULAR_BY_REGION = {"skin": 0.10, "t_zone": 0.18, "lips": 0.14, "eyes": 0.30, "brows": 0.03, "inner_mouth": 0.04}
+#: Prior standard deviation of each mode of the default specular space (grey reflectance units)
+SPECULAR_MODE_STD = {"overall": 0.06, "t_zone": 0.06, "lower_face": 0.04, "lips": 0.05}
+
+
+def default_specular_space(mean_shape: np.ndarray, triangles: np.ndarray, regions: dict[str, np.ndarray],
+                           landmarks68: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A plausible specular albedo space for face models without a measured one (e.g. ICT).
+
+    Grey (equal in R, G, B: skin's specular reflection is not tinted by its pigments). The mean
+    is :data:`SPECULAR_BY_REGION`, where the T-zone is the nose region plus the skin above the
+    brows; the basis has one smooth mode per entry of :data:`SPECULAR_MODE_STD` (overall level,
+    T-zone, the skin below the nose, lips), each a region indicator softened by Laplacian
+    passes and scaled to that standard deviation at the region's centre. Coefficients have an
+    N(0, 1) prior. Deterministic and cheap (sparse smoothing only).
+
+    Args:
+        mean_shape: (N, 3) mm, canonical frame (+y up); triangles: (F, 3);
+        regions: the model's vertex regions (``skin``, ``nose``, ``lips``, ``eyes``, ``brows``,
+            ``inner_mouth``; missing ones are skipped); landmarks68: (68,) vertex indices.
+
+    Returns:
+        specular_mean (N, 3) float32 and specular_basis (4, N, 3) float32.
+    """
+    n = mean_shape.shape[0]
+    lap = graph_laplacian(n, triangles)
+    degree = np.asarray(lap.diagonal()).clip(min=1)
+    adjacency = sp.diags(degree) - lap
+
+    def smooth(values: np.ndarray, passes: int = 4) -> np.ndarray:
+        for _ in range(passes):
+            values = 0.5 * values + 0.5 * (adjacency @ values) / degree
+        return values
+
+    def indicator(index) -> np.ndarray:
+        out = np.zeros(n)
+        if index is not None and len(index):
+            out[np.asarray(index)] = 1.0
+        return out
+
+    y = mean_shape[:, 1]
+    skin = indicator(regions.get("skin"))
+    brow_line = float(mean_shape[landmarks68[np.r_[BROW_RIGHT, BROW_LEFT]], 1].mean())
+    nose_bottom = float(mean_shape[landmarks68[33], 1])
+    t_zone = np.maximum(indicator(regions.get("nose")), skin * (y > brow_line))
+    lower_face = skin * (y < nose_bottom) * (1 - indicator(regions.get("lips")))
+    mean = np.full(n, SPECULAR_BY_REGION["skin"])
+    for name, mask in (("t_zone", t_zone), ("lips", indicator(regions.get("lips"))),
+                       ("eyes", indicator(regions.get("eyes"))), ("brows", indicator(regions.get("brows"))),
+                       ("inner_mouth", indicator(regions.get("inner_mouth")))):
+        mean = np.where(mask > 0, SPECULAR_BY_REGION[name], mean)
+    mean = smooth(mean, 3)
+    masks = {"overall": np.ones(n), "t_zone": t_zone, "lower_face": lower_face, "lips": indicator(regions.get("lips"))}
+    basis = np.zeros((len(SPECULAR_MODE_STD), n, 3), dtype=np.float32)
+    for k, (name, std) in enumerate(SPECULAR_MODE_STD.items()):
+        mode = smooth(masks[name])
+        peak = float(mode.max())
+        if peak > 0:
+            basis[k] = (mode / peak * std)[:, None]
+    return np.repeat(mean[:, None], 3, axis=1).astype(np.float32), basis
+
+
 def cylindrical_uv(mean_shape: np.ndarray) -> np.ndarray:
     """Per-vertex texture coordinates (N, 2) in [0, 1] from a cylindrical unwrap about +y.
 

@@ -20,7 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from facerecon.facemodel.annotate import derive_regions, laplacian_albedo_space, symmetric_pairs
+from facerecon.facemodel.annotate import (
+    default_specular_space,
+    derive_regions,
+    laplacian_albedo_space,
+    symmetric_pairs,
+)
 from facerecon.facemodel.model import FaceModel, FaceModelError
 from facerecon.facemodel.objparse import read_obj, read_obj_vertices, triangulate
 
@@ -150,12 +155,14 @@ def import_ict(
     face_vertices = np.arange(FACE_AREA[0], FACE_AREA[1])
     regions = derive_regions(mean, triangles, landmarks, face_vertices=face_vertices)
     albedo_mean, albedo_basis = laplacian_albedo_space(mean, triangles, regions, n_modes=n_albedo_modes)
+    specular_mean, specular_basis = default_specular_space(mean, triangles, regions, landmarks)
     uv = np.asarray(data["uv"], dtype=np.float32)
     model = FaceModel(
         model_id=MODEL_ID + ("-head" if include_head else ""),
         provenance=(
             f"ICT-FaceKit Light (USC ICT, MIT licence) from {data['source']}; vertices [0, {keep}), "
-            f"quads triangulated, cm -> mm; albedo: synthetic Laplacian space ({n_albedo_modes} modes per channel)"
+            f"quads triangulated, cm -> mm; albedo: synthetic Laplacian space ({n_albedo_modes} modes per channel); "
+            f"specular: default grey space ({len(specular_basis)} modes)"
         ),
         mean_shape=mean.astype(np.float32),
         identity_basis=identity,
@@ -171,6 +178,9 @@ def import_ict(
         albedo_mean=albedo_mean,
         albedo_basis=albedo_basis,
         albedo_kind="laplacian",
+        specular_mean=specular_mean,
+        specular_basis=specular_basis,
+        specular_kind="default",
         attributes={"source_units": "cm", "triangles_from_polygons": str(int(inside.sum()))},
     )
     model.validate()

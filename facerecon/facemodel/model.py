@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 
 from facerecon.errors import InputError
+from facerecon.facemodel.annotate import default_specular_space
 from facerecon.facemodel.detector_bias import DetectorBias
 from facerecon.io.atomic import atomic_path
 
@@ -51,6 +52,12 @@ class FaceModel:
         albedo_mean: (N, 3) float32 linear RGB reflectance in [0, 1], or None.
         albedo_basis: (K_alb, N, 3) float32, or None.
         albedo_kind: ``"pca"`` (measured PCA) or ``"laplacian"`` (smooth synthetic space).
+        specular_mean: (N, 3) float32 linear specular albedo (paper 002's t_s), or None.
+        specular_basis: (K_spec, N, 3) float32, or None.
+        specular_kind: ``"none"``, ``"default"`` (the plausible grey space of
+            :func:`facerecon.facemodel.annotate.default_specular_space`) or ``"measured"``
+            (e.g. AlbedoMM's specular PCA). :meth:`specular_space` gives a model without one the
+            default space.
         dense_triangle / dense_barycentric: (468,) int32 and (468, 3) float32, the surface
             point matching each mediapipe face-mesh landmark, or None before embedding.
         dense_offset: (468, 3) float32 mm or None (= zeros): where the landmark lies off that
@@ -79,6 +86,9 @@ class FaceModel:
     albedo_mean: np.ndarray | None = None
     albedo_basis: np.ndarray | None = None
     albedo_kind: str = "none"
+    specular_mean: np.ndarray | None = None
+    specular_basis: np.ndarray | None = None
+    specular_kind: str = "none"
     dense_triangle: np.ndarray | None = None
     dense_barycentric: np.ndarray | None = None
     dense_offset: np.ndarray | None = None
@@ -110,6 +120,16 @@ class FaceModel:
     def has_albedo(self) -> bool:
         return self.albedo_mean is not None
 
+    def specular_space(self) -> tuple[np.ndarray, np.ndarray, str]:
+        """(mean (N, 3), basis (K, N, 3), kind): the stored specular space, or the default one
+        (:func:`~facerecon.facemodel.annotate.default_specular_space`, kind ``"default"``)."""
+        if self.specular_mean is not None:
+            basis = self.specular_basis if self.specular_basis is not None else \
+                np.zeros((0, self.n_vertices, 3), np.float32)
+            return self.specular_mean, basis, self.specular_kind
+        mean, basis = default_specular_space(self.mean_shape, self.triangles, self.regions, self.landmarks68)
+        return mean, basis, "default"
+
     def summary(self) -> dict:
         """Plain-data description used by ``facerecon model info``."""
         return {
@@ -122,6 +142,8 @@ class FaceModel:
             "albedo": self.has_albedo,
             "albedo_coefficients": self.n_albedo,
             "albedo_kind": self.albedo_kind,
+            "specular": self.specular_kind if self.specular_mean is not None else "default (computed when used)",
+            "specular_coefficients": 0 if self.specular_basis is None else int(self.specular_basis.shape[0]),
             "units": "mm",
             "landmarks68": int(self.landmarks68.shape[0]),
             "dense_landmarks": 0 if self.dense_triangle is None else int(self.dense_triangle.shape[0]),
@@ -140,7 +162,7 @@ class FaceModel:
         problems = []
         if self.mean_shape.ndim != 2 or self.mean_shape.shape[1] != 3:
             problems.append(f"mean_shape must be (N, 3), got {self.mean_shape.shape}")
-        for name in ("identity_basis", "expression_basis", "albedo_basis"):
+        for name in ("identity_basis", "expression_basis", "albedo_basis", "specular_basis"):
             arr = getattr(self, name)
             if arr is not None and (arr.ndim != 3 or arr.shape[1:] != (n, 3)):
                 problems.append(f"{name} must be (K, {n}, 3), got {arr.shape}")
@@ -150,6 +172,12 @@ class FaceModel:
             problems.append(f"expression_kind must be 'blendshape' or 'pca', got {self.expression_kind!r}")
         if self.albedo_mean is not None and self.albedo_mean.shape != (n, 3):
             problems.append(f"albedo_mean must be ({n}, 3), got {self.albedo_mean.shape}")
+        if self.specular_mean is not None and self.specular_mean.shape != (n, 3):
+            problems.append(f"specular_mean must be ({n}, 3), got {self.specular_mean.shape}")
+        if self.specular_basis is not None and self.specular_mean is None:
+            problems.append("specular_basis needs specular_mean")
+        if self.specular_kind not in ("none", "default", "measured"):
+            problems.append(f"specular_kind must be 'none', 'default' or 'measured', got {self.specular_kind!r}")
         tri = self.triangles
         if tri.ndim != 2 or tri.shape[1] != 3 or tri.min() < 0 or tri.max() >= n:
             problems.append("triangles must be (F, 3) with indices in [0, N)")
@@ -179,7 +207,8 @@ class FaceModel:
             dense = self.detector_bias.offsets_dense
             if dense is not None and (self.dense_triangle is None or dense.shape[1] != len(self.dense_triangle)):
                 problems.append("detector_bias offsets_dense needs the dense embedding with as many points")
-        for name in ("mean_shape", "identity_basis", "expression_basis", "albedo_mean", "albedo_basis"):
+        for name in ("mean_shape", "identity_basis", "expression_basis", "albedo_mean", "albedo_basis",
+                     "specular_mean", "specular_basis"):
             arr = getattr(self, name)
             if arr is not None and not np.all(np.isfinite(arr)):
                 problems.append(f"{name} contains NaN or infinite values")
@@ -214,6 +243,12 @@ def save_face_model(model: FaceModel, path: str | Path) -> Path:
                 alb.create_dataset("mean", data=model.albedo_mean.astype(np.float32))
                 if model.albedo_basis is not None:
                     alb.create_dataset("basis", data=model.albedo_basis.astype(np.float32), **comp)
+            if model.specular_mean is not None:
+                spec = f.create_group("specular")
+                spec.attrs["kind"] = model.specular_kind
+                spec.create_dataset("mean", data=model.specular_mean.astype(np.float32))
+                if model.specular_basis is not None:
+                    spec.create_dataset("basis", data=model.specular_basis.astype(np.float32), **comp)
             topo = f.create_group("topology")
             topo.create_dataset("triangles", data=model.triangles.astype(np.int32))
             topo.create_dataset("uv", data=model.uv.astype(np.float32))
@@ -273,6 +308,7 @@ def load_face_model(path: str | Path) -> FaceModel:
                     f"{path} uses face-model format {version}; this facerecon reads up to {FORMAT_VERSION}"
                 )
             alb = f.get("albedo")
+            spec = f.get("specular")
             lmk = f["landmarks"]
             model = FaceModel(
                 model_id=_attr_str(f.attrs["model_id"]),
@@ -291,6 +327,9 @@ def load_face_model(path: str | Path) -> FaceModel:
                 albedo_mean=None if alb is None else alb["mean"][()],
                 albedo_basis=None if alb is None or "basis" not in alb else alb["basis"][()],
                 albedo_kind=_attr_str(f.attrs.get("albedo_kind", "none")),
+                specular_mean=None if spec is None else spec["mean"][()],
+                specular_basis=None if spec is None or "basis" not in spec else spec["basis"][()],
+                specular_kind="none" if spec is None else _attr_str(spec.attrs.get("kind", "measured")),
                 dense_triangle=lmk["dense_triangle"][()] if "dense_triangle" in lmk else None,
                 dense_barycentric=lmk["dense_barycentric"][()] if "dense_barycentric" in lmk else None,
                 dense_offset=lmk["dense_offset"][()] if "dense_offset" in lmk else None,

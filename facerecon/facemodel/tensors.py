@@ -76,6 +76,9 @@ class FaceModelTensors(nn.Module):
         else:
             self.albedo_mean = None
             self.albedo_basis = None
+        specular_mean, specular_basis, self.specular_kind = model.specular_space()
+        self.register_buffer("specular_mean", torch.as_tensor(specular_mean, dtype=dtype))
+        self.register_buffer("specular_basis", torch.as_tensor(specular_basis, dtype=dtype).reshape(-1, 3 * n))
         if model.dense_triangle is not None:
             self.register_buffer("dense_triangle", torch.as_tensor(model.dense_triangle, dtype=torch.int64))
             self.register_buffer("dense_barycentric", torch.as_tensor(model.dense_barycentric, dtype=dtype))
@@ -128,6 +131,15 @@ class FaceModelTensors(nn.Module):
             raise InputError(f"face model {self.model_id!r} has no albedo space")
         values = self.albedo_mean + (coefficients @ self.albedo_basis).reshape(coefficients.shape[0], -1, 3)
         return values
+
+    @property
+    def n_specular(self) -> int:
+        return int(self.specular_basis.shape[0])
+
+    def specular(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Per-vertex specular albedo (B, N, 3) >= 0 from coefficients (B, K_spec) (paper 002's t_s)."""
+        values = self.specular_mean + (coefficients @ self.specular_basis).reshape(coefficients.shape[0], -1, 3)
+        return values.clamp_min(0.0)
 
     @property
     def landmarks68_from_dense(self) -> bool:

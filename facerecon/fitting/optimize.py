@@ -39,9 +39,18 @@ from facerecon.losses.hybrid import (
     photometric_loss,
     texture_flatness,
 )
+from facerecon.losses.specular import (
+    PAPER002_WEIGHTS,
+    inner_mouth_loss,
+    landmark_weights_68_paper002,
+    light_chroma,
+    skin_confidence,
+)
 from facerecon.render.camera import project_points, scale_intrinsics, scale_pixels
+from facerecon.render.rasterize import interpolate
 from facerecon.render.renderer import MeshRenderer, RenderOutput
-from facerecon.render.shading import SH_CONSTANTS, facing_cosine, sh_basis, vertex_normals
+from facerecon.detection.landmarks import LIPS_INNER
+from facerecon.render.shading import SH_CONSTANTS, SpecularLight, facing_cosine, sh_basis, vertex_normals
 
 #: Landmarks on the face contour slide along the silhouette: weighted by visibility.
 JAW_68 = np.arange(0, 17)
@@ -49,6 +58,17 @@ JAW_68 = np.arange(0, 17)
 EXPLODING_LOSS_FACTOR = 1e4
 
 PARAMETER_NAMES = ("identity", "expression", "albedo", "sh", "angles", "translation")
+#: the unknowns of paper 002's specular shading (``shading="blinn-phong"``): specular albedo
+#: coefficients, the direction towards the light (camera frame), its RGB intensity, log shininess
+SPECULAR_PARAMETER_NAMES = ("specular", "light_direction", "light_color", "log_shininess")
+SHADINGS = ("lambert", "blinn-phong")
+LANDMARK_WEIGHTINGS = ("paper000", "paper002")
+#: shininess range of the fit (Blinn-Phong exponent): below 2 a lobe is no highlight, above 200 a
+#: highlight is smaller than a pixel of the crop
+SHININESS_RANGE = (2.0, 200.0)
+#: starting light: a little above the camera (y is down in the camera frame), shininess 16
+INITIAL_LIGHT_DIRECTION = (0.0, -0.3, -1.0)
+INITIAL_SHININESS = 16.0
 
 
 DETECTOR_BIAS_MODES = ("pose", "full")
@@ -111,6 +131,21 @@ class FitSettings:
     # (as strong as in a single-photo fit)
     shared_identity_prior: str = "per_set"
     exclude_inner_mouth: bool = False
+    # "lambert": paper 000's SH Lambertian shading; "blinn-phong": paper 002's diffuse + specular
+    # albedo (SH + one Blinn-Phong light), its photometric loss (eq. 8) and uniform loss (eq. 13)
+    shading: str = "lambert"
+    # paper 002 eq. 8's eta: weight of the full render's error against the skin-weighted diffuse one
+    specular_eta: float = 1.0
+    # eq. 13's weight (blinn-phong shading; it takes the place of paper 000's texture term)
+    uniform_weight: float = 5.0
+    # prior on the specular albedo coefficients (N(0, 1) each), in units of reg_identity
+    specular_prior: float = 1.0
+    # paper 002 eq. 11: |projected inner-mouth area - detected inner-mouth mask| (pixels at the crop
+    # size); 0 = off. Needs the inner-mouth masks in the targets.
+    inner_mouth_weight: float = 0.0
+    # the 68 landmarks' weights: "paper000" (nose and inner mouth 20) or "paper002" (outer mouth
+    # and eyebrows 20)
+    landmark_weighting: str = "paper000"
     # blendshape expression prior (models with blendshapes, e.g. ICT; facerecon.losses.expression):
     # L1 and L2 on the weights and the product of opposing pairs, in units of the total loss.
     # Paper 000's eq. 5 prior (reg_expression) was set for PCA coefficients and is kept beside it.
@@ -148,6 +183,11 @@ class FitSettings:
         _check(self.detector_bias_mode in DETECTOR_BIAS_MODES, "detector_bias_mode", _one_of(DETECTOR_BIAS_MODES))
         _check(self.shared_identity_prior in SHARED_IDENTITY_PRIORS, "shared_identity_prior",
                _one_of(SHARED_IDENTITY_PRIORS))
+        _check(self.shading in SHADINGS, "shading", _one_of(SHADINGS))
+        _check(self.landmark_weighting in LANDMARK_WEIGHTINGS, "landmark_weighting", _one_of(LANDMARK_WEIGHTINGS))
+        for name in ("specular_eta", "uniform_weight", "specular_prior", "inner_mouth_weight"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 0, name, "a number >= 0")
         _check(self.render_backend in RENDER_BACKENDS + ("auto",), "render_backend",
                _one_of(RENDER_BACKENDS + ("auto",)))
         if self.render_backend == "auto":
@@ -160,6 +200,20 @@ class FitSettings:
     def to_dict(self) -> dict:
         return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
 
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        """The unknowns of the photometric stages with this shading."""
+        return PARAMETER_NAMES + (SPECULAR_PARAMETER_NAMES if self.shading == "blinn-phong" else ())
+
+
+def paper002_settings(**overrides) -> FitSettings:
+    """Paper 002's fit: Blinn-Phong shading, its loss weights (sec. 4.1), landmark weights (eq. 10)
+    and inner-mouth loss (eq. 11, weight 1.3e-3); ``overrides`` replace any field."""
+    values = dict(shading="blinn-phong", weights=dict(PAPER002_WEIGHTS), landmark_weighting="paper002",
+                  inner_mouth_weight=1.3e-3)
+    values.update(overrides)
+    return FitSettings(**values)
+
 
 @dataclass
 class FaceTargets:
@@ -167,7 +221,8 @@ class FaceTargets:
 
     crops: (B, S, S, 3) float in [0, 1]; landmarks68: (B, 68, 2) px; dense: (B, 468, 2) px or
     None; attention: (B, S, S) in [0, 1]; gaze: (B, 8) eye-look blendshape weights observed
-    from the irises (:func:`facerecon.fitting.gaze.gaze_weights`) or None.
+    from the irises (:func:`facerecon.fitting.gaze.gaze_weights`) or None; inner_mouth: (B, S, S)
+    in [0, 1], the detected mouth opening (the detect stage's ``masks/inner_mouth``) or None.
     """
 
     crops: torch.Tensor
@@ -175,6 +230,7 @@ class FaceTargets:
     dense: torch.Tensor | None
     attention: torch.Tensor
     gaze: torch.Tensor | None = None
+    inner_mouth: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -186,7 +242,7 @@ class FaceTargets:
             return None if x is None else x.to(device=device, dtype=dtype)
 
         return FaceTargets(move(self.crops), move(self.landmarks68), move(self.dense), move(self.attention),
-                           move(self.gaze))
+                           move(self.gaze), move(self.inner_mouth))
 
 
 @dataclass
@@ -272,11 +328,13 @@ def _sanitize(targets: FaceTargets) -> tuple[FaceTargets, torch.Tensor]:
         return None if x is None else torch.where(invalid.view(-1, *[1] * (x.dim() - 1)), x[donor:donor + 1], x)
 
     return FaceTargets(fix(targets.crops), fix(targets.landmarks68), fix(targets.dense), fix(targets.attention),
-                       fix(targets.gaze)), invalid
+                       fix(targets.gaze), fix(targets.inner_mouth)), invalid
 
 
-def initial_parameters(model: FaceModelTensors, targets: FaceTargets) -> dict[str, torch.Tensor]:
-    """Safe starting point: mean face, neutral expression, white light, PnP pose.
+def initial_parameters(model: FaceModelTensors, targets: FaceTargets, specular: bool = False
+                       ) -> dict[str, torch.Tensor]:
+    """Safe starting point: mean face, neutral expression, white light, PnP pose; with ``specular``
+    also the mean specular albedo and a white light a little above the camera (shininess 16).
 
     Returns (B, ...) tensors on the targets' device in the model's dtype.
     """
@@ -286,7 +344,7 @@ def initial_parameters(model: FaceModelTensors, targets: FaceTargets) -> dict[st
     angles, translation = pose_from_landmarks(points, targets.landmarks68.detach().cpu().numpy(), k)
     sh = torch.zeros(b, 27, dtype=dtype, device=device)
     sh[:, [0, 9, 18]] = 1.0 / SH_CONSTANTS[0]  # unit ambient irradiance
-    return {
+    params = {
         "identity": torch.zeros(b, model.n_identity, dtype=dtype, device=device),
         "expression": torch.zeros(b, model.n_expression, dtype=dtype, device=device),
         "albedo": torch.zeros(b, model.n_albedo, dtype=dtype, device=device),
@@ -294,6 +352,22 @@ def initial_parameters(model: FaceModelTensors, targets: FaceTargets) -> dict[st
         "angles": torch.as_tensor(angles, dtype=dtype, device=device),
         "translation": torch.as_tensor(translation, dtype=dtype, device=device),
     }
+    if specular:
+        params |= {
+            "specular": torch.zeros(b, model.n_specular, dtype=dtype, device=device),
+            "light_direction": torch.tensor(INITIAL_LIGHT_DIRECTION, dtype=dtype, device=device).expand(b, 3).clone(),
+            "light_color": torch.ones(b, 3, dtype=dtype, device=device),
+            "log_shininess": torch.full((b, 1), math.log(INITIAL_SHININESS), dtype=dtype, device=device),
+        }
+    return params
+
+
+def specular_light(model: FaceModelTensors, p: dict[str, torch.Tensor]) -> SpecularLight:
+    """The Blinn-Phong light of parameters ``p`` (specular coefficients, light direction, colour and log
+    shininess, (B, ...) each): colour clamped to >= 0, shininess to :data:`SHININESS_RANGE`."""
+    lo, hi = (math.log(v) for v in SHININESS_RANGE)
+    return SpecularLight(model.specular(p["specular"]), p["light_direction"], p["light_color"].clamp_min(0.0),
+                         p["log_shininess"][:, 0].clamp(lo, hi).exp())
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -320,7 +394,11 @@ class FaceFitter:
         tris = model.triangles.cpu().numpy()
         self.photo_triangles = torch.as_tensor(tris[in_region[tris].all(axis=1)], device=device)
         self.skin = torch.as_tensor(regions["skin"], dtype=torch.int64, device=device)
-        self.lm_weights = landmark_weights_68(device=device)
+        self.lm_weights = (landmark_weights_68_paper002 if self.settings.landmark_weighting == "paper002"
+                           else landmark_weights_68)(device=device)
+        self.specular = self.settings.shading == "blinn-phong"
+        #: the dense points of the inner lip contour: the polygon of the inner-mouth loss
+        self.inner_lip_ring = torch.as_tensor(LIPS_INNER, dtype=torch.int64, device=device)
         self.contour68 = torch.zeros(68, dtype=torch.bool, device=device)
         self.contour68[JAW_68] = True
         self.use_dense = self.settings.use_dense_landmarks and model.dense_triangle is not None
@@ -385,15 +463,23 @@ class FaceFitter:
         if render_size is not None:
             albedo = m.albedo(p["albedo"])
             terms["texture"] = texture_flatness(albedo, self.skin)
-            out, target = self._render_at(cam, albedo, p["sh"], targets, render_size)
+            light = specular_light(m, p) if self.specular else None
+            out, target = self._render_at(cam, albedo, p["sh"], targets, render_size, light)
             attention = _resize(targets.attention[..., None], render_size)[..., 0]
+            # paper 000 eq. 2 on the final render: the photometric error of every shading
             terms["photometric"] = photometric_loss(out.image, target, out.mask, attention)
-            total = total + w["photo"] * terms["photometric"] + w["texture"] * terms["texture"]
+            if self.specular:
+                total = total + self._specular_terms(terms, p, out, target, attention)
+            else:
+                total = total + w["photo"] * terms["photometric"] + w["texture"] * terms["texture"]
             if cfg.landmark_trust_reference > 0:
                 terms["landmark_trust"] = landmark_trust(terms["photometric"], cfg.landmark_trust_reference,
                                                          cfg.landmark_trust_power, cfg.landmark_trust_minimum)
                 landmark_weight = landmark_weight * terms["landmark_trust"]
         total = total + landmark_weight * landmark
+        if self.use_dense and targets.inner_mouth is not None and cfg.inner_mouth_weight > 0:
+            terms["inner_mouth"] = self._inner_mouth_term(cam, k, targets.inner_mouth)
+            total = total + cfg.inner_mouth_weight * terms["inner_mouth"]
         if render_size is not None and self.perceptual is not None and (
                 cfg.perceptual_in_coarse or render_size == targets.size):
             landmarks = scale_pixels(targets.landmarks68, render_size / targets.size)
@@ -401,6 +487,37 @@ class FaceFitter:
             total = total + w["perceptual"] * terms["perceptual"]
         terms["total"] = total
         return terms, out
+
+    def _specular_terms(self, terms: dict[str, torch.Tensor], p: dict[str, torch.Tensor], out: RenderOutput,
+                        target: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """Paper 002's photometric (eq. 8) and uniform (eq. 13) losses into ``terms``; returns their
+        weighted sum (B,) plus the specular coefficients' prior.
+
+        eq. 8 = sum_M C ||I - I_diffuse|| / sum_M C + eta sum_M ||I - (I_diffuse + I_specular)|| / |M|,
+        C the skin confidence (:func:`skin_confidence` of the skin attention), M the rendered pixels
+        that the skin attention counts as face (attention > 0.1). eq. 13 = the variance of the diffuse
+        albedo over the skin (paper 000's texture term) + the spread of each SH coefficient over the
+        colour channels (:func:`light_chroma`) + the same spread of the specular light's colour.
+        """
+        cfg, w = self.settings, self.settings.weights
+        face = out.mask & (attention > 0.1)
+        terms["photometric_diffuse"] = photometric_loss(out.diffuse, target, out.mask, skin_confidence(attention))
+        terms["photometric_final"] = photometric_loss(out.image, target, face)
+        terms["photometric_002"] = terms["photometric_diffuse"] + cfg.specular_eta * terms["photometric_final"]
+        # the light part: a white SH light and a white specular light (the specular light's colour
+        # is ours, not the paper's: eq. 5 has none; its spread over R, G, B is penalised the same way)
+        colour = p["light_color"]
+        terms["uniform"] = terms["texture"] + light_chroma(p["sh"]) + \
+            ((colour - colour.mean(dim=1, keepdim=True)) ** 2).sum(dim=1)
+        terms["specular_prior"] = (p["specular"] ** 2).sum(dim=1)
+        return (w["photo"] * terms["photometric_002"] + cfg.uniform_weight * terms["uniform"]
+                + w["coefficients"] * w["reg_identity"] * cfg.specular_prior * terms["specular_prior"])
+
+    def _inner_mouth_term(self, cam: torch.Tensor, k: torch.Tensor, detected: torch.Tensor) -> torch.Tensor:
+        """(B,) paper 002 eq. 11: L1 area between the projected inner-lip polygon and the detected mouth
+        opening (B, S, S), in pixels of the crop."""
+        ring = project_points(self.model.dense_points(cam)[:, self.inner_lip_ring], k)[..., :2]
+        return inner_mouth_loss(ring, detected)
 
     def _landmark68_term(self, cam: torch.Tensor, normals: torch.Tensor, k: torch.Tensor,
                          detected: torch.Tensor) -> torch.Tensor:
@@ -444,11 +561,11 @@ class FaceFitter:
         return coefficient_regularizer(identity, p["expression"], p["albedo"], w)
 
     def _render_at(self, cam: torch.Tensor, albedo: torch.Tensor, sh: torch.Tensor | None, targets: FaceTargets,
-                   size: int):
+                   size: int, light: SpecularLight | None = None):
         """Render the photometric region at ``size`` px; returns (RenderOutput, the crops resized to it)."""
         k = scale_intrinsics(crop_intrinsics(targets.size, cam.shape[0], dtype=cam.dtype, device=cam.device),
                              size / targets.size)
-        out = self._renderer(size).render(cam, self.photo_triangles, k, albedo, sh)
+        out = self._renderer(size).render(cam, self.photo_triangles, k, albedo, sh, specular=light)
         return out, _resize(targets.crops, size)
 
     def solve_light(self, p: dict[str, torch.Tensor], targets: FaceTargets, size: int,
@@ -479,6 +596,63 @@ class FaceFitter:
             ok = torch.isfinite(solved).all(dim=2, keepdim=True)
             return torch.where(ok, solved, current).reshape(b, 27)
 
+    #: candidate lights of :meth:`solve_specular`: directions towards the light over the front
+    #: half-space (camera frame, up to ~60 degrees off the view axis) and shininess values
+    SPECULAR_DIRECTIONS = tuple((x, y, -1.0) for y in (-1.5, -1.0, -0.6, -0.3, 0.0, 0.3, 0.6, 1.0)
+                                for x in (-1.5, -1.0, -0.6, -0.3, 0.0, 0.3, 0.6, 1.0, 1.5))
+    SPECULAR_SHININESS = (8.0, 16.0, 32.0, 64.0)
+
+    def solve_specular(self, p: dict[str, torch.Tensor], targets: FaceTargets, size: int) -> dict[str, torch.Tensor]:
+        """Start paper 002's light where the photo's highlights are: the direction, shininess and grey
+        intensity that best explain what the diffuse render leaves, by least squares over a grid.
+
+        A Blinn-Phong lobe is narrow, so gradient descent on the light direction only moves a
+        highlight that already overlaps the photo's: each candidate (direction x shininess) is
+        scored by how much the optimal intensity alpha = <r, S> / <S, S> (alpha >= 0) of its
+        specular image S lowers the squared residual r = photo - diffuse render over the rendered
+        face (weighted by the skin attention's complement floor, so highlights, which the colour
+        model does not call skin, count). Faces whose best candidate explains nothing keep ``p``'s light.
+
+        Returns:
+            ``light_direction`` (B, 3), ``light_color`` (B, 3) and ``log_shininess`` (B, 1).
+        """
+        m, b = self.model, targets.crops.shape[0]
+        with torch.no_grad():
+            verts = m.shape(p["identity"].expand(b, -1), p["expression"])
+            cam = model_to_camera(verts, p["angles"], p["translation"])
+            out, target = self._render_at(cam, m.albedo(p["albedo"]), p["sh"], targets, size)
+            k = scale_intrinsics(crop_intrinsics(targets.size, b, dtype=cam.dtype, device=cam.device),
+                                 size / targets.size)
+            t_s = interpolate(m.specular(p["specular"]), self.photo_triangles, out.fragments)  # (B, H, W, 3)
+            rows, cols = torch.meshgrid(torch.arange(size, dtype=cam.dtype, device=cam.device),
+                                        torch.arange(size, dtype=cam.dtype, device=cam.device), indexing="ij")
+            rays = torch.stack([(cols[None] - k[:, 0, 2, None, None]) / k[:, 0, 0, None, None],
+                                (rows[None] - k[:, 1, 2, None, None]) / k[:, 1, 1, None, None],
+                                torch.ones(b, size, size, dtype=cam.dtype, device=cam.device)], dim=-1)
+            view = -rays / rays.norm(dim=-1, keepdim=True)  # (B, H, W, 3) towards the camera
+            lights = F.normalize(torch.tensor(self.SPECULAR_DIRECTIONS, dtype=cam.dtype, device=cam.device), dim=-1)
+            half = F.normalize(view.flatten(1, 2)[:, :, None] + lights[None, None], dim=-1)  # (B, P, L, 3)
+            normals = out.normals.flatten(1, 2)[:, :, None]
+            cosine = (normals * half).sum(-1).clamp_min(0) * ((normals * lights[None, None]).sum(-1) > 0)
+            phi = torch.tensor(self.SPECULAR_SHININESS, dtype=cam.dtype, device=cam.device)
+            lobe = cosine[..., None] ** phi  # (B, P, L, J)
+            weight = out.mask.flatten(1).to(cam.dtype)  # (B, P)
+            residual = (target - out.image).flatten(1, 2)  # (B, P, 3)
+            albedo = t_s.flatten(1, 2)
+            numerator = torch.einsum("bp,bpc,bpc,bplj->blj", weight, residual, albedo, lobe)
+            denominator = torch.einsum("bp,bpc,bplj->blj", weight, albedo * albedo, lobe * lobe).clamp_min(1e-9)
+            gain = (numerator / denominator).clamp_min(0.0)
+            explained = (gain * numerator).flatten(1)  # (B, L * J): the drop of the squared residual
+            best = explained.argmax(dim=1)
+            li, ji = best // len(self.SPECULAR_SHININESS), best % len(self.SPECULAR_SHININESS)
+            useful = explained.gather(1, best[:, None])[:, 0] > 0
+            intensity = gain.flatten(1).gather(1, best[:, None]).clamp(0.05, 5.0)
+            return {
+                "light_direction": torch.where(useful[:, None], lights[li], p["light_direction"]),
+                "light_color": torch.where(useful[:, None], intensity.expand(b, 3), p["light_color"]),
+                "log_shininess": torch.where(useful[:, None], phi[ji].log()[:, None], p["log_shininess"]),
+            }
+
     # ------------------------------------------------------------------ optimisation
     #: Adam step size of each variable as a multiple of ``settings.learning_rate``, so that one
     #: step moves each by a comparable amount (model units: mm for ICT, radians, coefficient
@@ -486,7 +660,8 @@ class FaceFitter:
     #: the fitter was written (commits 7c4f1c8, 61236e7; no tuning record kept); check changes
     #: with benchmarks/fit.py and tests/test_fit.py.
     ADAM_STEP_SCALES = {"translation": 50.0, "angles": 1.0, "sh": 1.0, "identity": 3.0, "expression": 1.0,
-                        "albedo": 3.0}
+                        "albedo": 3.0, "specular": 3.0, "light_direction": 1.0, "light_color": 1.0,
+                        "log_shininess": 2.0}
     #: the same in the photometric stages: landmarks already fixed the pose, so the photometric
     #: stages only refine it (translation 10, angles 0.2)
     PHOTOMETRIC_STEP_SCALES = {**ADAM_STEP_SCALES, "translation": 10.0, "angles": 0.2}
@@ -696,7 +871,8 @@ class FaceFitter:
         dense = targets.dense
         if dense is not None and offsets_dense is not None:
             dense = dense - offsets_dense
-        return FaceTargets(targets.crops, targets.landmarks68 - offsets68, dense, targets.attention, targets.gaze)
+        return FaceTargets(targets.crops, targets.landmarks68 - offsets68, dense, targets.attention, targets.gaze,
+                           targets.inner_mouth)
 
     def fit(self, targets: FaceTargets, shared_identity: bool = False,
             init: dict[str, torch.Tensor] | None = None, face_weights: torch.Tensor | None = None,
@@ -720,7 +896,7 @@ class FaceFitter:
         # the fit runs in the model's dtype (float64 model: float64 fit)
         targets, invalid = _sanitize(targets.to(dtype=self.model.mean_shape.dtype))
         b = targets.crops.shape[0]
-        start = initial_parameters(self.model, targets)
+        start = initial_parameters(self.model, targets, specular=self.specular)
         if init is not None:
             start = {n: torch.as_tensor(init[n], dtype=start[n].dtype, device=start[n].device).clone()
                      if n in init else start[n] for n in start}
@@ -751,9 +927,11 @@ class FaceFitter:
         coarse = min(cfg.coarse_size, targets.size)
         if cfg.coarse_steps > 0 or cfg.fine_steps > 0:
             params["sh"] = self.solve_light(params, targets, coarse)
+            if self.specular and init is None:
+                params |= self.solve_specular(params, targets, coarse)
         steps |= {
-            "coarse": self._run_stage(params, start, targets, PARAMETER_NAMES, cfg.coarse_steps, coarse, state),
-            "fine": self._run_stage(params, start, targets, PARAMETER_NAMES, cfg.fine_steps, targets.size, state),
+            "coarse": self._run_stage(params, start, targets, cfg.parameter_names, cfg.coarse_steps, coarse, state),
+            "fine": self._run_stage(params, start, targets, cfg.parameter_names, cfg.fine_steps, targets.size, state),
         }
         with torch.no_grad():
             terms = self.losses(params, targets, targets.size)

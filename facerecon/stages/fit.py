@@ -337,8 +337,11 @@ def _targets(faces: list[_PendingFace], device: torch.device) -> FaceTargets:
     attention = np.stack([f.face.skin_attention for f in faces]).astype(np.float32) / 255.0
     points = np.stack([f.face.crop_landmarks478[:, :2] for f in faces]).astype(np.float32)
     gaze = gaze_weights(torch.from_numpy(points)) if points.shape[1] >= 478 else None
+    inner_mouth = None
+    if all("inner_mouth" in f.face.masks for f in faces):
+        inner_mouth = torch.from_numpy(np.stack([f.face.masks["inner_mouth"] for f in faces]).astype(np.float32) / 255.0)
     return FaceTargets(torch.from_numpy(crops), torch.from_numpy(lm68), torch.from_numpy(dense),
-                       torch.from_numpy(attention), gaze).to(device)
+                       torch.from_numpy(attention), gaze, inner_mouth).to(device)
 
 
 class _PhotoCache:

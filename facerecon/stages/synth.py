@@ -40,6 +40,8 @@ class SynthOptions:
     seed: int = 0
     max_yaw: float = 60.0
     max_pitch: float = 20.0
+    #: paper 002's specular highlights: a specular albedo and one Blinn-Phong light per image
+    specular: bool = False
 
 
 @dataclass
@@ -63,11 +65,13 @@ def identity_parameters(tensors: FaceModelTensors, seed: int, identity: int, vie
     generator = torch.Generator().manual_seed(seed * 1_000_003 + identity)
     yaw = (torch.rand(views, generator=generator) * 2 - 1) * options.max_yaw
     pitch = (torch.rand(views, generator=generator) * 2 - 1) * options.max_pitch
-    params = random_parameters(tensors, views, generator)
+    params = random_parameters(tensors, views, generator, specular=options.specular)
     params["angles"][:, 0] = torch.deg2rad(pitch)
     params["angles"][:, 1] = torch.deg2rad(yaw)
     params["identity"][:] = params["identity"][0]
     params["albedo"][:] = params["albedo"][0]
+    if options.specular:
+        params["specular"][:] = params["specular"][0]
     params["background"] = textured_backgrounds(views, options.size, generator)
     return params
 
@@ -87,7 +91,8 @@ def run_synth(out_dir: str | os.PathLike, options: SynthOptions | None = None, p
     if progress is not None:
         progress.start(identities * options.views)
     attrs = {"tool": "facerecon", "tool_version": __version__, "model_id": model.model_id, "seed": options.seed,
-             "views": options.views, "size": options.size, "zoom": options.zoom}
+             "views": options.views, "size": options.size, "zoom": options.zoom,
+             "specular": options.specular}
     with ResultStore(out_dir / "synth.h5", kind=KIND, items_group=ITEMS_GROUP, file_attrs=attrs) as store:
         try:
             for identity in range(identities):
