@@ -45,3 +45,48 @@ def contact_sheet(tiles: list[tuple[np.ndarray, str]], tile_size: int = 256, col
         cv2.putText(sheet, text, (x + 4, y + tile_size + 16), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (20, 20, 20), 1,
                     cv2.LINE_AA)
     return sheet
+
+
+DECOMPOSITION_LABELS = ("photo", "diffuse", "specular", "final")
+
+
+def _label(panel: np.ndarray, text: str) -> None:
+    """Small white caption with a dark outline in the panel's top-left corner (in place)."""
+    scale = max(0.3, panel.shape[0] / 500.0)
+    thickness = max(1, round(scale * 2))
+    (_, height), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    pad = max(3, round(6 * scale))
+    origin = (pad, pad + height)
+    cv2.putText(panel, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+    cv2.putText(panel, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+
+
+def decomposition_strip(photo_crop: np.ndarray, lit_diffuse: np.ndarray, lit_specular: np.ndarray,
+                        final: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Paper 002's decomposition panel: photo | lit diffuse | lit specular | final.
+
+    Args:
+        photo_crop: (H, W, 3) uint8 RGB.
+        lit_diffuse: (H, W, 3) float [0, 1], diffuse albedo times SH irradiance.
+        lit_specular: (H, W, 3) float [0, 1], specular albedo times the Blinn-Phong term.
+        final: (H, W, 3) float [0, 1], their sum.
+        mask: (H, W) bool, where the renders cover the image.
+
+    Returns:
+        (H, 4W, 3) uint8: the four panels side by side, each render over black where
+        ``mask`` is False, each captioned in its top-left corner.
+    """
+    h, w = photo_crop.shape[:2]
+    if photo_crop.shape != (h, w, 3) or np.shape(mask) != (h, w):
+        raise ValueError(f"photo_crop must be (H, W, 3) and mask (H, W), not {photo_crop.shape}, {np.shape(mask)}")
+    mask = np.asarray(mask, bool)
+    panels = [np.ascontiguousarray(photo_crop, dtype=np.uint8).copy()]
+    for name, render in (("lit_diffuse", lit_diffuse), ("lit_specular", lit_specular), ("final", final)):
+        if np.shape(render) != (h, w, 3):
+            raise ValueError(f"{name} must be {(h, w, 3)}, not {np.shape(render)}")
+        values = np.nan_to_num(np.asarray(render, np.float32))
+        u8 = np.clip(values * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        panels.append(np.where(mask[..., None], u8, np.uint8(0)))
+    for panel, text in zip(panels, DECOMPOSITION_LABELS):
+        _label(panel, text)
+    return np.concatenate(panels, axis=1)

@@ -4,6 +4,10 @@ Texels whose surface point the fitting camera sees (z-buffer test, facing the ca
 take the photo's colour, sampled from the full-resolution image through the alignment
 transform; the rest take the fitted shaded albedo, blended across a soft border so no
 seam shows.
+
+For paper 002's specular material, :func:`bake_vertex_values` rasterises per-vertex
+quantities (irradiance, specular shading, albedos) into the same UV space and
+:func:`delight_texture` divides the lighting out of the photo texture.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from facerecon.render.shading import facing_cosine, vertex_normals
 
 DEPTH_TOLERANCE_MM = 3.0
 MIN_FACING = 0.15
+#: delight_texture divides by the irradiance clamped to at least this: a photo quantisation
+#: step (1/255) then moves the albedo by at most 0.08, and unlit texels do not blow up.
+MIN_IRRADIANCE = 0.05
 
 
 def _inside(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
@@ -179,9 +186,90 @@ def fill_holes(image: np.ndarray, known: np.ndarray) -> np.ndarray:
     size = 3
     while known.min() == 0 and size < 2 * max(image.shape[:2]):
         weight = cv2.boxFilter(known, -1, (size, size), normalize=False)
-        total = cv2.boxFilter(image * known[..., None], -1, (size, size), normalize=False)
+        total = cv2.boxFilter(image * known[..., None], -1, (size, size), normalize=False).reshape(image.shape)
         fillable = (known == 0) & (weight > 0)
         image[fillable] = total[fillable] / weight[fillable][:, None]
         known = np.maximum(known, fillable.astype(np.float32))
         size = size * 3
     return image
+
+
+def _uv_fragments(uv: torch.Tensor, triangle_uv: torch.Tensor, size: int):
+    """Rasterise the UV layout into a (size, size) texture: per-texel triangle id and
+    barycentrics. Texel (row i, col j) is at u = (j + 0.5) / size, v = 1 - (i + 0.5) / size."""
+    screen = torch.stack([uv[:, 0] * size - 0.5, (1.0 - uv[:, 1]) * size - 0.5, torch.ones_like(uv[:, 0])], dim=-1)
+    return rasterize(screen[None], triangle_uv, (size, size), cull_backfaces=False)
+
+
+def bake_vertex_values(triangles, uv, triangle_uv, values, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-vertex values rasterised into UV space, interpolated across each triangle.
+
+    Args:
+        triangles: (F, 3) vertex indices.
+        uv: (U, 2) texture coordinates in [0, 1], origin bottom-left.
+        triangle_uv: (F, 3) indices into ``uv`` (the UV corners of each triangle).
+        values: (N, C) one value per vertex (NumPy or torch).
+        size: texture side T.
+
+    Returns:
+        image: (T, T, C) float32; texel (row i, col j) at u = (j + 0.5) / T,
+            v = 1 - (i + 0.5) / T holds the barycentric blend of its triangle's three
+            vertex values; texels no triangle covers are filled from their neighbours
+            (:func:`fill_holes`) so texture filtering shows no seams.
+        covered: (T, T) bool, True where a triangle covers the texel centre.
+    """
+    values = torch.as_tensor(np.asarray(values) if not torch.is_tensor(values) else values).detach().cpu()
+    if values.ndim != 2:
+        raise ValueError(f"values must be (N, C), not {tuple(values.shape)}")
+    triangles = torch.as_tensor(np.asarray(triangles), dtype=torch.long)
+    triangle_uv = torch.as_tensor(np.asarray(triangle_uv), dtype=torch.long)
+    if triangles.shape != triangle_uv.shape:
+        raise ValueError(f"triangles {tuple(triangles.shape)} and triangle_uv {tuple(triangle_uv.shape)} differ")
+    uv = torch.as_tensor(np.asarray(uv), dtype=torch.float64)
+    frags = _uv_fragments(uv, triangle_uv, int(size))
+    tid = frags.triangle_id[0]
+    covered = tid >= 0
+    corners = triangles[tid[covered]]  # (P, 3) vertex indices of each covered texel's triangle
+    bary = frags.barycentric[0][covered]  # (P, 3)
+    texels = (values.to(torch.float64)[corners] * bary[..., None]).sum(1)  # (P, C)
+    cov = covered.numpy()
+    image = np.zeros((size, size, values.shape[1]), np.float32)
+    image[cov] = texels.numpy().astype(np.float32)
+    return fill_holes(image, cov), cov
+
+
+def delight_texture(photo_texture: np.ndarray, irradiance: np.ndarray, specular: np.ndarray,
+                    fallback: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """De-lit diffuse albedo texture from the lit photo texture (paper 002's shading model).
+
+    The photo is ``albedo * irradiance + specular``, so where the photo saw the surface the
+    albedo is ``(photo / 255 - specular) / max(irradiance, MIN_IRRADIANCE)``; elsewhere
+    (and across the soft border) it is blended with ``fallback`` by the weight ``seen``.
+
+    Args:
+        photo_texture: (T, T, 3) uint8 lit photo texture.
+        irradiance: (T, T, 3) float diffuse shading (SH irradiance) per texel.
+        specular: (T, T, 3) float specular shading (specular albedo times Blinn-Phong) per texel.
+        fallback: (T, T, 3) float in [0, 1], e.g. the fitted model albedo.
+        seen: (T, T) float weight in [0, 1] of the photo (1 = photo, 0 = fallback).
+
+    Returns:
+        (T, T, 3) uint8 diffuse albedo, each channel clamped to [0, 1] before rounding.
+    """
+    photo = np.asarray(photo_texture, np.float64) / 255.0
+    shape = photo.shape
+    if len(shape) != 3 or shape[2] != 3:
+        raise ValueError(f"photo_texture must be (T, T, 3), not {shape}")
+    for name, array in (("irradiance", irradiance), ("specular", specular), ("fallback", fallback)):
+        if np.shape(array) != shape:
+            raise ValueError(f"{name} must have the photo texture's shape {shape}, not {np.shape(array)}")
+    if np.shape(seen) != shape[:2]:
+        raise ValueError(f"seen must be {shape[:2]}, not {np.shape(seen)}")
+    irradiance = np.maximum(np.asarray(irradiance, np.float64), MIN_IRRADIANCE)
+    fallback = np.clip(np.nan_to_num(np.asarray(fallback, np.float64)), 0.0, 1.0)
+    with np.errstate(invalid="ignore"):
+        albedo = np.clip((photo - np.asarray(specular, np.float64)) / irradiance, 0.0, 1.0)
+    albedo = np.where(np.isfinite(albedo), albedo, fallback)  # a NaN shading value takes the fallback
+    weight = np.clip(np.nan_to_num(np.asarray(seen, np.float64)), 0.0, 1.0)[..., None]
+    out = weight * albedo + (1.0 - weight) * fallback
+    return np.clip(out * 255.0 + 0.5, 0, 255).astype(np.uint8)
