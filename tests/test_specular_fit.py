@@ -185,8 +185,8 @@ def test_fit_command_with_blinn_phong_stores_the_light(ict_embedded_model_file, 
     out = tmp_path / "out"
     result = CliRunner().invoke(main, [
         "fit", str(astronaut_path), "--out", str(out), "--face-model", str(ict_embedded_model_file),
-        "--shading", "blinn-phong", "--steps", "30", "20", "2", "--no-perceptual", "--no-overlays",
-        "--format", "obj", "--texture-size", "128", "--json", "-q"])
+        "--shading", "blinn-phong", "--steps", "30", "20", "2", "--no-perceptual",
+        "--format", "obj,glb", "--texture-size", "128", "--json", "-q"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["faces_fitted"] == 1
@@ -198,3 +198,17 @@ def test_fit_command_with_blinn_phong_stores_the_light(ict_embedded_model_file, 
     losses = json.loads(face["attrs"]["losses"])
     for term in ("photometric", "photometric_diffuse", "photometric_final", "uniform", "inner_mouth"):
         assert np.isfinite(losses[term])
+    assert 0 < float(face["shininess"]) and face["diffuse_texture"].shape == face["specular_texture"].shape == (128, 128, 3)
+    # a relightable material next to the photo texture, and paper 002's decomposition overlay
+    names = sorted(p.name for p in (out / "meshes").iterdir())
+    stem = names[0].split(".")[0]
+    for suffix in ("_diffuse.png", "_specular.png", "_texture.png", ".mtl", ".glb"):
+        assert stem + suffix in names, names
+    mtl = (out / "meshes" / f"{stem}.mtl").read_text()
+    assert f"map_Kd {stem}_diffuse.png" in mtl and f"map_Ks {stem}_specular.png" in mtl and "Ns " in mtl
+    assert (out / "overlays" / f"{stem}_decomposition.png").is_file()
+    # export rebuilds the same material from fits.h5
+    again = tmp_path / "again"
+    result = CliRunner().invoke(main, ["export", str(out / "fits.h5"), "--out", str(again), "--format", "obj"])
+    assert result.exit_code == 0, result.output
+    assert (again / f"{stem}_specular.png").is_file() or any(again.rglob(f"{stem}_specular.png"))

@@ -25,7 +25,8 @@ from facerecon import __version__
 from facerecon.detection.align import invert_affine, similarity_scale
 from facerecon.errors import InputError, user_file
 from facerecon.export.meshio import TexturedMesh, write_mesh, write_png
-from facerecon.export.overlay import blend, contact_sheet, draw_landmarks
+from facerecon.export.overlay import blend, contact_sheet, decomposition_strip, draw_landmarks
+from facerecon.export.material import specular_material
 from facerecon.export.texture import unwrap_texture
 from facerecon.facemodel.embedding import face_oval_indices
 from facerecon.facemodel.model import FaceModel
@@ -33,7 +34,7 @@ from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import camera_rotation, crop_intrinsics, model_to_camera
 from facerecon.fitting.gaze import gaze_weights
-from facerecon.fitting.optimize import FaceFitter, FaceTargets, FitSettings
+from facerecon.fitting.optimize import FaceFitter, FaceTargets, FitSettings, specular_light
 from facerecon.io.background import Background
 from facerecon.io.images import ImageLoadError, load_image
 from facerecon.io.store import ResultStore, attrs_dict, open_results
@@ -50,6 +51,9 @@ MODEL_KEY = "@model"
 FORMAT_VERSION = 1
 STATUS_OK, STATUS_NO_FACE, STATUS_FAILED, STATUS_SKIPPED = "ok", "no_face", "failed", "skipped"
 OVERLAY_SIZE = 512
+#: files of one face besides ``<name>.<ext>``: photo texture, paper 002's diffuse and specular maps
+#: and its decomposition overlay
+FACE_FILE_SUFFIXES = ("_texture.png", "_diffuse.png", "_specular.png", "_decomposition.png")
 
 
 @dataclass
@@ -292,7 +296,8 @@ def face_files(base: Path) -> list[Path]:
     import glob as _glob
 
     pattern = _glob.escape(base.name)
-    found = [p for p in base.parent.glob(pattern + ".*")] + list(base.parent.glob(pattern + "_texture.png"))
+    found = [p for p in base.parent.glob(pattern + ".*")] + [
+        p for suffix in FACE_FILE_SUFFIXES for p in base.parent.glob(pattern + suffix)]
     return [p for p in found if p.is_file()]
 
 
@@ -402,9 +407,15 @@ class _FaceWriter:
         crop_to_photo = invert_affine(face.align_matrix)
         if photo is None:  # source moved or changed: unwrap from the stored crop
             photo, crop_to_photo = face.crop, np.array([[1.0, 0, 0], [0, 1.0, 0]])
-        texture, vertex_colors, visible = unwrap_texture(
+        specular = "light_direction" in p  # a paper 002 fit (--shading blinn-phong)
+        texture, vertex_colors, visible, *quality = unwrap_texture(
             cam[0], t.triangles, self.uv, self.triangle_uv, k[0], out.depth[0], out.mask[0], photo, crop_to_photo,
-            out.vertex_colors[0], self.options.texture_size)
+            out.vertex_colors[0], self.options.texture_size, return_quality=specular)
+        material = {}
+        if specular:
+            material = specular_material(cam[0], t.triangles, self.model.uv, self.model.triangle_uv, albedo[0],
+                                         p["sh"][0], specular_light(t, p), texture, quality[0])
+            material["shininess"] = np.float32(material["shininess"])
         # the 68 landmarks the fit aligns (FaceModelTensors.landmark_points), in photo pixels and 3D
         crop68 = project_points(t.landmark_points(cam), k)[0, :, :2].cpu().numpy().astype(np.float64)
         back = invert_affine(face.align_matrix)
@@ -417,7 +428,20 @@ class _FaceWriter:
             "vertex_colors": vertex_colors, "vertex_visible": visible, "texture": texture,
             "intrinsics": k[0].cpu().numpy().astype(np.float64),
             "albedo_colors": np.clip(albedo[0].cpu().numpy() * 255 + 0.5, 0, 255).astype(np.uint8),
+            **material,
         }
+
+    def decomposition(self, pending: _PendingFace, params: dict[str, np.ndarray], crop_size: int) -> np.ndarray:
+        """Paper 002's decomposition of a Blinn-Phong fit on its crop: photo | lit diffuse | lit specular | final."""
+        t = self.tensors
+        dev = t.mean_shape.device
+        p = {k: torch.as_tensor(v, device=dev)[None] for k, v in params.items()}
+        cam = model_to_camera(t.shape(p["identity"], p["expression"]), p["angles"], p["translation"])
+        k = crop_intrinsics(crop_size, 1, device=dev)
+        out = self.renderer(crop_size).render(cam, t.triangles, k, t.albedo(p["albedo"]).clamp(0, 1), p["sh"],
+                                              specular=specular_light(t, p))
+        images = [x[0].clamp(0, 1).cpu().numpy() for x in (out.diffuse, out.specular, out.image)]
+        return decomposition_strip(pending.face.crop, *images, out.mask[0].cpu().numpy())
 
     def overlay(self, pending: _PendingFace, params: dict[str, np.ndarray], crop_size: int) -> np.ndarray:
         """The shaded fit blended over the face region of the photo, with landmarks."""
@@ -490,8 +514,12 @@ def _mesh(model: FaceModel, stored: dict[str, Any], neutral: bool, pose: str, pa
             vertices = stored["vertices_neutral"] @ rot.T + params["translation"]
     else:
         vertices = stored["vertices_neutral"] if neutral else stored["vertices"]
+    material = {}
+    if "specular_texture" in stored:  # a paper 002 fit: a relightable Blinn-Phong material
+        material = {"diffuse_texture": stored["diffuse_texture"], "specular_texture": stored["specular_texture"],
+                    "shininess": float(stored["shininess"])}
     return TexturedMesh(vertices.astype(np.float32), model.triangles, model.uv, model.triangle_uv,
-                        stored["vertex_colors"], stored["texture"])
+                        stored["vertex_colors"], stored["texture"], **material)
 
 
 def write_face_files(model: FaceModel, stored: dict[str, Any], params: dict[str, np.ndarray], base: Path,
@@ -871,6 +899,10 @@ def _process_batch(batch: list[list[_PendingFace]], fitter: FaceFitter, writer: 
                     overlay_path.parent.mkdir(parents=True, exist_ok=True)
                     write_png(overlay_path, overlay)
                     files.append(overlay_path)
+                    if "light_direction" in params:
+                        strip_path = overlay_path.with_name(overlay_path.stem + "_decomposition.png")
+                        write_png(strip_path, writer.decomposition(pending, params, crop_size))
+                        files.append(strip_path)
                 outcome.files = [str(f) for f in files]
             stored_faces.append({"index": face.index, "arrays": arrays, "attrs": attrs})
             statuses.append(outcome.status)
