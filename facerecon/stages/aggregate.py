@@ -170,6 +170,12 @@ class _Fitters:
     cnet: Any = None  # CNetPredictor for method "cnet"
     cnet_sha256: str = ""  # content hash of its checkpoint file (part of the album digest)
 
+    @property
+    def identity_check(self) -> str:
+        """The identity check in use (part of the album digest): "recognition" with a network,
+        else "shape", also when "recognition" was asked for but its network is missing."""
+        return "shape" if self.identity_network is None else "recognition"
+
 
 def _predict_in_batches(predictor, faces: list[_PendingFace], batch_size: int, device
                         ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
@@ -516,11 +522,14 @@ def _store_album(store: ResultStore, album: Album, outcome: AlbumOutcome, identi
 
 
 def album_digest(album: Album, options: AggregateOptions, model_id: str,
-                 detections_index: dict[str, dict] | None = None, cnet_sha256: str = "") -> str:
+                 detections_index: dict[str, dict] | None = None, cnet_sha256: str = "",
+                 identity_check: str | None = None) -> str:
     """What an album's result depends on: its photos (name, size, modification time; or the
     detections' content hashes, from ``detections_index`` of ``album.detections`` when given),
     the method, the fit settings (for ``cnet``: the C-Net checkpoint's content hash
-    ``cnet_sha256`` instead, as nothing is fitted) and the face model."""
+    ``cnet_sha256`` instead, as nothing is fitted), the face model and the identity check
+    actually used (``identity_check``, default ``options.identity_check``: a fallback to the
+    shape check is redone once the recognition network is there)."""
     if album.detections is not None:
         index = detections_index if detections_index is not None else \
             read_index(album.detections, detect_stage.ITEMS_GROUP)
@@ -534,7 +543,8 @@ def album_digest(album: Album, options: AggregateOptions, model_id: str,
             except OSError:
                 photos.append((key, None, None))
     settings = {"method": options.method, "fit": options.settings.to_dict(), "model_id": model_id,
-                "recognition": bool(options.recognition_weights), "identity_check": options.identity_check,
+                "recognition": bool(options.recognition_weights),
+                "identity_check": identity_check or options.identity_check,
                 "texture_size": options.texture_size,
                 "formats": sorted(options.formats), "photos": photos}
     if options.method == "cnet":  # only then, so digests of the other methods stay as they were
@@ -643,7 +653,8 @@ def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: Aggreg
                     if album.detections not in indexes:
                         indexes[album.detections] = read_index(album.detections, detect_stage.ITEMS_GROUP)
                     index = indexes[album.detections]
-                digest = album_digest(album, options, model.model_id, index, fitters.cnet_sha256)
+                digest = album_digest(album, options, model.model_id, index, fitters.cnet_sha256,
+                                      fitters.identity_check)
                 previous = done.get(album.name)
                 if not options.overwrite and previous and previous.get("status") == "ok" and \
                         previous.get("inputs_digest") == digest:
