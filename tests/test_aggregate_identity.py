@@ -191,3 +191,13 @@ def test_the_identity_check_used_decides_whether_an_album_is_redone(ict_embedded
     installed = run_aggregate([str(album)], tmp_path / "out", options)
     assert "dlib" in installed.notes[0] and installed.albums[0].status == "ok"
     assert run_aggregate([str(album)], tmp_path / "out", options).albums[0].status == "skipped"
+
+
+def test_an_unknown_identity_check_is_refused_before_any_work(tmp_path):
+    from facerecon.errors import InputError
+    from facerecon.stages.aggregate import AggregateOptions, run_aggregate
+
+    with pytest.raises(InputError, match="unknown identity check 'guess'") as refused:
+        run_aggregate([str(tmp_path / "no_album")], tmp_path / "out", AggregateOptions(identity_check="guess"))
+    assert "\n" not in str(refused.value) and "recognition, shape" in str(refused.value)
+    assert not (tmp_path / "out").exists()

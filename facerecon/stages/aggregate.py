@@ -46,6 +46,7 @@ from facerecon.aggregation.identity import (albedo_distances, consistent_faces, 
                                             recognition_check, robust_photo_weights, shape_distances, view_weights)
 from facerecon.aggregation.recognition import SAME_PERSON_DISTANCE, photo_embeddings
 from facerecon.detection.align import invert_affine
+from facerecon.errors import InputError
 from facerecon.export.meshio import TexturedMesh, write_mesh, write_png
 from facerecon.export.overlay import contact_sheet
 from facerecon.export.texture import fill_holes, unwrap_texture
@@ -590,8 +591,6 @@ def _fitters(tensors: FaceModelTensors, model, options: AggregateOptions, device
 
 def _identity_network(options: AggregateOptions, recognizer, device) -> tuple[Any, str]:
     """The identity check's recognition network (None: shape check) and a note saying which."""
-    if options.identity_check not in IDENTITY_CHECKS:
-        raise ValueError(f"unknown identity check {options.identity_check!r}; choose from {', '.join(IDENTITY_CHECKS)}")
     shape_note = "identity shapes, then skin patterns after the fit"
     if options.identity_check == "shape":
         return None, shape_note
@@ -613,6 +612,8 @@ def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: Aggreg
     options = options or AggregateOptions()
     if options.method not in METHODS:
         raise ValueError(f"unknown method {options.method!r}; choose from {', '.join(METHODS)}")
+    if options.identity_check not in IDENTITY_CHECKS:
+        raise InputError(f"unknown identity check {options.identity_check!r}; choose from {', '.join(IDENTITY_CHECKS)}")
     if options.method == "cnet" and not options.cnet:
         raise ValueError("method 'cnet' needs a C-Net checkpoint (--cnet CKPT)")
     out_dir = Path(out_dir)
