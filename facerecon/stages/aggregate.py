@@ -213,12 +213,6 @@ def cnet_aggregate(single: dict[str, np.ndarray], vectors: np.ndarray, sizes: di
 SHAPE_SPREAD = 3.0
 
 
-#: Euclidean distance between dlib descriptors above which a face is not the album's person
-#: (dlib's same-person threshold; on the 7 real albums (30 photos) each photo lay at most 0.49
-#: from its album's consensus and at least 0.67 from another album's, docs/recognition.md)
-RECOGNITION_THRESHOLD = SAME_PERSON_DISTANCE
-
-
 def _face_embeddings(faces: list[_PendingFace], network) -> np.ndarray:
     """(F, D) recognition embeddings of the faces, cut from their full photos (their crops
     when a photo is no longer where detect found it)."""
@@ -251,7 +245,7 @@ def _identity_check(faces: list[_PendingFace], usable: list[int], single: dict[s
 
     if fitters.identity_network is not None and not isinstance(fitters.identity_network, ArcFaceRecognizer):
         check = recognition_check(_face_embeddings([faces[i] for i in usable], fitters.identity_network),
-                                  photo_of_face, RECOGNITION_THRESHOLD)
+                                  photo_of_face, SAME_PERSON_DISTANCE)
         return check.keep, check.reasons
     if fitters.identity_network is not None:  # the user's ArcFace network: cosine distances
         embeddings = _face_embeddings([faces[i] for i in usable], fitters.identity_network)
@@ -603,7 +597,7 @@ def _identity_network(options: AggregateOptions, recognizer, device) -> tuple[An
     except FileNotFoundError as exc:
         return None, f"{shape_note} ({exc})"
     return network, (f"face-recognition embeddings (dlib ResNet, distance to the album's consensus <= "
-                     f"{RECOGNITION_THRESHOLD})")
+                     f"{SAME_PERSON_DISTANCE})")
 
 
 def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: AggregateOptions | None = None,
