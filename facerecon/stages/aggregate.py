@@ -237,7 +237,7 @@ def _face_embeddings(faces: list[_PendingFace], network) -> np.ndarray:
 
 
 def _identity_check(faces: list[_PendingFace], usable: list[int], single: dict[str, np.ndarray], model,
-                    fitters: _Fitters, device) -> tuple[np.ndarray, dict[int, str]]:
+                    fitters: _Fitters) -> tuple[np.ndarray, dict[int, str]]:
     """Which usable faces show the album's person: keep (F,) bool and, for each excluded
     face (index into ``usable``), the rule that excluded it with its numbers."""
     photo_of_face = [faces[i].key for i in usable]
@@ -350,7 +350,7 @@ def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensor
         outcome.reason = "no face could be fitted"
         return outcome
     # 2. who is the album's person
-    keep, reasons = _identity_check(faces, usable, single, model, fitters, device)
+    keep, reasons = _identity_check(faces, usable, single, model, fitters)
     kept = [usable[j] for j in range(len(usable)) if keep[j]]
     for j, i in enumerate(usable):
         if not keep[j]:
