@@ -87,6 +87,27 @@ def test_people_folder_with_a_stray_photo_is_not_one_album(tmp_path, astronaut_p
     assert [(a.name, len(a.photos)) for a in albums] == [("person", 2)] and not problems
 
 
+def test_find_albums_walks_every_folder_once(tmp_path, astronaut_path, monkeypatch):
+    people = _people_with_a_stray_photo(tmp_path, astronaut_path)
+    person = tmp_path / "person"
+    (person / "more").mkdir(parents=True)
+    shutil.copy(astronaut_path, person / "a.png")
+    shutil.copy(astronaut_path, person / "more" / "b.png")
+    walked = []
+    walk = os.walk
+
+    def counting_walk(top, *args, **kwargs):
+        for entry in walk(top, *args, **kwargs):
+            walked.append(os.path.realpath(entry[0]))
+            yield entry
+
+    monkeypatch.setattr(os, "walk", counting_walk)
+    albums, _ = find_albums([str(people), str(person)])
+    assert [(a.name, [k for _, k in a.photos]) for a in albums] == [
+        ("ann", ["x.png"]), ("bob", ["x.png"]), ("person", ["a.png", "more/b.png"])]
+    assert sorted(walked) == sorted(set(walked)), walked
+
+
 def test_detections_of_a_people_folder_with_a_stray_photo(tmp_path, astronaut_path):
     from facerecon.stages.detect import run_detect
 
