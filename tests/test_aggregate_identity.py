@@ -43,6 +43,17 @@ def test_recognition_check_names_the_rule_with_true_numbers():
     assert closer <= own <= 0.6  # dropped by the one-face-per-photo rule, not by the distance
 
 
+def test_one_face_per_photo_keeps_the_closest_face_of_each_photo():
+    from facerecon.aggregation.identity import one_face_per_photo
+
+    candidates = np.array([True, True, True, False, True, True])
+    photos = ["a", "b", "a", "a", "b", "c"]
+    distance = np.array([0.3, 0.2, 0.1, 0.0, 0.2, 0.9])
+    # face 3 is no candidate; of equals (faces 1 and 4) the first stays; face 5 is alone in its photo
+    assert one_face_per_photo(candidates, photos, distance) == {0: 2, 4: 1}
+    assert one_face_per_photo(np.zeros(6, bool), photos, distance) == {}
+
+
 def test_shape_check_reason_names_the_one_face_per_photo_rule():
     from facerecon.stages.aggregate import _exclusion_reasons
 

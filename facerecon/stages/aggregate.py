@@ -43,7 +43,8 @@ import torch
 from facerecon import __version__
 from facerecon.aggregation.albums import Album, find_albums
 from facerecon.aggregation.identity import (albedo_distances, consistent_faces, embedding_distances, neutral_shapes,
-                                            recognition_check, robust_photo_weights, shape_distances, view_weights)
+                                            one_face_per_photo, recognition_check, robust_photo_weights,
+                                            shape_distances, view_weights)
 from facerecon.aggregation.recognition import SAME_PERSON_DISTANCE, photo_embeddings
 from facerecon.detection.align import invert_affine
 from facerecon.errors import InputError
@@ -265,14 +266,14 @@ def _exclusion_reasons(to_reference: np.ndarray, keep: np.ndarray, threshold: fl
                        unit: str) -> dict[int, str]:
     """Why each face not in ``keep`` was excluded by :func:`consistent_faces`: too far from the
     album's most typical face, or a closer face of the same photo was kept."""
+    closer = one_face_per_photo(to_reference <= threshold, photo_of_face, to_reference)
     reasons = {}
     for j in np.flatnonzero(~keep):
-        if to_reference[j] > threshold:
-            reasons[j] = f"{unit} {to_reference[j]:.2f} to the album's most typical face > threshold {threshold:.2f}"
-        else:
-            best = next(k for k in range(len(keep)) if keep[k] and photo_of_face[k] == photo_of_face[j])
+        if j in closer:
             reasons[j] = (f"another face of this photo is closer to the album's most typical face ({unit} "
-                          f"{to_reference[best]:.2f} vs {to_reference[j]:.2f}); one face per photo")
+                          f"{to_reference[closer[j]]:.2f} vs {to_reference[j]:.2f}); one face per photo")
+        else:
+            reasons[j] = f"{unit} {to_reference[j]:.2f} to the album's most typical face > threshold {threshold:.2f}"
     return reasons
 
 
