@@ -714,7 +714,8 @@ def _fit_detections(detections: Path, model: FaceModel, fitter: FaceFitter, writ
 
 def _remove_stale_files(writer: "_FaceWriter", previous: dict[str, Any] | None, key: str, keep: set[int]) -> None:
     """Delete the mesh and overlay files of faces an earlier fit of ``key`` wrote and this one
-    does not (a refit that finds fewer faces), so the folder matches fits.h5."""
+    does not (a refit that finds fewer faces, or fails a face): every face not in ``keep``, the
+    faces fitted now, so the folder matches fits.h5."""
     if not previous:
         return
     for index in range(int(previous.get("n_faces", 0) or 0)):
@@ -727,40 +728,53 @@ def _remove_stale_files(writer: "_FaceWriter", previous: dict[str, Any] | None, 
 
 def _refresh_skipped(store: ResultStore, keys: list[str], writer: "_FaceWriter", options: FitOptions) -> None:
     """Images skipped as already fitted still get the mesh files this run asks for: formats
-    that are missing, or every format again when ``--pose`` differs from the one written."""
-    todo = []
-    for key in keys:
-        attrs = store.item_attrs(key) or {}
-        if attrs.get("status") != STATUS_OK:
-            continue
-        old_formats = [f for f in str(attrs.get("mesh_formats", "")).split(",") if f]
-        old_pose = str(attrs.get("mesh_pose") or "canonical")
-        if old_pose != options.pose:
-            formats = list(dict.fromkeys(options.formats + old_formats))
-        else:
-            formats = [f for f in options.formats if f not in old_formats or not all(
-                Path(f"{output_base(writer.out_dir, key, i, 'meshes', writer.names)}.{f}").is_file()
-                for i in range(int(attrs.get("n_faces", 0) or 0)))]
-        if formats:
-            todo.append((key, attrs, formats, old_formats, old_pose))
-    if not todo:
+    that a fitted face is missing, or every format again when ``--pose`` differs from the one
+    written. Failed faces have no mesh files to miss."""
+    keys = [k for k in keys if (store.item_attrs(k) or {}).get("status") == STATUS_OK]
+    if not keys:
         return
     with open_results(store.path, ITEMS_GROUP) as results:
-        for key, attrs, formats, old_formats, old_pose in todo:
+        for key in keys:
+            attrs = store.item_attrs(key)
             group = results[key]
-            for name in group.get("faces", {}):
-                g = group["faces"][name]
-                if "vertices" not in g or attrs_dict(g).get("status") != STATUS_OK:
-                    continue
-                face = {k: g[k][()] for k in g}
+            faces = _fitted_faces(group)
+            bases = {name: output_base(writer.out_dir, key, int(name), "meshes", writer.names) for name in faces}
+            formats = _formats_to_write(attrs, list(bases.values()), options)
+            if not formats:
+                continue
+            for name, base in bases.items():
+                face = {k: v[()] for k, v in group["faces"][name].items()}
                 params = {k: face[k] for k in ("identity", "expression", "albedo", "sh", "angles", "translation")}
-                base = output_base(writer.out_dir, key, int(name), "meshes", writer.names)
                 write_face_files(writer.model, face, params, base, formats, options.pose)
+            old_formats, old_pose = _mesh_files_written(attrs)
             recorded = formats if old_pose != options.pose else list(dict.fromkeys(old_formats + formats))
             new_attrs = {**attrs, "mesh_formats": ",".join(recorded), "mesh_pose": options.pose,
                          "output_name": writer.names[key]}
             store.write_item(key, lambda target, source=group: source.copy(source["faces"], target, name="faces")
                              if "faces" in source else None, new_attrs)
+
+
+def _fitted_faces(group: h5py.Group) -> list[str]:
+    """Names of the faces of a stored image that were fitted (status ok, with a mesh)."""
+    faces = group.get("faces", {})
+    return [name for name in faces
+            if "vertices" in faces[name] and attrs_dict(faces[name]).get("status") == STATUS_OK]
+
+
+def _mesh_files_written(attrs: dict[str, Any]) -> tuple[list[str], str]:
+    """The mesh formats and the pose an earlier run wrote a stored image's faces in."""
+    formats = [f for f in str(attrs.get("mesh_formats", "")).split(",") if f]
+    return formats, str(attrs.get("mesh_pose") or "canonical")
+
+
+def _formats_to_write(attrs: dict[str, Any], bases: list[Path], options: FitOptions) -> list[str]:
+    """Mesh formats to write again for the fitted faces at ``bases`` (output paths without
+    suffix) of a stored image: all when the pose changed, else those asked for and missing."""
+    old_formats, old_pose = _mesh_files_written(attrs)
+    if old_pose != options.pose:
+        return list(dict.fromkeys(options.formats + old_formats))
+    return [f for f in options.formats
+            if f not in old_formats or not all(Path(f"{base}.{f}").is_file() for base in bases)]
 
 
 def _scan_detections(detections: Path, done: dict[str, dict]) -> tuple[list[str], int, list[str]]:
@@ -874,7 +888,8 @@ def _process_batch(batch: list[list[_PendingFace]], fitter: FaceFitter, writer: 
             summary.faces.append(outcome)
         image_status = STATUS_OK if STATUS_OK in statuses else STATUS_FAILED
         reason = "" if image_status == STATUS_OK else "; ".join(sorted({f.reason for f in summary.faces[-len(image):]}))
-        _remove_stale_files(writer, store.item_attrs(image[0].key), image[0].key, {f.face.index for f in image})
+        fitted = {face["index"] for face in stored_faces if face["attrs"]["status"] == STATUS_OK}
+        _remove_stale_files(writer, store.item_attrs(image[0].key), image[0].key, fitted)
         _write_image_item(store, image[0].key, image[0].attrs, stored_faces, image_status, settings, digest, reason,
                           output_name=writer.names[image[0].key], options=options)
         summary.images[image[0].key] = image_status
