@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from facerecon import __version__
-from facerecon.detection.align import invert_affine, similarity_scale
+from facerecon.detection.align import invert_affine, similarity_scale, transform_points
 from facerecon.errors import InputError, user_file
 from facerecon.export.meshio import TexturedMesh, write_mesh, write_png
 from facerecon.export.overlay import blend, contact_sheet, draw_landmarks
@@ -395,18 +395,17 @@ class _FaceWriter:
         albedo = t.albedo(p["albedo"]).clamp(0, 1)
         out = self.renderer(crop_size).render(cam, t.triangles, k, albedo, p["sh"])
         face = pending.face
-        photo = self.photos.get(pending.key, pending.attrs)
-        crop_to_photo = invert_affine(face.align_matrix)
+        back = invert_affine(face.align_matrix)  # crop -> photo pixels
+        photo, crop_to_photo = self.photos.get(pending.key, pending.attrs), back
         if photo is None:  # source moved or changed: unwrap from the stored crop
             photo, crop_to_photo = face.crop, np.array([[1.0, 0, 0], [0, 1.0, 0]])
         texture, vertex_colors, visible = unwrap_texture(
             cam[0], t.triangles, self.uv, self.triangle_uv, k[0], out.depth[0], out.mask[0], photo, crop_to_photo,
             out.vertex_colors[0], self.options.texture_size)
         # the 68 landmarks the fit aligns (FaceModelTensors.landmark_points), in photo pixels and 3D
-        crop68 = project_points(t.landmark_points(cam), k)[0, :, :2].cpu().numpy().astype(np.float64)
-        back = invert_affine(face.align_matrix)
+        crop68 = project_points(t.landmark_points(cam), k)[0, :, :2].cpu().numpy()
         return {
-            "landmarks68": (crop68 @ back[:, :2].T + back[:, 2]).astype(np.float32),
+            "landmarks68": transform_points(crop68, back),
             "landmarks68_3d": t.landmark_points(verts)[0].cpu().numpy().astype(np.float32),
             "vertices": verts[0].cpu().numpy().astype(np.float32),
             "vertices_neutral": neutral[0].cpu().numpy().astype(np.float32),
