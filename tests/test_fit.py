@@ -364,6 +364,30 @@ def test_network_method_fits_with_its_refine_steps_only():
     assert settings.coarse_steps == 200  # the options' settings are not changed
 
 
+def test_network_method_builds_the_model_tensors_once(ict_embedded_model, ict_embedded_model_file, astronaut_path,
+                                                      tmp_path, monkeypatch):
+    from facerecon.networks.rnet import RNet
+    from facerecon.stages import fit as fit_stage
+
+    checkpoint = tmp_path / "rnet.pt"
+    network = RNet(FaceModelTensors(ict_embedded_model), "resnet18")
+    torch.save({"network": network.state_dict(), "architecture": "resnet18",
+                "model_id": ict_embedded_model.model_id}, checkpoint)
+    built = []
+
+    class CountedTensors(FaceModelTensors):
+        def __init__(self, *args, **kwargs):
+            built.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(fit_stage, "FaceModelTensors", CountedTensors)
+    options = FitOptions(face_model=str(ict_embedded_model_file), checkpoint=str(checkpoint), texture_size=64,
+                         overlays=False, recognition_weights=None, settings=FitSettings(landmark_steps=5))
+    summary = run_fit([str(astronaut_path)], tmp_path / "out", options)
+    assert list(summary.images.values()) == ["ok"] and any("method network" in n for n in summary.notes)
+    assert len(built) == 1  # shared by the network and the fitter
+
+
 def test_fit_state_is_a_documented_dataclass():
     from dataclasses import fields
 

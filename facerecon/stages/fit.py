@@ -333,12 +333,12 @@ def _iter_faces(detections: Path, summary: FitSummary, done: dict[str, dict]) ->
 def _targets(faces: list[_PendingFace], device: torch.device) -> FaceTargets:
     crops = np.stack([f.face.crop for f in faces]).astype(np.float32) / 255.0
     lm68 = np.stack([f.face.crop_landmarks68 for f in faces]).astype(np.float32)
-    dense = np.stack([f.face.crop_landmarks478[:468, :2] for f in faces]).astype(np.float32)
     attention = np.stack([f.face.skin_attention for f in faces]).astype(np.float32) / 255.0
-    points = np.stack([f.face.crop_landmarks478[:, :2] for f in faces]).astype(np.float32)
-    gaze = gaze_weights(torch.from_numpy(points)) if points.shape[1] >= 478 else None
-    return FaceTargets(torch.from_numpy(crops), torch.from_numpy(lm68), torch.from_numpy(dense),
-                       torch.from_numpy(attention), gaze).to(device)
+    points = torch.from_numpy(np.stack([f.face.crop_landmarks478[:, :2] for f in faces]).astype(np.float32))
+    dense = points[:, :468].contiguous()  # the 468 mesh points, without the irises
+    gaze = gaze_weights(points) if points.shape[1] >= 478 else None
+    return FaceTargets(torch.from_numpy(crops), torch.from_numpy(lm68), dense, torch.from_numpy(attention),
+                       gaze).to(device)
 
 
 class _PhotoCache:
@@ -590,7 +590,8 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
     # Everything that can fail fast is checked before detection runs.
     model = resolve_face_model(options.face_model, options.allow_download)
     device = pick_device(options.device)
-    perceptual, predictor = _networks(options, model, device)
+    tensors = FaceModelTensors(model).to(device)
+    perceptual, predictor = _networks(options, model, tensors)
     out_dir.mkdir(parents=True, exist_ok=True)  # only once the run can start: no empty folder on refusal
     detections = _detections(inputs, out_dir, options, summary, detect_progress, should_stop)
     if detections is None:  # detection was interrupted
@@ -598,7 +599,6 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
         return summary
 
     summary.device = str(device)
-    tensors = FaceModelTensors(model).to(device)
     fitter = _build_fitter(model, tensors, options, perceptual, predictor, summary)
     _fit_detections(detections, model, fitter, _FaceWriter(model, tensors, options, out_dir), options, summary,
                     progress, should_stop)
@@ -606,15 +606,17 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
     return summary
 
 
-def _networks(options: FitOptions, model: FaceModel, device: torch.device):
-    """The optional networks of a fit: (perceptual loss or None, network predictor or None)."""
+def _networks(options: FitOptions, model: FaceModel, tensors: FaceModelTensors):
+    """The optional networks of a fit, on the device of ``tensors`` (the model's, shared with the
+    fitter): (perceptual loss or None, network predictor or None)."""
+    device = tensors.mean_shape.device
     perceptual = None
     if options.recognition_weights:
         with user_file(options.recognition_weights):
             perceptual = PerceptualLoss(load_recognition_network(options.recognition_weights, device))
     predictor = None
     if options.checkpoint:
-        predictor = NetworkPredictor(options.checkpoint, FaceModelTensors(model).to(device), model.model_id)
+        predictor = NetworkPredictor(options.checkpoint, tensors, model.model_id)
     return perceptual, predictor
 
 
