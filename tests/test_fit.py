@@ -238,6 +238,17 @@ def test_fit_with_recognition_weights_uses_the_perceptual_loss(ict_embedded_mode
     assert result.exit_code == 1 and "cannot read face-recognition weights" in result.output
 
 
+def test_recognition_weights_without_the_perceptual_loss_is_a_usage_error(astronaut_path, tmp_path):
+    weights = tmp_path / "backbone.pth"
+    weights.write_bytes(b"never read")
+    result = CliRunner().invoke(main, ["fit", str(astronaut_path), "--out", str(tmp_path / "o"),
+                                       "--recognition-weights", str(weights), "--no-perceptual"])
+    assert result.exit_code == 2, result.output
+    error = [line for line in result.output.splitlines() if "Error" in line]
+    assert len(error) == 1 and "--recognition-weights" in error[0] and "--no-perceptual" in error[0]
+    assert not (tmp_path / "o").exists()
+
+
 def test_output_names_keep_same_stem_photos_apart():
     from facerecon.stages.fit import output_base, output_names
 
