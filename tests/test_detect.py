@@ -145,6 +145,41 @@ def test_profile_render_found_by_the_short_range_fallback(analyzer, ict_model):
         with_fallback.close()
 
 
+def test_second_look_at_a_photo_over_4096_px_reduces_it_once(ict_model, monkeypatch):
+    """Both whole-image looks (full range, then short range) share one view of a photo larger
+    than the detector is ever given, and the face comes back in the photo's own pixels."""
+    pytest.importorskip("facerecon.render.renderer")
+    import cv2
+
+    from facerecon.detection.mediapipe_backend import WHOLE_PASS_MAX_SIDE
+    from facerecon.facemodel.embedding import render_mean_face
+
+    image, _, _ = render_mean_face(ict_model, 75.0, image_size=1100)  # the full-range model misses it
+    big = cv2.resize(image, (4400, 4400), interpolation=cv2.INTER_LINEAR)
+    assert max(big.shape) > WHOLE_PASS_MAX_SIDE
+    with_fallback = FaceAnalyzer(short_range_fallback=True, detect_max_side=4400, tile_size=0)
+    reduced, resize = [], cv2.resize
+
+    def counting_resize(src, *args, **kwargs):
+        if src.shape == big.shape:
+            reduced.append(src.shape)
+        return resize(src, *args, **kwargs)
+
+    try:
+        faces = with_fallback.analyze(image)
+        monkeypatch.setattr(cv2, "resize", counting_resize)
+        big_faces = with_fallback.analyze(big)
+    finally:
+        with_fallback.close()
+    assert len(faces) == 1 and len(big_faces) == 1
+    assert len(reduced) == 1  # one reduced view for both looks
+    # in the photo's pixels (those of the reduced view would be 7 % off: ~150 px here)
+    scale = big.shape[0] / image.shape[0]
+    expected = (faces[0].landmarks68 + 0.5) * scale - 0.5  # pixel centres
+    error = np.linalg.norm(big_faces[0].landmarks68 - expected, axis=1)
+    assert np.median(error) < 0.05 * _iod(big_faces[0].points5), error
+
+
 def test_blank_and_tiny_images_have_no_face(analyzer):
     assert analyzer.analyze(np.full((480, 640, 3), 127, np.uint8)) == []
     assert analyzer.analyze(np.zeros((4, 4, 3), np.uint8)) == []

@@ -238,6 +238,17 @@ def test_fit_with_recognition_weights_uses_the_perceptual_loss(ict_embedded_mode
     assert result.exit_code == 1 and "cannot read face-recognition weights" in result.output
 
 
+def test_recognition_weights_without_the_perceptual_loss_is_a_usage_error(astronaut_path, tmp_path):
+    weights = tmp_path / "backbone.pth"
+    weights.write_bytes(b"never read")
+    result = CliRunner().invoke(main, ["fit", str(astronaut_path), "--out", str(tmp_path / "o"),
+                                       "--recognition-weights", str(weights), "--no-perceptual"])
+    assert result.exit_code == 2, result.output
+    error = [line for line in result.output.splitlines() if "Error" in line]
+    assert len(error) == 1 and "--recognition-weights" in error[0] and "--no-perceptual" in error[0]
+    assert not (tmp_path / "o").exists()
+
+
 def test_output_names_keep_same_stem_photos_apart():
     from facerecon.stages.fit import output_base, output_names
 
@@ -362,6 +373,30 @@ def test_network_method_fits_with_its_refine_steps_only():
     network = fitter_settings(FitOptions(settings=settings, checkpoint="net.pt", refine=7))
     assert (network.coarse_steps, network.fine_steps, network.landmark_steps) == (7, 0, settings.landmark_steps)
     assert settings.coarse_steps == 200  # the options' settings are not changed
+
+
+def test_network_method_builds_the_model_tensors_once(ict_embedded_model, ict_embedded_model_file, astronaut_path,
+                                                      tmp_path, monkeypatch):
+    from facerecon.networks.rnet import RNet
+    from facerecon.stages import fit as fit_stage
+
+    checkpoint = tmp_path / "rnet.pt"
+    network = RNet(FaceModelTensors(ict_embedded_model), "resnet18")
+    torch.save({"network": network.state_dict(), "architecture": "resnet18",
+                "model_id": ict_embedded_model.model_id}, checkpoint)
+    built = []
+
+    class CountedTensors(FaceModelTensors):
+        def __init__(self, *args, **kwargs):
+            built.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(fit_stage, "FaceModelTensors", CountedTensors)
+    options = FitOptions(face_model=str(ict_embedded_model_file), checkpoint=str(checkpoint), texture_size=64,
+                         overlays=False, recognition_weights=None, settings=FitSettings(landmark_steps=5))
+    summary = run_fit([str(astronaut_path)], tmp_path / "out", options)
+    assert list(summary.images.values()) == ["ok"] and any("method network" in n for n in summary.notes)
+    assert len(built) == 1  # shared by the network and the fitter
 
 
 def test_fit_state_is_a_documented_dataclass():

@@ -260,3 +260,33 @@ def test_empty_folder_is_a_problem(tmp_path):
     (tmp_path / "empty").mkdir()
     got = collect_inputs([str(tmp_path / "empty")])
     assert list(got) == [] and got.problems[0][1] == "folder contains no image files"
+
+
+def test_the_output_folder_is_left_out_without_being_walked(tmp_path, photo, monkeypatch):
+    root = tmp_path / "photos"
+    save_rgb(root / "a.jpg", photo)
+    save_rgb(root / "out" / "meshes" / "b.jpg", photo)
+    (root / "out" / "c.heic").write_bytes(b"x")  # not counted as a skipped file either
+    (root / "d.gif").write_bytes(b"x")
+    os.symlink(root / "out" / "meshes" / "b.jpg", root / "link.jpg")  # a file that resolves into it
+    walked = []
+    walk = os.walk
+
+    def counting_walk(top, *args, **kwargs):
+        for entry in walk(top, *args, **kwargs):
+            walked.append(Path(entry[0]).resolve())
+            yield entry
+
+    monkeypatch.setattr(os, "walk", counting_walk)
+    for argument in (root, root / "*"):
+        walked.clear()
+        got = collect_inputs([str(argument)], exclude=[root / "out"])
+        assert [key for _path, key in got] == ["a.jpg"], argument
+        assert got.problems == [(str(argument), "skipped 1 file in unsupported format GIF (convert to JPEG or PNG)")]
+        assert not [folder for folder in walked if folder.is_relative_to(root / "out")], argument
+    walked.clear()
+    inside = collect_inputs([str(root / "out" / "meshes")], exclude=[root / "out"])
+    assert list(inside) == [] and inside.problems == [(str(root / "out" / "meshes"), "folder contains no image files")]
+    assert walked == []
+    # a file named on the command line is taken even there
+    assert [key for _path, key in collect_inputs([str(root / "out" / "meshes" / "b.jpg")], exclude=[root])] == ["b.jpg"]

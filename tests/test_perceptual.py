@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from facerecon.losses.perceptual import PerceptualLoss, similarity_to_template, warp_to_template
+from facerecon.losses.perceptual import PerceptualLoss
+from facerecon.networks.chips import similarity_to_template, warp_to_template
 from facerecon.networks.iresnet import ARCFACE_TEMPLATE_112, IResNet, load_iresnet
 
 

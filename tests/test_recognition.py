@@ -246,17 +246,14 @@ def test_load_recognition_network_accepts_dlib_and_arcface_weights(tmp_path):
         load_recognition_network(tmp_path / "nothing.pth")
 
 
-def test_photo_helpers_batch_faces_across_photos(network, album_faces):
-    from facerecon.aggregation.recognition import embed_photos, photo_embeddings
+def test_photo_embeddings_batch_the_faces_of_a_photo(network, album_faces):
+    from facerecon.aggregation.recognition import photo_embeddings
 
-    photos = [(image, points[None]) for _, image, points in album_faces[:5]]
-    photos.insert(2, (album_faces[0][1], np.zeros((0, 68, 2))))  # a photo without faces
-    together = embed_photos(photos, network, batch_size=2)
-    alone = np.concatenate([photo_embeddings(image, points, network) for image, points in photos if len(points)])
-    assert together.shape == (5, 128)
-    np.testing.assert_allclose(together, alone, atol=1e-5)
-    # two faces of one photo in one call: each as it is alone
     _, image, points = album_faces[0]
-    both = photo_embeddings(image, np.stack([points, points + 3.0]), network)
-    np.testing.assert_allclose(both[0], photo_embeddings(image, points[None], network)[0], atol=1e-5)
-    assert not np.allclose(both[0], both[1])
+    faces = np.stack([points, points + 3.0, points - 2.0])
+    batched = photo_embeddings(image, faces, network, batch_size=2)  # two batches
+    alone = np.concatenate([photo_embeddings(image, face[None], network) for face in faces])
+    assert batched.shape == (3, 128)
+    np.testing.assert_allclose(batched, alone, atol=1e-5)  # each face as it is alone
+    assert not np.allclose(batched[0], batched[1])
+    assert photo_embeddings(image, np.zeros((0, 68, 2)), network).shape == (0, 0)  # a photo without faces

@@ -136,6 +136,42 @@ def test_refit_with_fewer_faces_removes_the_old_face_files(ict_embedded_model_fi
     assert (out / "meshes" / "a_face10.obj").exists() and (out / "meshes" / "a_face0.obj").exists()
 
 
+def test_a_failed_face_neither_keeps_old_files_nor_rewrites_the_others(ict_embedded_model_file, tmp_path,
+                                                                          monkeypatch):
+    """A photo with a fitted and a failed face: the refit that fails the face removes that
+    face's files of an earlier fit, and a rerun over the unchanged fits.h5 leaves the fitted
+    face's files alone."""
+    import os
+
+    from facerecon.fitting.optimize import FaceFitter
+    from tests.helpers_detect import group_photo
+
+    photos = tmp_path / "photos"
+    save_rgb(photos / "g.png", group_photo()[0])
+    out = tmp_path / "out"
+    assert run_fit([str(photos)], out, _options(ict_embedded_model_file)).images == {"g.png": "ok"}
+    assert (out / "meshes" / "g_face1.obj").is_file()
+    fit = FaceFitter.fit
+
+    def second_face_fails(self, targets, **kwargs):
+        result = fit(self, targets, **kwargs)
+        result.failed[1], result.reasons[1] = True, "diverged (test)"
+        return result
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FaceFitter, "fit", second_face_fails)
+        refit = run_fit([str(photos)], out, _options(ict_embedded_model_file, overwrite=True))
+    assert [(f.face, f.status) for f in refit.faces] == [(0, "ok"), (1, "failed")]
+    assert not list((out / "meshes").glob("g_face1*"))  # no mesh of the failed face is left over
+    kept = sorted((out / "meshes").glob("g_face0*"))
+    assert {p.suffix for p in kept} >= {".obj", ".ply"}
+    for path in kept:
+        os.utime(path, ns=(10**18, 10**18))
+    rerun = run_fit([str(photos)], out, _options(ict_embedded_model_file))
+    assert rerun.images == {"g.png": "skipped"}
+    assert [path.stat().st_mtime_ns for path in kept] == [10**18] * len(kept)  # not written again
+
+
 # --------------------------------------------------------------------------- cases 3, 4: huge photos, huge textures
 
 

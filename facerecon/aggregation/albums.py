@@ -59,6 +59,22 @@ def _stray_reason(people: int) -> str:
             "one person's album); move it into its person's sub-folder")
 
 
+def _folder_with_photos(folder: Path, subfolders: list[Path]) -> list[tuple[Path, list[tuple[Path, str]]]]:
+    """``[(folder, its photos)]`` for a folder with photos of its own: one album, its sub-folders
+    included; or, when two or more ``subfolders`` hold photos, ``[(sub-folder, its photos)]``
+    for those (a people folder). The folder is walked once; a linked sub-folder, which that
+    walk does not enter, on its own."""
+    whole = list(collect_inputs([str(folder)]))
+    below: dict[str, list[tuple[Path, str]]] = {}
+    for path, key in whole:  # keys are relative to the folder: "<sub-folder>/<key below it>"
+        sub, _, rest = key.partition("/")
+        if rest:
+            below.setdefault(sub, []).append((path, rest))
+    people = [(p, list(collect_inputs([str(p)])) if p.is_symlink() else below.get(p.name, [])) for p in subfolders]
+    people = [(p, photos) for p, photos in people if photos]
+    return people if len(people) >= 2 else [(folder, whole)]
+
+
 def find_albums(inputs: list[str]) -> tuple[list[Album], list[tuple[str, str]]]:
     """Albums from folder or detections-file arguments, and ``(argument, reason)`` for
     arguments that give none.
@@ -97,18 +113,16 @@ def find_albums(inputs: list[str]) -> tuple[list[Album], list[tuple[str, str]]]:
             continue
         direct = _direct_images(folder)
         subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-        people = [p for p in subfolders if len(collect_inputs([str(p)]))] if direct else subfolders
-        if direct and len(people) < 2:
-            groups = [folder]
+        if direct:
+            groups = _folder_with_photos(folder, subfolders)
+            if len(groups) > 1:
+                problems += [(str(Path(argument) / stray.name), _stray_reason(len(groups))) for stray in direct]
         else:
-            groups = people
-            for stray in direct:
-                problems.append((str(Path(argument) / stray.name), _stray_reason(len(people))))
+            groups = [(p, list(collect_inputs([str(p)]))) for p in subfolders]
         found = False
-        for group in groups:
-            collected = collect_inputs([str(group)])
-            if len(collected):
-                albums.append(Album(group.resolve().name, group, list(collected)))
+        for group, photos in groups:
+            if photos:
+                albums.append(Album(group.resolve().name, group, photos))
                 found = True
         if not found:
             problems.append((argument, "no photos found"))

@@ -44,13 +44,26 @@ def consistent_faces(distances: np.ndarray, photo_of_face: list[int], min_thresh
     to_ref = distances[reference]
     threshold = max(min_threshold, spread * float(np.median(np.delete(to_ref, reference))))
     keep = to_ref <= threshold
-    for photo in set(photo_of_face):
-        faces = [i for i, p in enumerate(photo_of_face) if p == photo and keep[i]]
-        if len(faces) > 1:
-            best = min(faces, key=lambda i: to_ref[i])
-            for i in faces:
-                keep[i] = i == best
+    keep[list(one_face_per_photo(keep, photo_of_face, to_ref))] = False
     return keep, reference, threshold
+
+
+def one_face_per_photo(candidates: np.ndarray, photo_of_face: list, distance: np.ndarray) -> dict[int, int]:
+    """The one-face-per-photo rule: of the ``candidates`` ((F,) bool) that share a photo
+    (``photo_of_face`` (F,) ids), only the one with the smallest ``distance`` (F,) can be kept
+    (the first of equals).
+
+    Returns:
+        {candidate that gives way: the closer face of its photo}.
+    """
+    by_photo: dict = {}
+    for i in np.flatnonzero(candidates):
+        by_photo.setdefault(photo_of_face[i], []).append(int(i))
+    dropped = {}
+    for faces in by_photo.values():
+        best = min(faces, key=lambda i: distance[i])
+        dropped.update({i: best for i in faces if i != best})
+    return dropped
 
 
 def robust_photo_weights(residuals: np.ndarray, factor: float = 1.5) -> np.ndarray:
@@ -162,13 +175,8 @@ def recognition_check(embeddings: np.ndarray, photo_of_face: list, threshold: fl
     keep = distance <= threshold if n >= 3 else np.ones(n, bool)
     reasons = {i: f"face-recognition distance {distance[i]:.2f} to the album's consensus > threshold {threshold:.2f}"
                for i in np.flatnonzero(~keep)}
-    for photo in set(photo_of_face):
-        faces = [i for i, p in enumerate(photo_of_face) if p == photo and keep[i]]
-        if len(faces) > 1:
-            best = min(faces, key=lambda i: distance[i])
-            for i in faces:
-                if i != best:
-                    keep[i] = False
-                    reasons[i] = (f"another face of this photo is closer to the album's consensus (face-recognition "
-                                  f"distance {distance[best]:.2f} vs {distance[i]:.2f}); one face per photo")
+    for i, best in one_face_per_photo(keep, photo_of_face, distance).items():
+        keep[i] = False
+        reasons[i] = (f"another face of this photo is closer to the album's consensus (face-recognition "
+                      f"distance {distance[best]:.2f} vs {distance[i]:.2f}); one face per photo")
     return RecognitionCheck(keep, distance, reasons, threshold)

@@ -14,7 +14,10 @@ import torch.nn.functional as F
 
 from facerecon.networks.chips import binomial_halve, halved_matrix, pyramid_levels, sampling_grid
 
-#: dlib's same-person threshold: Euclidean distance between two descriptors of one person
+#: dlib's same-person threshold: Euclidean distance between two descriptors of one person; the
+#: recognition check of ``facerecon aggregate`` excludes a face farther than this from its album's
+#: consensus (on the 7 real albums (30 photos) each photo lay at most 0.49 from its album's
+#: consensus and at least 0.67 from another album's, docs/recognition.md)
 SAME_PERSON_DISTANCE = 0.6
 
 
@@ -67,31 +70,6 @@ def photo_embeddings(image: np.ndarray, landmarks68: np.ndarray, network, batch_
             chips = photo_chips(image, landmarks68[start:start + batch_size], network)
             out.append(network(chips.to(next(network.parameters()).dtype)).float().cpu().numpy())
     return np.concatenate(out)
-
-
-def embed_photos(photos, network, batch_size: int = 64) -> np.ndarray:
-    """(N, D) float32 embeddings of all faces of several photos, given as ``(image (H, W, 3)
-    uint8, landmarks68 (F, 68, 2))`` pairs, in order; chips are cut photo by photo and go
-    through the network ``batch_size`` at a time."""
-    pending: list[torch.Tensor] = []
-    out: list[np.ndarray] = []
-    dtype = next(network.parameters()).dtype
-
-    def run(chips: torch.Tensor) -> None:
-        out.append(network(chips.to(dtype)).float().cpu().numpy())
-
-    with torch.inference_mode():
-        for image, landmarks68 in photos:
-            points = np.asarray(landmarks68, np.float64).reshape(-1, 68, 2)
-            if len(points):
-                pending.append(photo_chips(image, points, network))
-            while sum(len(c) for c in pending) >= batch_size:
-                chips = torch.cat(pending)
-                run(chips[:batch_size])
-                pending = [chips[batch_size:]]
-        if pending and sum(len(c) for c in pending):
-            run(torch.cat(pending))
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 def euclidean_distances(embeddings: np.ndarray) -> np.ndarray:

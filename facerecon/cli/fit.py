@@ -111,6 +111,9 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
     from facerecon.io.images import ImageLoadError
     from facerecon.stages.fit import FitOptions, run_fit
 
+    if recognition_weights and not perceptual:
+        raise click.UsageError("--recognition-weights sets the perceptual loss's network, which --no-perceptual "
+                               "turns off: give one or the other")
     try:
         format_list = parse_formats(formats)
     except ValueError as exc:

@@ -28,17 +28,10 @@ class FiniteFloatRange(click.FloatRange):
     lets NaN through, since every comparison with NaN is false)."""
 
     def convert(self, value, param, ctx):
-        number = super().convert(value, param, ctx) if not _is_nan_text(value) else math.nan
+        number = super().convert(value, param, ctx)
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return number
-
-
-def _is_nan_text(value) -> bool:
-    try:
-        return math.isnan(float(value))
-    except (TypeError, ValueError):
-        return False
 
 
 DEVICE = DeviceType()

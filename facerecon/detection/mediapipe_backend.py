@@ -292,13 +292,14 @@ class FaceAnalyzer:
         else:
             small = image
         sh, sw = small.shape[:2]
-        found = self._run_detector(small, 0, 0, sw, sh, whole=True)
+        view = _detector_view(small)  # reduced once for both whole-image looks
+        found = self._run_detector(small, 0, 0, sw, sh, whole=True, view=view)
         if self.tile_size > 0 and max(sh, sw) > 1.25 * self.tile_size:
             tile = self.tile_size
             for x0, y0 in tile_origins(sw, sh, tile, self.tile_overlap):
                 found.extend(self._run_detector(small[y0:y0 + tile, x0:x0 + tile], x0, y0, sw, sh, whole=False))
         if not found and self._short_range is not None:
-            found = self._run_detector(small, 0, 0, sw, sh, whole=True, graph=self._short_range)
+            found = self._run_detector(small, 0, 0, sw, sh, whole=True, graph=self._short_range, view=view)
         kept = non_max_suppression(found)
         out = []
         for det in kept:
@@ -311,17 +312,14 @@ class FaceAnalyzer:
         return out
 
     def _run_detector(self, image: np.ndarray, x0: int, y0: int, full_w: int, full_h: int,
-                      whole: bool, graph=None) -> list[Detection]:
-        import cv2
-
+                      whole: bool, graph=None, view: np.ndarray | None = None) -> list[Detection]:
+        """Detections of ``graph`` (default: the full-range detector) in ``image``, a tile at
+        (``x0``, ``y0``) of a ``full_w`` x ``full_h`` image or the whole of it, in that image's
+        pixels. The graph is given ``view``, ``image`` as :func:`_detector_view` reduces it
+        (made here when not given); its boxes are relative, so they map back to ``image``."""
         th, tw = image.shape[:2]
-        view = image
-        if max(th, tw) > WHOLE_PASS_MAX_SIDE:
-            # The detector looks at 128-256 px; a larger whole-image pass only risks the
-            # graph's own size limits (a 33000 px wide image aborts the process). Boxes are
-            # relative, so they map back to ``image`` unchanged.
-            s = WHOLE_PASS_MAX_SIDE / max(th, tw)
-            view = cv2.resize(image, (max(1, round(tw * s)), max(1, round(th * s))), interpolation=cv2.INTER_AREA)
+        if view is None:
+            view = _detector_view(image)
         result = (graph or self._detector).process(np.ascontiguousarray(view))
         dets = []
         for d in result.detections or []:
@@ -386,6 +384,19 @@ class FaceAnalyzer:
                 points5=points5_from_68(p68), pose_degrees=head_pose(lm),
                 detector_keypoints=det.keypoints.astype(np.float32))
         return None
+
+
+def _detector_view(image: np.ndarray) -> np.ndarray:
+    """``image`` reduced to a long side of at most :data:`WHOLE_PASS_MAX_SIDE` (itself when not
+    larger): the detector looks at 128-256 px; a larger input only risks the graph's own size
+    limits (a 33000 px wide image aborts the process)."""
+    import cv2
+
+    h, w = image.shape[:2]
+    if max(h, w) <= WHOLE_PASS_MAX_SIDE:
+        return image
+    s = WHOLE_PASS_MAX_SIDE / max(h, w)
+    return cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
 
 
 def _landmark_box(landmarks: np.ndarray) -> np.ndarray:

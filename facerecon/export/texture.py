@@ -56,8 +56,6 @@ def _sample(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
         chunk[~finite] = 0.0
         chunk[:, 0] = np.clip(chunk[:, 0], 0, w - 1)
         chunk[:, 1] = np.clip(chunk[:, 1], 0, h - 1)
-        if not len(chunk):
-            continue
         x0, y0 = int(np.floor(chunk[:, 0].min())), int(np.floor(chunk[:, 1].min()))
         x1, y1 = min(w - 1, int(np.floor(chunk[:, 0].max())) + 1), min(h - 1, int(np.floor(chunk[:, 1].max())) + 1)
         part = image[y0:y1 + 1, x0:x1 + 1]

@@ -347,21 +347,66 @@ def _is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _walk_folder(folder: Path, unsupported: dict[str, int] | None = None) -> list[Path]:
-    """Image files below ``folder``; ``unsupported`` counts the skipped files of a format in
-    :data:`UNSUPPORTED_EXTENSIONS` (format name -> count)."""
-    found: list[Path] = []
+def _is_below(real: str, folders: list[str]) -> bool:
+    """``real`` (a real path) is one of ``folders`` (real paths) or lies below one."""
+    return any(real == f or real.startswith(f.rstrip(os.sep) + os.sep) for f in folders)
+
+
+def _count_unsupported(path: Path, unsupported: dict[str, int]) -> None:
+    """Count ``path`` in ``unsupported`` (format name -> count) when its format is one of
+    :data:`UNSUPPORTED_EXTENSIONS`."""
+    kind = UNSUPPORTED_EXTENSIONS.get(path.suffix.lower())
+    if kind is not None:
+        unsupported[kind] = unsupported.get(kind, 0) + 1
+
+
+def _walk_folder(folder: Path, unsupported: dict[str, int], excluded: list[str]) -> list[tuple[Path, str]]:
+    """Image files below ``folder`` as ``(path, real path)``, sorted by path; folders in
+    ``excluded`` (real paths) are not entered and files that resolve into one are left out;
+    ``unsupported`` counts the skipped files of a format in :data:`UNSUPPORTED_EXTENSIONS`."""
+    if excluded and _is_below(os.path.realpath(folder), excluded):
+        return []
+    found: list[tuple[Path, str]] = []
     for root, dirs, files in os.walk(folder, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (
+            excluded and _is_below(os.path.realpath(os.path.join(root, d)), excluded)))
         for name in sorted(files):
             if name.startswith("."):
                 continue
-            if _is_image_name(Path(name)):
-                found.append(Path(root) / name)
-            elif unsupported is not None and Path(name).suffix.lower() in UNSUPPORTED_EXTENSIONS:
-                kind = UNSUPPORTED_EXTENSIONS[Path(name).suffix.lower()]
-                unsupported[kind] = unsupported.get(kind, 0) + 1
-    return sorted(found, key=lambda p: p.as_posix())
+            path = Path(root) / name
+            if not _is_image_name(path):
+                _count_unsupported(path, unsupported)
+                continue
+            real = os.path.realpath(path)
+            if not _is_below(real, excluded):
+                found.append((path, real))
+    return sorted(found, key=lambda item: item[0].as_posix())
+
+
+def _glob_files(pattern: str, unsupported: dict[str, int], excluded: list[str]
+                ) -> tuple[Path, list[tuple[Path, str]]]:
+    """The fixed leading folder of a glob ``pattern`` and the image files it matches (folders
+    it matches searched by :func:`_walk_folder`), as ``(path, real path)``; matches in
+    ``excluded`` (real paths) are left out."""
+    expanded = os.path.expanduser(pattern)
+    prefix = []
+    for part in Path(expanded).parts:
+        if glob.has_magic(part):
+            break
+        prefix.append(part)
+    files: list[tuple[Path, str]] = []
+    for match in (Path(m) for m in sorted(glob.glob(expanded, recursive=True))):
+        if match.is_dir():
+            files += _walk_folder(match, unsupported, excluded)
+            continue
+        real = os.path.realpath(match)
+        if _is_below(real, excluded):
+            continue
+        if _is_image_name(match):
+            files.append((match, real))
+        else:
+            _count_unsupported(match, unsupported)
+    return (Path(*prefix) if prefix else Path(".")), files
 
 
 def _unsupported_note(unsupported: dict[str, int]) -> str:
@@ -394,16 +439,10 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], base: str | os.PathLike 
     """
     result = CollectedInputs()
     excluded = [os.path.realpath(e) for e in exclude]
-
-    def is_excluded(path: Path) -> bool:
-        real = os.path.realpath(path)
-        return any(real == e or real.startswith(e.rstrip(os.sep) + os.sep) for e in excluded)
-
     seen: set[str] = set()
     keys: set[str] = set()
 
-    def add(path: Path, root: Path | None) -> None:
-        real = os.path.realpath(path)
+    def add(path: Path, real: str, root: Path | None) -> None:
         if real in seen:
             return
         seen.add(real)
@@ -416,45 +455,23 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], base: str | os.PathLike 
     for raw in inputs:
         text = os.fspath(raw)
         path = Path(text).expanduser()
+        unsupported: dict[str, int] = {}
         if path.is_dir():
-            unsupported: dict[str, int] = {}
-            files = [f for f in _walk_folder(path, unsupported) if not is_excluded(f)]
-            if unsupported:
-                result.problems.append((text, _unsupported_note(unsupported)))
-            elif not files:
-                result.problems.append((text, "folder contains no image files"))
-            for file in files:
-                add(file, path)
+            root, files = path, _walk_folder(path, unsupported, excluded)
+            nothing = "folder contains no image files"
         elif path.exists() or path.is_symlink():
-            add(path, None)
+            add(path, os.path.realpath(path), None)
+            continue
         elif glob.has_magic(text):
-            expanded = os.path.expanduser(text)
-            fixed = [part for part in Path(expanded).parts]
-            prefix = []
-            for part in fixed:
-                if glob.has_magic(part):
-                    break
-                prefix.append(part)
-            root = Path(*prefix) if prefix else Path(".")
-            matches = [Path(m) for m in sorted(glob.glob(expanded, recursive=True))]
-            files = []
-            unsupported = {}
-            for match in matches:
-                if is_excluded(match):
-                    continue
-                if match.is_dir():
-                    files.extend(f for f in _walk_folder(match, unsupported) if not is_excluded(f))
-                elif _is_image_name(match):
-                    files.append(match)
-                elif match.suffix.lower() in UNSUPPORTED_EXTENSIONS:
-                    kind = UNSUPPORTED_EXTENSIONS[match.suffix.lower()]
-                    unsupported[kind] = unsupported.get(kind, 0) + 1
-            if unsupported:
-                result.problems.append((text, _unsupported_note(unsupported)))
-            elif not files:
-                result.problems.append((text, "pattern matches no image files"))
-            for file in files:
-                add(file, root)
+            root, files = _glob_files(text, unsupported, excluded)
+            nothing = "pattern matches no image files"
         else:
             result.problems.append((text, "no such file or directory"))
+            continue
+        if unsupported:
+            result.problems.append((text, _unsupported_note(unsupported)))
+        elif not files:
+            result.problems.append((text, nothing))
+        for file, real in files:
+            add(file, real, root)
     return result

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from facerecon.networks.chips import (binomial_halve, five_points, halved_matrix, pyramid_levels,  # noqa: F401
-                                      sampling_grid, similarity_to_template, warp_to_template)
+from facerecon.networks.chips import warp_to_template
 from facerecon.networks.recognition import ArcFaceRecognizer
 
 

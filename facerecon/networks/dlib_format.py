@@ -59,10 +59,6 @@ class DlibNetwork:
     loss_settings: dict[str, float]
     wrapper_versions: list[int]
 
-    @property
-    def tags_and_skips(self) -> int:
-        return sum(v == 1 for v in self.wrapper_versions)
-
 
 class _Reader:
     """Sequential reader over the bytes of a file, raising :class:`DlibFormatError` with offsets."""

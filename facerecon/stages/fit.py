@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from facerecon import __version__
-from facerecon.detection.align import invert_affine, similarity_scale
+from facerecon.detection.align import invert_affine, similarity_scale, transform_points
 from facerecon.errors import InputError, user_file
 from facerecon.export.meshio import TexturedMesh, write_mesh, write_png
 from facerecon.export.overlay import blend, contact_sheet, decomposition_strip, draw_landmarks
@@ -338,15 +338,15 @@ def _iter_faces(detections: Path, summary: FitSummary, done: dict[str, dict]) ->
 def _targets(faces: list[_PendingFace], device: torch.device) -> FaceTargets:
     crops = np.stack([f.face.crop for f in faces]).astype(np.float32) / 255.0
     lm68 = np.stack([f.face.crop_landmarks68 for f in faces]).astype(np.float32)
-    dense = np.stack([f.face.crop_landmarks478[:468, :2] for f in faces]).astype(np.float32)
     attention = np.stack([f.face.skin_attention for f in faces]).astype(np.float32) / 255.0
-    points = np.stack([f.face.crop_landmarks478[:, :2] for f in faces]).astype(np.float32)
-    gaze = gaze_weights(torch.from_numpy(points)) if points.shape[1] >= 478 else None
+    points = torch.from_numpy(np.stack([f.face.crop_landmarks478[:, :2] for f in faces]).astype(np.float32))
+    dense = points[:, :468].contiguous()  # the 468 mesh points, without the irises
+    gaze = gaze_weights(points) if points.shape[1] >= 478 else None
     inner_mouth = None
     if all("inner_mouth" in f.face.masks for f in faces):
         inner_mouth = torch.from_numpy(np.stack([f.face.masks["inner_mouth"] for f in faces]).astype(np.float32) / 255.0)
-    return FaceTargets(torch.from_numpy(crops), torch.from_numpy(lm68), torch.from_numpy(dense),
-                       torch.from_numpy(attention), gaze, inner_mouth).to(device)
+    return FaceTargets(torch.from_numpy(crops), torch.from_numpy(lm68), dense, torch.from_numpy(attention),
+                       gaze, inner_mouth).to(device)
 
 
 class _PhotoCache:
@@ -403,8 +403,8 @@ class _FaceWriter:
         albedo = t.albedo(p["albedo"]).clamp(0, 1)
         out = self.renderer(crop_size).render(cam, t.triangles, k, albedo, p["sh"])
         face = pending.face
-        photo = self.photos.get(pending.key, pending.attrs)
-        crop_to_photo = invert_affine(face.align_matrix)
+        back = invert_affine(face.align_matrix)  # crop -> photo pixels
+        photo, crop_to_photo = self.photos.get(pending.key, pending.attrs), back
         if photo is None:  # source moved or changed: unwrap from the stored crop
             photo, crop_to_photo = face.crop, np.array([[1.0, 0, 0], [0, 1.0, 0]])
         specular = "light_direction" in p  # a paper 002 fit (--shading blinn-phong)
@@ -417,10 +417,9 @@ class _FaceWriter:
                                          p["sh"][0], specular_light(t, p), texture, quality[0])
             material["shininess"] = np.float32(material["shininess"])
         # the 68 landmarks the fit aligns (FaceModelTensors.landmark_points), in photo pixels and 3D
-        crop68 = project_points(t.landmark_points(cam), k)[0, :, :2].cpu().numpy().astype(np.float64)
-        back = invert_affine(face.align_matrix)
+        crop68 = project_points(t.landmark_points(cam), k)[0, :, :2].cpu().numpy()
         return {
-            "landmarks68": (crop68 @ back[:, :2].T + back[:, 2]).astype(np.float32),
+            "landmarks68": transform_points(crop68, back),
             "landmarks68_3d": t.landmark_points(verts)[0].cpu().numpy().astype(np.float32),
             "vertices": verts[0].cpu().numpy().astype(np.float32),
             "vertices_neutral": neutral[0].cpu().numpy().astype(np.float32),
@@ -622,7 +621,8 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
     # Everything that can fail fast is checked before detection runs.
     model = resolve_face_model(options.face_model, options.allow_download)
     device = pick_device(options.device)
-    perceptual, predictor = _networks(options, model, device)
+    tensors = FaceModelTensors(model).to(device)
+    perceptual, predictor = _networks(options, model, tensors)
     out_dir.mkdir(parents=True, exist_ok=True)  # only once the run can start: no empty folder on refusal
     detections = _detections(inputs, out_dir, options, summary, detect_progress, should_stop)
     if detections is None:  # detection was interrupted
@@ -630,7 +630,6 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
         return summary
 
     summary.device = str(device)
-    tensors = FaceModelTensors(model).to(device)
     fitter = _build_fitter(model, tensors, options, perceptual, predictor, summary)
     _fit_detections(detections, model, fitter, _FaceWriter(model, tensors, options, out_dir), options, summary,
                     progress, should_stop)
@@ -638,15 +637,17 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
     return summary
 
 
-def _networks(options: FitOptions, model: FaceModel, device: torch.device):
-    """The optional networks of a fit: (perceptual loss or None, network predictor or None)."""
+def _networks(options: FitOptions, model: FaceModel, tensors: FaceModelTensors):
+    """The optional networks of a fit, on the device of ``tensors`` (the model's, shared with the
+    fitter): (perceptual loss or None, network predictor or None)."""
+    device = tensors.mean_shape.device
     perceptual = None
     if options.recognition_weights:
         with user_file(options.recognition_weights):
             perceptual = PerceptualLoss(load_recognition_network(options.recognition_weights, device))
     predictor = None
     if options.checkpoint:
-        predictor = NetworkPredictor(options.checkpoint, FaceModelTensors(model).to(device), model.model_id)
+        predictor = NetworkPredictor(options.checkpoint, tensors, model.model_id)
     return perceptual, predictor
 
 
@@ -745,7 +746,8 @@ def _fit_detections(detections: Path, model: FaceModel, fitter: FaceFitter, writ
 
 def _remove_stale_files(writer: "_FaceWriter", previous: dict[str, Any] | None, key: str, keep: set[int]) -> None:
     """Delete the mesh and overlay files of faces an earlier fit of ``key`` wrote and this one
-    does not (a refit that finds fewer faces), so the folder matches fits.h5."""
+    does not (a refit that finds fewer faces, or fails a face): every face not in ``keep``, the
+    faces fitted now, so the folder matches fits.h5."""
     if not previous:
         return
     for index in range(int(previous.get("n_faces", 0) or 0)):
@@ -758,40 +760,53 @@ def _remove_stale_files(writer: "_FaceWriter", previous: dict[str, Any] | None, 
 
 def _refresh_skipped(store: ResultStore, keys: list[str], writer: "_FaceWriter", options: FitOptions) -> None:
     """Images skipped as already fitted still get the mesh files this run asks for: formats
-    that are missing, or every format again when ``--pose`` differs from the one written."""
-    todo = []
-    for key in keys:
-        attrs = store.item_attrs(key) or {}
-        if attrs.get("status") != STATUS_OK:
-            continue
-        old_formats = [f for f in str(attrs.get("mesh_formats", "")).split(",") if f]
-        old_pose = str(attrs.get("mesh_pose") or "canonical")
-        if old_pose != options.pose:
-            formats = list(dict.fromkeys(options.formats + old_formats))
-        else:
-            formats = [f for f in options.formats if f not in old_formats or not all(
-                Path(f"{output_base(writer.out_dir, key, i, 'meshes', writer.names)}.{f}").is_file()
-                for i in range(int(attrs.get("n_faces", 0) or 0)))]
-        if formats:
-            todo.append((key, attrs, formats, old_formats, old_pose))
-    if not todo:
+    that a fitted face is missing, or every format again when ``--pose`` differs from the one
+    written. Failed faces have no mesh files to miss."""
+    keys = [k for k in keys if (store.item_attrs(k) or {}).get("status") == STATUS_OK]
+    if not keys:
         return
     with open_results(store.path, ITEMS_GROUP) as results:
-        for key, attrs, formats, old_formats, old_pose in todo:
+        for key in keys:
+            attrs = store.item_attrs(key)
             group = results[key]
-            for name in group.get("faces", {}):
-                g = group["faces"][name]
-                if "vertices" not in g or attrs_dict(g).get("status") != STATUS_OK:
-                    continue
-                face = {k: g[k][()] for k in g}
+            faces = _fitted_faces(group)
+            bases = {name: output_base(writer.out_dir, key, int(name), "meshes", writer.names) for name in faces}
+            formats = _formats_to_write(attrs, list(bases.values()), options)
+            if not formats:
+                continue
+            for name, base in bases.items():
+                face = {k: v[()] for k, v in group["faces"][name].items()}
                 params = {k: face[k] for k in ("identity", "expression", "albedo", "sh", "angles", "translation")}
-                base = output_base(writer.out_dir, key, int(name), "meshes", writer.names)
                 write_face_files(writer.model, face, params, base, formats, options.pose)
+            old_formats, old_pose = _mesh_files_written(attrs)
             recorded = formats if old_pose != options.pose else list(dict.fromkeys(old_formats + formats))
             new_attrs = {**attrs, "mesh_formats": ",".join(recorded), "mesh_pose": options.pose,
                          "output_name": writer.names[key]}
             store.write_item(key, lambda target, source=group: source.copy(source["faces"], target, name="faces")
                              if "faces" in source else None, new_attrs)
+
+
+def _fitted_faces(group: h5py.Group) -> list[str]:
+    """Names of the faces of a stored image that were fitted (status ok, with a mesh)."""
+    faces = group.get("faces", {})
+    return [name for name in faces
+            if "vertices" in faces[name] and attrs_dict(faces[name]).get("status") == STATUS_OK]
+
+
+def _mesh_files_written(attrs: dict[str, Any]) -> tuple[list[str], str]:
+    """The mesh formats and the pose an earlier run wrote a stored image's faces in."""
+    formats = [f for f in str(attrs.get("mesh_formats", "")).split(",") if f]
+    return formats, str(attrs.get("mesh_pose") or "canonical")
+
+
+def _formats_to_write(attrs: dict[str, Any], bases: list[Path], options: FitOptions) -> list[str]:
+    """Mesh formats to write again for the fitted faces at ``bases`` (output paths without
+    suffix) of a stored image: all when the pose changed, else those asked for and missing."""
+    old_formats, old_pose = _mesh_files_written(attrs)
+    if old_pose != options.pose:
+        return list(dict.fromkeys(options.formats + old_formats))
+    return [f for f in options.formats
+            if f not in old_formats or not all(Path(f"{base}.{f}").is_file() for base in bases)]
 
 
 def _scan_detections(detections: Path, done: dict[str, dict]) -> tuple[list[str], int, list[str]]:
@@ -909,7 +924,8 @@ def _process_batch(batch: list[list[_PendingFace]], fitter: FaceFitter, writer: 
             summary.faces.append(outcome)
         image_status = STATUS_OK if STATUS_OK in statuses else STATUS_FAILED
         reason = "" if image_status == STATUS_OK else "; ".join(sorted({f.reason for f in summary.faces[-len(image):]}))
-        _remove_stale_files(writer, store.item_attrs(image[0].key), image[0].key, {f.face.index for f in image})
+        fitted = {face["index"] for face in stored_faces if face["attrs"]["status"] == STATUS_OK}
+        _remove_stale_files(writer, store.item_attrs(image[0].key), image[0].key, fitted)
         _write_image_item(store, image[0].key, image[0].attrs, stored_faces, image_status, settings, digest, reason,
                           output_name=writer.names[image[0].key], options=options)
         summary.images[image[0].key] = image_status
