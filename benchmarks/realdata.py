@@ -33,17 +33,18 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 
 
 def _photometric(folder: Path) -> str:
-    """Mean and median photometric error (eq. 2, final render) of every fitted face under ``folder``."""
-    values = []
+    """Mean and median photometric errors of every fitted face under ``folder``: eq. 2 (skin-attention
+    weighted) and unweighted over the rendered face (``photometric_face``), both on the final render."""
+    values: dict[str, list[float]] = {"photometric": [], "photometric_face": []}
     for path in sorted(folder.rglob("fits.h5")):
         for _, _, faces in fit_stage.read_fits(path):
             for face in faces:
                 losses = json.loads(face["attrs"].get("losses", "{}"))
-                if "photometric" in losses:
-                    values.append(losses["photometric"])
-    if not values:
-        return "photometric n/a"
-    return f"photometric mean {np.mean(values):.4f} median {np.median(values):.4f} ({len(values)} faces)"
+                for name, found in values.items():
+                    if name in losses:
+                        found.append(losses[name])
+    parts = [f"{name} mean {np.mean(v):.4f} median {np.median(v):.4f}" for name, v in values.items() if v]
+    return (", ".join(parts) + f" ({len(values['photometric'])} faces)") if parts else "photometric n/a"
 
 
 def main() -> None:

@@ -468,6 +468,8 @@ class FaceFitter:
             attention = _resize(targets.attention[..., None], render_size)[..., 0]
             # paper 000 eq. 2 on the final render: the photometric error of every shading
             terms["photometric"] = photometric_loss(out.image, target, out.mask, attention)
+            # the same without the skin attention, over every rendered pixel (a report, not optimised)
+            terms["photometric_face"] = photometric_loss(out.image.detach(), target, out.mask)
             if self.specular:
                 total = total + self._specular_terms(terms, p, out, target, attention)
             else:
