@@ -233,3 +233,26 @@ def test_evaluate_user_mistakes_are_one_line_and_bugs_keep_their_traceback(tmp_p
     monkeypatch.setattr(landmarks, "run_landmarks", broken)
     result = CliRunner().invoke(main, ["evaluate", "landmarks", str(tmp_path), "--out", str(tmp_path / "o2"), "-q"])
     assert isinstance(result.exception, ValueError) and not isinstance(result.exception, SystemExit)
+
+
+def test_nme_by_face_part_and_open_mouth_detection():
+    from facerecon.evaluation.landmarks import REGIONS_68, mouth_open, nme, nme_by_region
+
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0, 100, (68, 2))
+    truth[[61, 62, 63]] = [[40, 70], [50, 70], [60, 70]]
+    truth[[67, 66, 65]] = [[40, 71], [50, 71], [60, 71]]  # lips 1 px apart on a ~100 px face: closed
+    moved = truth.copy()
+    moved[60:68] += [3.0, 4.0]  # only the inner lips are off, by 5 px
+    parts = nme_by_region(moved, truth)
+    assert set(parts) == set(REGIONS_68)
+    extent = truth.max(0) - truth.min(0)
+    assert parts["inner_lips"] == pytest.approx(100 * 5 / np.sqrt(extent[0] * extent[1]))
+    assert all(parts[name] == 0 for name in parts if name != "inner_lips")
+    # the parts' point-weighted mean is the whole face's NME
+    whole = sum(parts[n] * len(REGIONS_68[n]) for n in parts) / 68
+    assert whole == pytest.approx(100 * nme(moved, truth))
+    assert not mouth_open(truth)
+    opened = truth.copy()
+    opened[[67, 66, 65], 1] += 12.0
+    assert mouth_open(opened)

@@ -663,6 +663,13 @@ def _print_landmark_tables(console, result, out_dir: Path, title: str) -> None:
     table.add_row("all images", str(summary["images_total"]), str(summary["scored"]), str(summary["missed"]),
                   _fmt(summary["nme_mean_percent"]), "", "", _fmt(summary["detector_nme_mean_percent"]))
     console.print(table)
+    regions = Table(title="by face part (mean NME x 100 over the scored images)", title_justify="left")
+    for column in ("", *summary["regions"], f"inner lips, open mouth ({summary['open_mouth_images']})"):
+        regions.add_column(column.replace("_", " "), justify="right", no_wrap=True)
+    open_lips = summary["inner_lips_open_mouth"] or {"fit": None, "detector": None}
+    for who in ("fit", "detector"):
+        regions.add_row(who, *(_fmt(v[who]) for v in summary["regions"].values()), _fmt(open_lips[who]))
+    console.print(regions)
     if summary["failures"]:
         console.print(problems_table("not scored", [(f["image"], f["reason"]) for f in summary["failures"]],
                                      headers=("image", "reason")))

@@ -81,6 +81,34 @@ def nme(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray | float:
     return float(error) if np.ndim(error) == 0 else error
 
 
+#: iBUG 68 index ranges of the face parts the protocol also scores separately
+REGIONS_68 = {"jaw": range(0, 17), "brows": range(17, 27), "nose": range(27, 36), "eyes": range(36, 48),
+              "outer_lips": range(48, 60), "inner_lips": range(60, 68)}
+#: a mouth counts as open when its inner lips are this far apart (mean of the three upper/lower
+#: pairs 61-67, 62-66, 63-65) in units of the ground-truth box size sqrt(w * h)
+OPEN_MOUTH_GAP = 0.04
+
+
+def nme_by_region(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Per-part NME x 100 (:data:`REGIONS_68`), normalised like :func:`nme` by the whole face's box.
+
+    predicted, truth: (68, 2+) pixels."""
+    predicted = np.asarray(predicted, dtype=np.float64)[:, :2]
+    truth = np.asarray(truth, dtype=np.float64)[:, :2]
+    extent = truth.max(axis=0) - truth.min(axis=0)
+    size = max(float(np.sqrt(extent[0] * extent[1])), 1e-12)
+    error = np.linalg.norm(predicted - truth, axis=1) / size
+    return {name: 100.0 * float(error[list(index)].mean()) for name, index in REGIONS_68.items()}
+
+
+def mouth_open(truth: np.ndarray) -> bool:
+    """The annotated inner lips (68, 2+) are apart by more than :data:`OPEN_MOUTH_GAP` of the box size."""
+    truth = np.asarray(truth, dtype=np.float64)[:, :2]
+    extent = truth.max(axis=0) - truth.min(axis=0)
+    gap = np.linalg.norm(truth[[61, 62, 63]] - truth[[67, 66, 65]], axis=1).mean()
+    return bool(gap > OPEN_MOUTH_GAP * np.sqrt(extent[0] * extent[1]))
+
+
 def yaw_bin(yaw_degrees: float | None) -> int | None:
     """Index into :data:`YAW_BINS` of a yaw angle (degrees; its absolute value is binned):
     0 for [0, 30], 1 for (30, 60], 2 for (60, 90] and beyond; None when unknown (NaN)."""
@@ -451,9 +479,12 @@ def _score_row(row: dict, key: str, truth: Annotation, status: str | None, attrs
         row["yaw_bin"] = YAW_BIN_LABELS[index] if index is not None else None
     row["status"] = STATUS_OK
     row["nme_percent"] = 100.0 * nme(points, truth.landmarks)
+    row["nme_by_region"] = nme_by_region(points, truth.landmarks)
+    row["mouth_open"] = mouth_open(truth.landmarks)
     detected = detector.get((key, face_index))
     if detected is not None and detected.shape == (68, 2):
         row["detector_nme_percent"] = 100.0 * nme(detected, truth.landmarks)
+        row["detector_nme_by_region"] = nme_by_region(detected, truth.landmarks)
 
 
 def _read_truths(items: list[LandmarkItem]) -> tuple[list[dict], dict[str, Annotation], list[LandmarkItem]]:
@@ -520,7 +551,18 @@ def _summary(root, model, options: LandmarkOptions, rows: list[dict], by_yaw: li
         "interrupted": bool(fit_summary is not None and fit_summary.interrupted),
         "fit_notes": list(fit_summary.notes) if fit_summary is not None else [],
         "failures": [{"image": r["image"], "reason": r["reason"]} for r in rows if r["status"] != STATUS_OK],
+        "regions": _region_summary(ok),
+        "open_mouth_images": sum(1 for r in ok if r.get("mouth_open")),
+        "inner_lips_open_mouth": _region_summary([r for r in ok if r.get("mouth_open")]).get("inner_lips"),
     }
+
+
+def _region_summary(rows: list[dict]) -> dict[str, dict[str, float | None]]:
+    """Mean per-part NME x 100 of the fit and of the detector over ``rows`` (scored photos)."""
+    return {name: {"fit": mean_or_none(r["nme_by_region"][name] for r in rows if "nme_by_region" in r),
+                   "detector": mean_or_none(r["detector_nme_by_region"][name] for r in rows
+                                            if "detector_nme_by_region" in r)}
+            for name in REGIONS_68}
 
 
 def run_landmarks(root: str | Path, out_dir: str | Path, options: LandmarkOptions | None = None, progress=None,
@@ -575,7 +617,7 @@ def run_landmarks(root: str | Path, out_dir: str | Path, options: LandmarkOption
 
 CSV_FIELDS = ["image", "status", "reason", "missed", "format", "yaw_degrees", "yaw_source", "yaw_bin", "nme_percent",
               "detector_nme_percent", "bbox_size_px", "faces_fitted", "face", "box_iou", "resumed", "path",
-              "annotation"]
+              "annotation", "mouth_open"]
 
 
 def write_reports(result: LandmarkResult, out_dir: Path) -> None:
