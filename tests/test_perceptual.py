@@ -71,3 +71,27 @@ def test_loss_is_zero_for_the_photo_and_grows_with_difference(r18_weights):
     assert (different > 1e-3).all()
     different.sum().backward()
     assert rendered.grad[:, 60:170, 60:170].abs().sum() > 0 and rendered.grad[:, :50, :50].abs().sum() == 0
+
+
+def test_the_photo_embedding_is_computed_once_per_photo_batch(r18_weights, monkeypatch):
+    _, network = r18_weights
+    loss = PerceptualLoss(network)
+    torch.manual_seed(2)
+    photo = torch.rand(2, 224, 224, 3)
+    landmarks = torch.rand(1, 68, 2).expand(2, -1, -1) * 80 + 70
+    mask = torch.zeros(2, 224, 224, dtype=torch.bool)
+    mask[:, 60:170, 60:170] = True
+    rendered = photo * 0.5
+    first = loss(rendered, photo, mask, landmarks)
+    calls = []
+    original = loss.embed
+    monkeypatch.setattr(loss, "embed", lambda images, matrix: calls.append(images) or original(images, matrix))
+    again = loss(rendered, photo, mask, landmarks.clone())  # same photo tensor, equal landmarks: reused
+    assert torch.equal(first, again) and len(calls) == 1  # only the render was embedded
+    photo[0, 100, 100] = 0.0  # changed in place: recomputed
+    loss(rendered, photo, mask, landmarks)
+    assert len(calls) == 3
+    other = photo.clone()  # another tensor: recomputed, and the same value as without the cache
+    fresh = PerceptualLoss(network)(rendered, other, mask, landmarks + 1.0)
+    assert torch.allclose(loss(rendered, other, mask, landmarks + 1.0), fresh)
+    assert len(calls) == 5

@@ -21,10 +21,16 @@ class PerceptualLoss(torch.nn.Module):
     elsewhere), so only the face differs. Call with images (B, H, W, 3) in [0, 1], mask
     (B, H, W) and landmarks68 (B, 68, 2) in the images' pixels; returns (B,), differentiable
     with respect to ``rendered``.
+
+    The photo's embedding does not change while a fit runs, so it is computed once per photo
+    batch and landmarks (the last one is kept: the same ``target`` tensor with the same landmarks
+    reuses it) instead of at every optimisation step.
     """
 
     def __init__(self, network: torch.nn.Module):
         super().__init__()
+        #: (target tensor, its version, landmarks, reference embedding) of the last call
+        self._reference: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor] | None = None
         if not hasattr(network, "chip_matrix"):
             network = ArcFaceRecognizer(network)
         self.network = network.eval()
@@ -46,8 +52,20 @@ class PerceptualLoss(torch.nn.Module):
 
     def forward(self, rendered: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                 landmarks68: torch.Tensor) -> torch.Tensor:
-        matrix = self.chip_matrix(landmarks68.detach())
+        landmarks68 = landmarks68.detach()
+        matrix = self.chip_matrix(landmarks68)
         composite = torch.where(mask[..., None], rendered, target)
+        return 1.0 - F.cosine_similarity(self.embed(composite, matrix), self.reference(target, landmarks68, matrix),
+                                         dim=1)
+
+    def reference(self, target: torch.Tensor, landmarks68: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        """(B, D) embedding of the photos ``target`` (no gradient), reused while the same target
+        tensor (unchanged in place) comes with the same landmarks."""
+        cached = self._reference
+        if cached is not None and cached[0] is target and cached[1] == target._version \
+                and cached[2].shape == landmarks68.shape and torch.equal(cached[2], landmarks68):
+            return cached[3]
         with torch.no_grad():
-            reference = self.embed(target, matrix)
-        return 1.0 - F.cosine_similarity(self.embed(composite, matrix), reference, dim=1)
+            embedding = self.embed(target, matrix)
+        self._reference = (target, target._version, landmarks68.clone(), embedding)
+        return embedding
