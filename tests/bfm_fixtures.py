@@ -14,6 +14,11 @@ symmetric iBUG-68 landmark template and a nose bump, triangulated as a convex hu
   ``Landmarks68_BFM.anl`` (1-based into the full set);
 * ``BFM_model_front.mat`` built from those exactly as Deep3DFaceRecon's transferBFM09 does
   (decimetres = micrometres / 1e5, bases multiplied by the standard deviations).
+
+:func:`write_albedomm` writes an AlbedoMM file in the Statismo HDF5 layout of the released
+``albedoModel2020_*_albedoPart.h5`` (see docs/bfm.md): ``diffuseAlbedo`` and ``specularAlbedo``
+models with ``model/mean`` (3N,), ``model/pcaBasis`` (3N, K), ``model/pcaVariance`` (K,) and a
+representer, plus the placeholder ``shape`` model, catalog, version and landmark metadata.
 """
 
 from __future__ import annotations
@@ -202,3 +207,84 @@ def write_bfm_sources(folder: Path, v73: bool = False) -> dict:
     return {"paths": paths, "full": full, "front": front, "exp_mean": exp_mean, "exp_pc": exp_pc,
             "exp_std": exp_std, "trim": trim, "front_in_trim": front_in_trim, "front_full": front_full,
             "head": head}
+
+
+K_DIFFUSE, K_SPECULAR = 8, 7  # more than K_TEX; NextFace reads 145 of each from the released face12 file
+
+
+def albedomm_mean(n: int) -> np.ndarray:
+    """(n, 3) linear diffuse colours whose red channel encodes the vertex index:
+    red = 0.1 + 0.8 * v / (n - 1) (see :func:`albedomm_index`)."""
+    v = np.arange(n, dtype=np.float64)
+    return np.column_stack([0.1 + 0.8 * v / max(n - 1, 1), 0.35 + 0.1 * np.sin(v), 0.25 + 0.05 * np.cos(v)])
+
+
+def albedomm_index(red: np.ndarray, n: int) -> np.ndarray:
+    """The vertex index encoded by :func:`albedomm_mean` in a red channel."""
+    return np.round((np.asarray(red, dtype=np.float64) - 0.1) / 0.8 * max(n - 1, 1)).astype(np.int64)
+
+
+def _statismo_model(group: h5py.Group, mean: np.ndarray, basis: np.ndarray, variance: np.ndarray,
+                    version: tuple[int, int] | None, representer: str, points: np.ndarray,
+                    cells: np.ndarray) -> None:
+    """One Statismo model as scalismo-faces writes it (float32 arrays, (3N, K) basis)."""
+    if version is not None:
+        group.create_dataset("version/majorVersion", data=np.int32(version[0]))
+        group.create_dataset("version/minorVersion", data=np.int32(version[1]))
+    model = group.create_group("model")
+    model.create_dataset("mean", data=np.asarray(mean, np.float32).reshape(-1))
+    model.create_dataset("noiseVariance", data=np.zeros(1, np.float32))
+    model.create_dataset("pcaBasis", data=np.asarray(basis, np.float32))
+    model.create_dataset("pcaVariance", data=np.asarray(variance, np.float32))
+    group.create_dataset("modelinfo/build-time", data="Mon Jan 01 00:00:00 UTC 2024")
+    group.create_dataset("modelinfo/scores", data=np.zeros((1, 1), np.float32))
+    rep = group.create_group("representer")
+    rep.attrs["name"] = representer
+    rep.attrs["datasetType"] = "POLYGON_MESH"
+    if "Albedo" in representer:
+        rep.create_dataset("colorspace", data=np.bytes_(b"RGB\x00"))
+    rep.create_dataset("points", data=np.asarray(points, np.float32).T)
+    rep.create_dataset("cells", data=np.asarray(cells, np.int32).T)
+
+
+def write_albedomm(path: Path, n: int, k_diffuse: int = K_DIFFUSE, k_specular: int = K_SPECULAR,
+                   version: tuple[int, int] | None = (0, 9), seed: int = 2020) -> dict:
+    """An AlbedoMM ``*_albedoPart.h5`` on ``n`` vertices; returns the raw arrays.
+
+    The diffuse mean encodes the vertex index (:func:`albedomm_mean`); the bases have
+    orthonormal columns and the variances are separate (Statismo 0.9). ``version=(0, 8)``
+    stores the old Statismo layout instead (basis = U * sqrt(variance)); ``None`` stores no
+    version, which readers take for 0.8.
+    """
+    rng = np.random.default_rng(seed)
+    diffuse_mean = albedomm_mean(n)
+    diffuse_u = _orthonormal(rng, 3 * n, k_diffuse)
+    diffuse_var = np.linspace(4.0e-2, 5.0e-3, k_diffuse)
+    specular_mean = 0.2 + 0.05 * rng.uniform(-1, 1, (n, 3))
+    specular_u = _orthonormal(rng, 3 * n, k_specular)
+    specular_var = np.linspace(3.0e-3, 2.0e-4, k_specular)
+    old = version is None or tuple(version) == (0, 8)
+    points = rng.normal(0, 50.0, (n, 3))  # the BFM 2017 reference mesh in the real files (mm)
+    cells = np.arange(3 * (n // 3)).reshape(-1, 3)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("version/majorVersion", data=np.int32(0))
+        f.create_dataset("version/minorVersion", data=np.int32(9))
+        for entry, kind, where in (("MorphableModel", "CUSTOM_MODEL", "/"),
+                                   ("MorphableModel.shape", "POLYGON_MESH_MODEL", "/shape"),
+                                   ("MorphableModel.diffuseAlbedo", "POLYGON_MESH_DATA_MODEL", "/diffuseAlbedo"),
+                                   ("MorphableModel.specularAlbedo", "POLYGON_MESH_DATA_MODEL", "/specularAlbedo")):
+            f.create_dataset(f"catalog/{entry}/modelType", data=kind)
+            f.create_dataset(f"catalog/{entry}/modelPath", data=where)
+        # the released albedo parts carry a random placeholder shape model
+        _statismo_model(f.create_group("shape"), rng.normal(size=75), _orthonormal(rng, 75, 1), [0.05], (0, 9),
+                        "gravis::MeshShapeRepresenter", points, cells)
+        for part, mean, u, var in (("diffuseAlbedo", diffuse_mean, diffuse_u, diffuse_var),
+                                   ("specularAlbedo", specular_mean, specular_u, specular_var)):
+            stored = u * np.sqrt(var)[None, :] if old else u
+            _statismo_model(f.create_group(part), mean, stored, var, version,
+                            f"gravis::Mesh{part[0].upper()}{part[1:]}Representer", points, cells)
+        f.create_dataset("metadata/landmarks/json", data="[]")
+    return {"path": Path(path), "n": n, "diffuse_mean": diffuse_mean.astype(np.float32),
+            "diffuse_u": diffuse_u, "diffuse_var": diffuse_var.astype(np.float32),
+            "specular_mean": specular_mean.astype(np.float32), "specular_u": specular_u,
+            "specular_var": specular_var.astype(np.float32)}

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import h5py
 import numpy as np
 import pytest
 import scipy.io
+from click.testing import CliRunner
+
+from facerecon.cli import main
 
 from facerecon.facemodel.bfm import import_bfm
 from facerecon.facemodel.model import FaceModelError, load_face_model, save_face_model
-from tests.bfm_fixtures import K_EXP, K_ID, K_TEX, OFFSET_MM, write_bfm_sources, write_exp_pca, write_mat73
+from tests.bfm_fixtures import (
+    K_DIFFUSE,
+    K_EXP,
+    K_ID,
+    K_SPECULAR,
+    K_TEX,
+    OFFSET_MM,
+    albedomm_index,
+    write_albedomm,
+    write_bfm_sources,
+    write_exp_pca,
+    write_mat73,
+)
 
 
 @pytest.fixture(scope="module")
@@ -276,3 +292,143 @@ def test_mirrored_landmarks_are_rejected(bfm, tmp_path):
     with pytest.raises(FaceModelError) as exc:
         import_bfm([p["full"], p["exp_pca"], p["exp_std"], p["exp_idx"], anl])
     _one_line(exc, "mirrored")
+
+
+# ------------------------------------------------------------------------------- AlbedoMM
+def _n_full(fx) -> int:
+    return fx["full"]["shapeMU"].size // 3
+
+
+def _expected_space(raw, which: str, take: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """mean (N, 3) and basis (k, N, 3) of a written AlbedoMM part on the vertices ``take``."""
+    rows = (3 * take[:, None] + np.arange(3)).ravel()
+    basis = raw[f"{which}_u"][rows, :k] * np.sqrt(raw[f"{which}_var"][:k].astype(np.float64))[None, :]
+    return raw[f"{which}_mean"][take], basis.T.reshape(k, -1, 3)
+
+
+def _assert_albedomm(model, raw, take: np.ndarray, k_diffuse=K_DIFFUSE, k_specular=K_SPECULAR):
+    assert model.albedo_kind == "pca" and model.specular_kind == "measured"
+    assert (model.n_albedo, model.specular_basis.shape[0]) == (k_diffuse, k_specular)
+    mean, basis = _expected_space(raw, "diffuse", take, k_diffuse)
+    np.testing.assert_allclose(model.albedo_mean, mean, atol=1e-6)
+    np.testing.assert_allclose(model.albedo_basis, basis, atol=1e-6)
+    mean, basis = _expected_space(raw, "specular", take, k_specular)
+    np.testing.assert_allclose(model.specular_mean, mean, atol=1e-6)
+    np.testing.assert_allclose(model.specular_basis, basis, atol=1e-6)
+    # the diffuse mean encodes the AlbedoMM vertex index: each imported vertex got its own colour
+    np.testing.assert_array_equal(albedomm_index(model.albedo_mean[:, 0], raw["n"]), take)
+    # one N(0, 1) coefficient moves the colour by one standard deviation: sqrt(variance)
+    norms = np.linalg.norm(model.albedo_basis.reshape(k_diffuse, -1), axis=1)
+    full = np.linalg.norm(raw["diffuse_u"][(3 * take[:, None] + np.arange(3)).ravel(), :k_diffuse], axis=0)
+    np.testing.assert_allclose(norms, np.sqrt(raw["diffuse_var"][:k_diffuse]) * full, rtol=1e-5)
+    assert model.attributes["albedo_source"] == "AlbedoMM"
+    assert raw["path"].name in model.attributes["source_files"] and "AlbedoMM" in model.provenance
+
+
+def test_albedomm_on_the_full_topology_lands_on_the_kept_vertices(bfm, tmp_path):
+    raw = write_albedomm(tmp_path / "albedoModel2020_bfm_albedoPart.h5", _n_full(bfm))
+    plain = import_bfm(_full_files(bfm, "landmarks"))
+    model = import_bfm(_full_files(bfm, "landmarks") + [raw["path"]])
+    assert model.model_id == "bfm2009-albedomm" and model.n_vertices == len(bfm["trim"])
+    _assert_albedomm(model, raw, bfm["trim"])
+    # the shape side is untouched
+    np.testing.assert_array_equal(model.mean_shape, plain.mean_shape)
+    np.testing.assert_array_equal(model.identity_basis, plain.identity_basis)
+    np.testing.assert_array_equal(model.triangles, plain.triangles)
+    # without AlbedoMM nothing changes: no stored specular space, the default one when used
+    assert plain.specular_mean is None and plain.specular_kind == "none" and plain.n_albedo == K_TEX
+    assert plain.specular_space()[2] == "default" and "albedo_source" not in plain.attributes
+
+    # the front crop of the full route takes the front vertices of the full-topology file
+    front = import_bfm(_full_files(bfm, "front_idx", "info") + [raw["path"]])
+    assert front.model_id == "bfm2009-front-albedomm"
+    _assert_albedomm(front, raw, bfm["front_full"])
+
+
+def test_albedomm_on_the_imported_vertices(bfm, tmp_path):
+    n_front = len(bfm["front_full"])
+    raw = write_albedomm(tmp_path / "albedo_front.h5", n_front, seed=3)
+    model = import_bfm([bfm["paths"]["front"], raw["path"]])
+    assert model.model_id == "bfm2009-front-albedomm" and model.n_vertices == n_front
+    _assert_albedomm(model, raw, np.arange(n_front))
+    # also on the trimmed vertex set of the full route
+    raw = write_albedomm(tmp_path / "albedo_trim.h5", len(bfm["trim"]), seed=4)
+    _assert_albedomm(import_bfm(_full_files(bfm, "landmarks") + [raw["path"]]), raw, np.arange(len(bfm["trim"])))
+
+
+def test_albedomm_mode_count_and_old_statismo_layout(bfm, tmp_path):
+    raw = write_albedomm(tmp_path / "albedo.h5", _n_full(bfm))
+    model = import_bfm(_full_files(bfm, "landmarks") + [raw["path"]], n_albedo=3)
+    _assert_albedomm(model, raw, bfm["trim"], k_diffuse=3, k_specular=3)
+    with pytest.raises(FaceModelError) as exc:
+        import_bfm(_full_files(bfm, "landmarks") + [raw["path"]], n_albedo=K_SPECULAR + 1)
+    _one_line(exc, "albedo.h5", "specularAlbedo", f"cannot keep {K_SPECULAR + 1}")
+    # n_albedo beyond BFM's own texture modes is fine: BFM's colour model is not used
+    assert import_bfm(_full_files(bfm, "landmarks") + [raw["path"]], n_albedo=K_TEX + 1).n_albedo == K_TEX + 1
+    # Statismo 0.8 (or no version) stores U * sqrt(variance): the same spaces come out
+    for version in ((0, 8), None):
+        old = write_albedomm(tmp_path / f"old_{version}.h5", _n_full(bfm), version=version)
+        _assert_albedomm(import_bfm(_full_files(bfm, "landmarks") + [old["path"]]), old, bfm["trim"])
+
+
+def test_albedomm_save_load_roundtrip(bfm, tmp_path):
+    raw = write_albedomm(tmp_path / "albedo.h5", len(bfm["front_full"]))
+    model = import_bfm([bfm["paths"]["front"], raw["path"]])
+    loaded = load_face_model(save_face_model(model, tmp_path / "bfm_albedomm.h5"))
+    assert loaded.model_id == model.model_id and loaded.specular_kind == "measured"
+    for name in ("albedo_mean", "albedo_basis", "specular_mean", "specular_basis"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(model, name))
+    mean, basis, kind = loaded.specular_space()
+    assert kind == "measured" and basis.shape == (K_SPECULAR, model.n_vertices, 3)
+    assert loaded.attributes == model.attributes and loaded.provenance == model.provenance
+
+
+def test_albedomm_vertex_count_and_layout_errors(bfm, tmp_path):
+    n_full, n_kept = _n_full(bfm), len(bfm["trim"])
+    raw = write_albedomm(tmp_path / "albedo.h5", n_full - 1)
+    with pytest.raises(FaceModelError) as exc:
+        import_bfm(_full_files(bfm, "landmarks") + [raw["path"]])
+    _one_line(exc, "albedo.h5", str(n_full - 1), str(n_kept), str(n_full))
+    # BFM_model_front.mat does not say which full-model vertices it keeps: only its own count fits
+    raw = write_albedomm(tmp_path / "full.h5", n_full)
+    with pytest.raises(FaceModelError) as exc:
+        import_bfm([bfm["paths"]["front"], raw["path"]])
+    _one_line(exc, "full.h5", str(n_full), str(len(bfm["front_full"])))
+
+    # a part without its variances
+    with h5py.File(raw["path"], "a") as f:
+        del f["specularAlbedo/model/pcaVariance"]
+    with pytest.raises(FaceModelError) as exc:
+        import_bfm([bfm["paths"]["front"], raw["path"]])
+    _one_line(exc, "full.h5", "specularAlbedo/model/pcaVariance")
+    # a Basel Face Model 2017 file is not an AlbedoMM file
+    with h5py.File(tmp_path / "model2017-1_bfm_nomouth.h5", "w") as f:
+        f.create_dataset("shape/model/mean", data=np.zeros(9, np.float32))
+        f.create_dataset("color/model/mean", data=np.zeros(9, np.float32))
+    with pytest.raises(FaceModelError) as exc:
+        import_bfm([bfm["paths"]["front"], tmp_path / "model2017-1_bfm_nomouth.h5"])
+    _one_line(exc, "model2017-1_bfm_nomouth.h5", "not an AlbedoMM file", "2017")
+    (tmp_path / "broken.h5").write_text("not HDF5\n")
+    with pytest.raises(FaceModelError) as exc:
+        import_bfm([bfm["paths"]["front"], tmp_path / "broken.h5"])
+    _one_line(exc, "broken.h5", "cannot read")
+    # two AlbedoMM files, or AlbedoMM alone
+    a = write_albedomm(tmp_path / "a.h5", n_full)["path"]
+    b = write_albedomm(tmp_path / "b.h5", n_full)["path"]
+    with pytest.raises(FaceModelError) as exc:
+        import_bfm(_full_files(bfm, "landmarks") + [a, b])
+    _one_line(exc, "a.h5", "b.h5")
+    with pytest.raises(FaceModelError) as exc:
+        import_bfm([a])
+    _one_line(exc, "no BFM model")
+
+
+def test_albedomm_through_the_cli(bfm, tmp_path):
+    raw = write_albedomm(tmp_path / "albedoModel2020_face_albedoPart.h5", len(bfm["front_full"]))
+    out = tmp_path / "bfm_albedomm.h5"
+    result = CliRunner().invoke(main, ["model", "import", "bfm", str(bfm["paths"]["front"]), str(raw["path"]),
+                                       "--no-embed", "--no-calibrate", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "bfm2009-front-albedomm" in result.output
+    model = load_face_model(out)
+    _assert_albedomm(model, raw, np.arange(len(bfm["front_full"])))

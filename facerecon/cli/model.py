@@ -57,7 +57,8 @@ def import_cmd(kind: str, sources: tuple[Path, ...], name: str | None, out_path:
     ict SOURCE   an ICT-FaceKit checkout (FaceXModel/*.obj + vertex_indices.json)
                  or the packed ict_face_light.npz
     bfm SOURCE.. BFM_model_front.mat, or 01_MorphableModel.mat + Exp_Pca.bin
-                 (see docs/bfm.md for the optional index files)
+                 (see docs/bfm.md for the optional index files); add an AlbedoMM
+                 .h5 for its diffuse and specular albedo spaces
     """
     from facerecon.stages.model_install import add_dense_embedding, add_detector_bias, import_model
     from facerecon.facemodel.model import save_face_model

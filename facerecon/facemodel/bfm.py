@@ -24,6 +24,13 @@ Accepted sources (see docs/bfm.md):
   - optionally ``BFM_front_idx.mat`` (``idx``, 1-based into the N_exp vertices): keep only
     the Deep3DFaceRecon front crop.
 
+Optionally, with either route, an AlbedoMM file (Smith et al., "A Morphable Face Albedo Model",
+CVPR 2020; ``albedoModel2020_*_albedoPart.h5`` or a combined ``albedoModel2020_*.h5``): a
+Statismo HDF5 file whose ``diffuseAlbedo`` and ``specularAlbedo`` groups each hold
+``model/mean`` (3N,), ``model/pcaBasis`` (3N, K) with orthonormal columns (Statismo 0.9) and
+``model/pcaVariance`` (K,) variances, colours in linear sRGB [0, 1]. Its diffuse space replaces
+BFM's texture model and its specular space becomes the model's measured specular space.
+
 Both MATLAB v5 (scipy) and v7.3 (HDF5, read with h5py and transposed) files are read. BFM
 is +x towards the subject's left, +y up, +z out of the face, as facerecon's canonical
 frame; the importer converts to millimetres, makes the triangles counter-clockwise seen
@@ -49,6 +56,11 @@ COLOUR_SCALE = 1.0 / 255.0  # BFM colours are stored in 0..255
 HEAD_CENTRE_DEPTH_MM = 80.0
 MODEL_ID_FRONT = "bfm2009-front"
 MODEL_ID_FULL = "bfm2009"
+#: Appended to the model id when AlbedoMM replaces BFM's colour model (other coefficients).
+ALBEDOMM_ID_SUFFIX = "-albedomm"
+#: The two Statismo models of an AlbedoMM file used here, and the datasets read from each.
+ALBEDOMM_PARTS = ("diffuseAlbedo", "specularAlbedo")
+STATISMO_KEYS = ("model/mean", "model/pcaBasis", "model/pcaVariance")
 
 FRONT_KEYS = ("meanshape", "idBase", "exBase", "meantex", "texBase", "tri", "keypoints")
 FULL_KEYS = ("shapeMU", "shapePC", "shapeEV", "texMU", "texPC", "texEV", "tl")
@@ -102,6 +114,132 @@ def _read_exp_pca(path: Path) -> tuple[np.ndarray, np.ndarray]:
     mean = values[:per_mode].reshape(-1, 3)
     components = values[per_mode:].reshape(k, -1, 3)
     return mean, components
+
+
+def _statismo_version(f: h5py.File, part: str) -> tuple[int, int]:
+    """(major, minor) of one Statismo model; a model without version datasets is 0.8, as in
+    the Statismo/scalismo readers."""
+    def number(key: str, default: int) -> int:
+        item = f.get(f"{part}/version/{key}")
+        if not isinstance(item, h5py.Dataset):
+            return default
+        return int(np.asarray(item[()]).reshape(-1)[0])
+
+    return number("majorVersion", 0), number("minorVersion", 8)
+
+
+def _read_albedomm(path: Path) -> dict[str, dict]:
+    """An AlbedoMM (Statismo) file -> {part: {"mean", "pcaBasis", "pcaVariance" (as stored),
+    "version" (major, minor)}} for ``diffuseAlbedo`` and ``specularAlbedo``."""
+    name = path.name
+    out: dict[str, dict] = {}
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [part for part in ALBEDOMM_PARTS if not isinstance(f.get(part), h5py.Group)]
+            if missing:
+                groups = ", ".join(sorted(f.keys())[:8]) or "none"
+                hint = (" (this looks like a Basel Face Model 2017 file, which is not imported; pass "
+                        "BFM 2009 files plus AlbedoMM's albedoModel2020_*_albedoPart.h5)"
+                        if "shape" in f and "color" in f else "")
+                raise FaceModelError(
+                    f"{name} is not an AlbedoMM file: no {' or '.join(missing)} group (top-level groups: {groups})"
+                    f"{hint}"
+                )
+            for part in ALBEDOMM_PARTS:
+                arrays = {}
+                for key in STATISMO_KEYS:
+                    item = f.get(f"{part}/{key}")
+                    if not isinstance(item, h5py.Dataset) or item.dtype.kind not in "iuf":
+                        raise FaceModelError(f"{name}: {part}/{key} is missing or not numeric")
+                    arrays[key.split("/")[1]] = np.asarray(item[()])  # float32 in the released files
+                arrays["version"] = _statismo_version(f, part)
+                out[part] = arrays
+    except FaceModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - h5py raises many types for foreign files
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FaceModelError(f"cannot read {name} as an AlbedoMM (Statismo HDF5) file: {reason}") from exc
+    return out
+
+
+def _statismo_space(name: str, part: str, data: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checked (mean (3N,), basis (3N, K) as stored, per-column scale (K,)) of one part: the
+    basis times the scale is the orthonormal basis times the standard deviations."""
+    label = f"{name}: {part}"
+    mean = np.asarray(data["mean"], dtype=np.float64)
+    if mean.size == 0 or mean.size % 3 or sum(s > 1 for s in mean.shape) > 1:
+        raise FaceModelError(f"{label}/model/mean has shape {mean.shape}, expected (3N,)")
+    mean = mean.reshape(-1)
+    basis, variance = data["pcaBasis"], np.asarray(data["pcaVariance"], dtype=np.float64).reshape(-1)
+    if basis.ndim != 2 or basis.shape[0] != mean.size:
+        raise FaceModelError(f"{label}/model/pcaBasis has shape {basis.shape}, expected ({mean.size}, K)")
+    if variance.size != basis.shape[1]:
+        raise FaceModelError(
+            f"{label}/model/pcaVariance has {variance.size} values but pcaBasis has {basis.shape[1]} columns"
+        )
+    for key, arr in (("mean", mean), ("pcaBasis", basis), ("pcaVariance", variance)):
+        if not np.all(np.isfinite(arr)):
+            raise FaceModelError(f"{label}/model/{key} contains NaN or infinite values")
+    if variance.size and variance.min() < 0:
+        raise FaceModelError(f"{label}/model/pcaVariance has negative variances")
+    if mean.max() > 2.0:
+        raise FaceModelError(
+            f"{label}/model/mean reaches {mean.max():.3g}: AlbedoMM colours are linear RGB in [0, 1]"
+        )
+    scale = np.sqrt(variance)
+    major, minor = data["version"]
+    if (major, minor) == (0, 8):
+        # Statismo 0.8 stored U * sqrt(variance): normalise the columns back to U first.
+        norms = np.sqrt(np.einsum("ij,ij->j", basis, basis, dtype=np.float64))
+        scale = scale / np.where(norms > 0, norms, 1.0)
+    elif not (major == 1 or (major, minor) == (0, 9)):
+        raise FaceModelError(f"{label} is Statismo version {major}.{minor}; 0.8, 0.9 and 1.x are read")
+    return mean, basis, scale
+
+
+def _albedomm(path: Path, content: dict, n_albedo, out_full: np.ndarray | None, n_full: int | None,
+              n_out: int) -> dict:
+    """AlbedoMM's diffuse and specular spaces on the imported vertices.
+
+    ``out_full`` gives the full-model index of each imported vertex (None when the source
+    does not say, as for ``BFM_model_front.mat``); ``n_full`` is the full model's vertex count.
+    """
+    name = path.name
+    spaces = {part: _statismo_space(name, part, content[part]) for part in ALBEDOMM_PARTS}
+    n_file = spaces["diffuseAlbedo"][0].size // 3
+    n_spec = spaces["specularAlbedo"][0].size // 3
+    if n_spec != n_file:
+        raise FaceModelError(f"{name}: diffuseAlbedo has {n_file} vertices but specularAlbedo has {n_spec}")
+    if out_full is not None and n_full is not None and n_file == n_full:
+        take, where = out_full, f"on the full {n_full}-vertex BFM, the {n_out} imported vertices taken"
+    elif n_file == n_out:
+        take, where = np.arange(n_out), f"on the {n_out} imported vertices"
+    else:
+        full = f" (of the {n_full}-vertex full model)" if n_full is not None else ""
+        hint = "" if out_full is not None else (
+            "; BFM_model_front.mat does not say which full-model vertices it keeps, so for an AlbedoMM on the "
+            "full topology import 01_MorphableModel.mat with its index files instead")
+        raise FaceModelError(
+            f"{name} has {n_file} vertices but the imported BFM has {n_out}{full}: AlbedoMM must be on the same "
+            f"topology (its released files are on the BFM 2017 topologies, not BFM 2009's){hint}"
+        )
+    rows = (3 * take[:, None] + np.arange(3)).ravel()
+    out = {}
+    for part, key in (("diffuseAlbedo", "albedo"), ("specularAlbedo", "specular")):
+        mean, basis, scale = spaces[part]
+        k = _count(n_albedo, basis.shape[1], f"{part}", name)
+        out[f"{key}_mean"] = mean[rows].reshape(-1, 3)
+        out[f"{key}_basis"] = _basis(basis[rows], k, scale[None, :k])
+        out[f"{key}_modes"] = (k, basis.shape[1])
+    versions = sorted({".".join(map(str, content[p]["version"])) for p in ALBEDOMM_PARTS})
+    out["provenance"] = (
+        f"albedo from {name} (AlbedoMM, Smith et al. CVPR 2020; Statismo {'/'.join(versions)}; {where}): "
+        f"diffuseAlbedo as the albedo space ({out['albedo_modes'][0]} of {out['albedo_modes'][1]} modes), "
+        f"specularAlbedo as the measured specular space ({out['specular_modes'][0]} of "
+        f"{out['specular_modes'][1]} modes), bases x sqrt(pcaVariance), linear sRGB [0, 1] kept; "
+        "BFM's own colour model not used"
+    )
+    return out
 
 
 def _read_numbers(path: Path) -> np.ndarray:
@@ -173,7 +311,7 @@ def _count(requested: int | None, available: int, what: str, name: str) -> int:
 def _basis(columns: np.ndarray, keep: int, scale) -> np.ndarray:
     """(3N, K) column basis, x/y/z interleaved per vertex -> (keep, N, 3) float32 times ``scale``."""
     cols = np.asarray(columns[:, :keep], dtype=np.float64) * scale
-    return np.ascontiguousarray(cols.T.reshape(keep, -1, 3), dtype=np.float32)
+    return np.ascontiguousarray(cols.T.reshape(keep, columns.shape[0] // 3, 3), dtype=np.float32)
 
 
 # ----------------------------------------------------------------------- source handling
@@ -219,6 +357,8 @@ def _classify(path: Path) -> tuple[str, object]:
             return "info", data
         listed = ", ".join(sorted(keys)[:8]) or "none"
         raise FaceModelError(f"{path.name} is not a recognised BFM .mat file (numeric variables: {listed})")
+    if suffix in (".h5", ".hdf5"):
+        return "albedomm", _read_albedomm(path)
     if suffix == ".bin":
         return "exp_pca", _read_exp_pca(path)
     if suffix == ".anl" or (suffix == ".txt" and ("landmark" in lower or "keypoint" in lower)):
@@ -226,8 +366,8 @@ def _classify(path: Path) -> tuple[str, object]:
     if suffix == ".txt" and "std" in lower:
         return "exp_std", _read_numbers(path)
     raise FaceModelError(
-        f"{path.name}: unsupported BFM file (expected .mat files, Exp_Pca.bin, std_exp.txt or a landmark "
-        "file *.anl / *landmarks*.txt)"
+        f"{path.name}: unsupported BFM file (expected .mat files, Exp_Pca.bin, std_exp.txt, a landmark "
+        "file *.anl / *landmarks*.txt or an AlbedoMM .h5)"
     )
 
 
@@ -243,7 +383,7 @@ def _collect(paths) -> dict[str, tuple[Path, object]]:
             f"pass either {sources['front'][0].name} or {sources['full'][0].name} (with its expression files), not both"
         )
     if "front" in sources:
-        extra = sorted(p.name for k, (p, _) in sources.items() if k != "front")
+        extra = sorted(p.name for k, (p, _) in sources.items() if k not in ("front", "albedomm"))
         if extra:
             raise FaceModelError(
                 f"{sources['front'][0].name} is self-contained; unexpected extra files: {', '.join(extra)}"
@@ -283,6 +423,8 @@ def _front_model(path: Path, data: dict, n_identity, n_expression, n_albedo) -> 
         "triangles": _triangles(data["tri"], n, "tri", name),
         "landmarks": _indices(np.asarray(data["keypoints"]).ravel(), n, "keypoints", name, count=68),
         "face_vertices": face_vertices if face_vertices is not None else np.arange(n),
+        "full_vertices": None,  # the file does not say which full-model vertices it keeps
+        "n_full": None,
         "units": "dm",
         "provenance": (
             f"{name} (Deep3DFaceRecon layout; bases pre-scaled by standard deviations): decimetres -> mm (x100), "
@@ -405,6 +547,8 @@ def _full_model(sources: dict, n_identity, n_expression, n_albedo) -> dict:
         "triangles": triangles,
         "landmarks": landmarks,
         "face_vertices": face_vertices,
+        "full_vertices": kept,
+        "n_full": n_full,
         "units": "um",
         "provenance": (
             f"{name} (PCA bases x standard deviations shapeEV/texEV) + {exp_path.name} x {std_path.name} "
@@ -456,19 +600,34 @@ def import_bfm(
             ``std_exp.txt``, ``BFM_exp_idx.mat``, a landmark source (``Landmarks68_BFM.anl``
             or ``facemodel_info.mat`` + ``BFM_front_idx.mat``) and optionally
             ``BFM_front_idx.mat`` to keep the front crop. A folder stands for the files in it
-            with those names (``BFM_model_front.mat`` alone when present).
-        n_identity / n_expression / n_albedo: modes to keep (default: all in the files).
+            with those names (``BFM_model_front.mat`` alone when present). With either route,
+            an AlbedoMM ``.h5`` file (given explicitly, never picked from a folder) supplies the
+            albedo space (its diffuse part) and a measured specular space (its specular part);
+            it must cover the full model's or the imported model's vertices.
+        n_identity / n_expression / n_albedo: modes to keep (default: all in the files). With
+            AlbedoMM, n_albedo applies to its diffuse and its specular space alike.
 
     Raises:
         FaceModelError: with a one-line reason naming the file for missing, unreadable or
             inconsistent sources.
     """
     sources = _collect(paths)
+    # With AlbedoMM, BFM's own colour model is not used: keep none of its modes.
+    n_bfm_albedo = 0 if "albedomm" in sources else n_albedo
     if "front" in sources:
         path, data = sources["front"]
-        parts = _front_model(path, data, n_identity, n_expression, n_albedo)
+        parts = _front_model(path, data, n_identity, n_expression, n_bfm_albedo)
     else:
-        parts = _full_model(sources, n_identity, n_expression, n_albedo)
+        parts = _full_model(sources, n_identity, n_expression, n_bfm_albedo)
+    specular = None
+    if "albedomm" in sources:
+        alb_path, alb_content = sources["albedomm"]
+        specular = _albedomm(alb_path, alb_content, n_albedo, parts["full_vertices"], parts["n_full"],
+                             parts["mean"].shape[0])
+        parts["albedo_mean"], parts["albedo_basis"] = specular["albedo_mean"], specular["albedo_basis"]
+        parts["model_id"] += ALBEDOMM_ID_SUFFIX
+        parts["provenance"] += f"; {specular['provenance']}"
+        parts["files"] = parts["files"] + [alb_path.name]
 
     source = " + ".join(parts["files"])
     mean = parts["mean"]
@@ -519,11 +678,15 @@ def import_bfm(
         albedo_mean=albedo_mean,
         albedo_basis=parts["albedo_basis"],
         albedo_kind="pca",
+        specular_mean=None if specular is None else np.clip(specular["specular_mean"], 0.0, 1.0).astype(np.float32),
+        specular_basis=None if specular is None else specular["specular_basis"],
+        specular_kind="none" if specular is None else "measured",
         attributes={
             "source_files": ", ".join(parts["files"]),
             "source_units": parts["units"],
             "translation_mm": " ".join(f"{-c:.6f}" for c in centre),
             "winding_flipped": str(int(flipped)),
+            **({} if specular is None else {"albedo_source": "AlbedoMM"}),
         },
     )
     model.validate()
