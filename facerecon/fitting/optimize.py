@@ -138,6 +138,9 @@ class FitSettings:
     specular_eta: float = 1.0
     # eq. 13's weight (blinn-phong shading; it takes the place of paper 000's texture term)
     uniform_weight: float = 5.0
+    # weight of eq. 13's light part (the SH and specular light colours' spread over R, G, B) relative
+    # to its albedo part; 1 = the paper
+    uniform_light_weight: float = 1.0
     # prior on the specular albedo coefficients (N(0, 1) each), in units of reg_identity
     specular_prior: float = 1.0
     # paper 002 eq. 11: |projected inner-mouth area - detected inner-mouth mask| (pixels at the crop
@@ -185,7 +188,7 @@ class FitSettings:
                _one_of(SHARED_IDENTITY_PRIORS))
         _check(self.shading in SHADINGS, "shading", _one_of(SHADINGS))
         _check(self.landmark_weighting in LANDMARK_WEIGHTINGS, "landmark_weighting", _one_of(LANDMARK_WEIGHTINGS))
-        for name in ("specular_eta", "uniform_weight", "specular_prior", "inner_mouth_weight"):
+        for name in ("specular_eta", "uniform_weight", "uniform_light_weight", "specular_prior", "inner_mouth_weight"):
             value = getattr(self, name)
             _check(math.isfinite(value) and value >= 0, name, "a number >= 0")
         _check(self.render_backend in RENDER_BACKENDS + ("auto",), "render_backend",
@@ -509,8 +512,8 @@ class FaceFitter:
         # the light part: a white SH light and a white specular light (the specular light's colour
         # is ours, not the paper's: eq. 5 has none; its spread over R, G, B is penalised the same way)
         colour = p["light_color"]
-        terms["uniform"] = terms["texture"] + light_chroma(p["sh"]) + \
-            ((colour - colour.mean(dim=1, keepdim=True)) ** 2).sum(dim=1)
+        terms["uniform"] = terms["texture"] + cfg.uniform_light_weight * (
+            light_chroma(p["sh"]) + ((colour - colour.mean(dim=1, keepdim=True)) ** 2).sum(dim=1))
         terms["specular_prior"] = (p["specular"] ** 2).sum(dim=1)
         return (w["photo"] * terms["photometric_002"] + cfg.uniform_weight * terms["uniform"]
                 + w["coefficients"] * w["reg_identity"] * cfg.specular_prior * terms["specular_prior"])
