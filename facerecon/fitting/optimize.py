@@ -45,7 +45,6 @@ from facerecon.losses.specular import (
     landmark_weights_68_paper002,
     light_chroma,
     skin_confidence,
-    soft_polygon_mask,
 )
 from facerecon.render.camera import project_points, scale_intrinsics, scale_pixels
 from facerecon.render.rasterize import interpolate
@@ -64,7 +63,6 @@ PARAMETER_NAMES = ("identity", "expression", "albedo", "sh", "angles", "translat
 SPECULAR_PARAMETER_NAMES = ("specular", "light_direction", "light_color", "log_shininess")
 SHADINGS = ("lambert", "blinn-phong")
 LANDMARK_WEIGHTINGS = ("paper000", "paper002")
-INNER_MOUTH_TARGETS = ("mask", "landmarks")
 #: shininess range of the fit (Blinn-Phong exponent): below 2 a lobe is no highlight, above 200 a
 #: highlight is smaller than a pixel of the crop
 SHININESS_RANGE = (2.0, 200.0)
@@ -148,10 +146,6 @@ class FitSettings:
     # paper 002 eq. 11: |projected inner-mouth area - detected inner-mouth mask| (pixels at the crop
     # size); 0 = off. Needs the inner-mouth masks in the targets.
     inner_mouth_weight: float = 0.0
-    # the detected mouth opening of eq. 11: "mask" (the detect stage's masks/inner_mouth, from the raw
-    # detector points) or "landmarks" (the polygon of the inner-lip points the landmark term uses,
-    # after the detector-bias correction)
-    inner_mouth_target: str = "mask"
     # the 68 landmarks' weights: "paper000" (nose and inner mouth 20) or "paper002" (outer mouth
     # and eyebrows 20)
     landmark_weighting: str = "paper000"
@@ -194,7 +188,6 @@ class FitSettings:
                _one_of(SHARED_IDENTITY_PRIORS))
         _check(self.shading in SHADINGS, "shading", _one_of(SHADINGS))
         _check(self.landmark_weighting in LANDMARK_WEIGHTINGS, "landmark_weighting", _one_of(LANDMARK_WEIGHTINGS))
-        _check(self.inner_mouth_target in INNER_MOUTH_TARGETS, "inner_mouth_target", _one_of(INNER_MOUTH_TARGETS))
         for name in ("specular_eta", "uniform_weight", "uniform_light_weight", "specular_prior", "inner_mouth_weight"):
             value = getattr(self, name)
             _check(math.isfinite(value) and value >= 0, name, "a number >= 0")
@@ -409,7 +402,6 @@ class FaceFitter:
         self.specular = self.settings.shading == "blinn-phong"
         #: the dense points of the inner lip contour: the polygon of the inner-mouth loss
         self.inner_lip_ring = torch.as_tensor(LIPS_INNER, dtype=torch.int64, device=device)
-        self._opening: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self.contour68 = torch.zeros(68, dtype=torch.bool, device=device)
         self.contour68[JAW_68] = True
         self.use_dense = self.settings.use_dense_landmarks and model.dense_triangle is not None
@@ -490,9 +482,8 @@ class FaceFitter:
                                                          cfg.landmark_trust_power, cfg.landmark_trust_minimum)
                 landmark_weight = landmark_weight * terms["landmark_trust"]
         total = total + landmark_weight * landmark
-        if self.use_dense and cfg.inner_mouth_weight > 0 and (
-                targets.inner_mouth is not None or (cfg.inner_mouth_target == "landmarks" and targets.dense is not None)):
-            terms["inner_mouth"] = self._inner_mouth_term(cam, k, targets)
+        if self.use_dense and targets.inner_mouth is not None and cfg.inner_mouth_weight > 0:
+            terms["inner_mouth"] = self._inner_mouth_term(cam, k, targets.inner_mouth)
             total = total + cfg.inner_mouth_weight * terms["inner_mouth"]
         if render_size is not None and self.perceptual is not None and (
                 cfg.perceptual_in_coarse or render_size == targets.size):
@@ -527,29 +518,11 @@ class FaceFitter:
         return (w["photo"] * terms["photometric_002"] + cfg.uniform_weight * terms["uniform"]
                 + w["coefficients"] * w["reg_identity"] * cfg.specular_prior * terms["specular_prior"])
 
-    def _inner_mouth_term(self, cam: torch.Tensor, k: torch.Tensor, targets: FaceTargets) -> torch.Tensor:
+    def _inner_mouth_term(self, cam: torch.Tensor, k: torch.Tensor, detected: torch.Tensor) -> torch.Tensor:
         """(B,) paper 002 eq. 11: L1 area between the projected inner-lip polygon and the detected mouth
-        opening, in pixels of the crop. The opening is the detect stage's mask, or (``inner_mouth_target``
-        "landmarks") the polygon of the detected inner-lip points as the landmark term sees them, i.e.
-        after the detector-bias correction."""
+        opening (B, S, S), in pixels of the crop."""
         ring = project_points(self.model.dense_points(cam)[:, self.inner_lip_ring], k)[..., :2]
-        if self.settings.inner_mouth_target == "landmarks" and targets.dense is not None:
-            detected = self._detected_opening(targets.dense, targets.size)
-        else:
-            detected = targets.inner_mouth
         return inner_mouth_loss(ring, detected)
-
-    def _detected_opening(self, dense: torch.Tensor, size: int) -> torch.Tensor:
-        """(B, S, S) coverage of the detected inner-lip polygon of ``dense`` (B, 468, 2); kept for the
-        last ``dense`` tensor (the targets do not change within a stage)."""
-        cached = self._opening
-        if cached is not None and cached[0] is dense and cached[1] == dense._version:
-            return cached[2]
-        axis = torch.arange(size, dtype=dense.dtype, device=dense.device)
-        with torch.no_grad():
-            opening = soft_polygon_mask(dense[:, self.inner_lip_ring], axis, axis)
-        self._opening = (dense, dense._version, opening)
-        return opening
 
     def _landmark68_term(self, cam: torch.Tensor, normals: torch.Tensor, k: torch.Tensor,
                          detected: torch.Tensor) -> torch.Tensor:
