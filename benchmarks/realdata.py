@@ -8,10 +8,10 @@ Numbers, no assertions.
 
     PYTHONPATH=. python benchmarks/realdata.py --name prior_off --settings '{"expression_l1": 0, "expression_l2": 0, "expression_opposing": 0}'
     PYTHONPATH=. python benchmarks/realdata.py --name perceptual_off --settings '{"recognition": null}'
-    PYTHONPATH=. python benchmarks/realdata.py --name blinn_phong --shading blinn-phong
+    PYTHONPATH=. python benchmarks/realdata.py --name lambert --shading lambert
 
-``--shading blinn-phong`` starts from paper 002's settings (``paper002_settings``) instead of the
-defaults. Each protocol also prints the mean photometric error of its fits (paper 000 eq. 2 on
+``--shading`` picks the starting settings: ``blinn-phong`` the defaults, ``lambert`` paper 000's fit
+(``lambert_settings``), ``paper002`` paper 002's exactly (``paper002_settings``). Each protocol also prints the mean photometric error of its fits (paper 000 eq. 2 on
 the final render, the ``photometric`` loss stored in fits.h5), comparable across shadings.
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 from facerecon.evaluation import albums, landmarks, scan
 import numpy as np
 
-from facerecon.fitting.optimize import FitSettings, paper002_settings
+from facerecon.fitting.optimize import SHADING_PRESETS, paper002_settings
 from facerecon.stages import fit as fit_stage
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
@@ -54,13 +54,13 @@ def main() -> None:
     parser.add_argument("--out", default="benchmark-out/realdata", help="Output folder.")
     parser.add_argument("--data", default=str(SHARED), help="The realdata folder.")
     parser.add_argument("--protocols", default="landmarks,scan,albums")
-    parser.add_argument("--shading", choices=["lambert", "blinn-phong"], default="lambert",
-                        help="blinn-phong: start from paper 002's settings.")
+    parser.add_argument("--shading", choices=["blinn-phong", "lambert", "paper002"], default="blinn-phong",
+                        help="The settings to start from (see above).")
     args = parser.parse_args()
     overrides = json.loads(args.settings)
     recognition = overrides.pop("recognition", fit_stage.FitOptions().recognition_weights)
     weights = {k[2:]: overrides.pop(k) for k in list(overrides) if k.startswith("w_")}
-    make = paper002_settings if args.shading == "blinn-phong" else FitSettings
+    make = {**SHADING_PRESETS, "paper002": paper002_settings}[args.shading]
     base = make()
     settings = make(**overrides, weights={**base.weights, **weights})
     run_fit = fit_stage.run_fit

@@ -61,10 +61,10 @@ def face_model_options(function):
 @click.option("--expression-prior/--no-expression-prior", default=True, show_default=True,
               help="Blendshape prior (sparsity, size, opposing pairs; docs/fitting.md): a neutral face stays "
                    "neutral. Off: only paper 000's coefficient prior, made for PCA expressions.")
-@click.option("--shading", type=click.Choice(["lambert", "blinn-phong"]), default="lambert", show_default=True,
-              help="lambert: paper 000's SH Lambertian shading. blinn-phong: paper 002's diffuse + specular "
-                   "albedo (one Blinn-Phong light), its photometric, uniform and inner-mouth losses and weights "
-                   "(docs/fitting.md); meshes get a de-lit diffuse and a specular map.")
+@click.option("--shading", type=click.Choice(["blinn-phong", "lambert"]), default="blinn-phong", show_default=True,
+              help="blinn-phong: paper 002's diffuse + specular albedo (SH light + one Blinn-Phong light), its "
+                   "photometric, uniform and inner-mouth losses and weights; meshes get a de-lit diffuse and a "
+                   "specular map. lambert: paper 000's SH Lambertian fit. docs/fitting.md compares them.")
 @click.option("--second-look/--no-second-look", default=True, show_default=True,
               help="When the detector finds no face in a photo, look again with the short-range model "
                    "(close-ups, half profiles; docs/detection.md).")
@@ -107,7 +107,7 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
     """
     from facerecon.export.meshio import parse_formats
     from facerecon.errors import InputError
-    from facerecon.fitting.optimize import NO_EXPRESSION_PRIOR, FitSettings, paper002_settings
+    from facerecon.fitting.optimize import NO_EXPRESSION_PRIOR, SHADING_PRESETS, FitSettings
     from facerecon.io.images import ImageLoadError
     from facerecon.stages.fit import FitOptions, run_fit
 
@@ -119,8 +119,7 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--format") from None
     try:
-        make = paper002_settings if shading == "blinn-phong" else FitSettings
-        settings = make(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2],
+        settings = SHADING_PRESETS[shading](landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2],
                                use_dense_landmarks=not no_dense,
                                detector_bias_iterations=FitSettings.detector_bias_iterations if detector_bias else 0,
                                **({"landmark_trust_reference": 0.0} if landmark_trust == "full" else {}),

@@ -24,7 +24,7 @@ from facerecon.facemodel.detector_bias import DetectorBias, canonical_pitch_yaw
 from facerecon.facemodel.embedding import face_oval_indices
 from facerecon.facemodel.model import FaceModel, FaceModelError
 from facerecon.facemodel.tensors import FaceModelTensors
-from facerecon.fitting.optimize import FaceFitter, FaceTargets, FitSettings
+from facerecon.fitting.optimize import FaceFitter, FaceTargets, lambert_settings
 from facerecon.stages.detect import analyze_image
 from facerecon.synthetic import random_parameters, render_faces, textured_backgrounds, to_uint8
 
@@ -97,7 +97,7 @@ def calibrate_detector_bias(model: FaceModel, yaws: tuple[float, ...] = DEFAULT_
         raise FaceModelError("detector calibration: the detector found none of the rendered faces")
     # the pose the fitter finds from exact landmarks: where a converged fit files this view
     fitter = FaceFitter(tensors, model.regions,
-                        FitSettings(coarse_steps=0, fine_steps=0, detector_bias_iterations=0),
+                        lambert_settings(coarse_steps=0, fine_steps=0, detector_bias_iterations=0),
                         oval_indices=face_oval_indices() if dense else None)
     count = len(detected68)
     targets = FaceTargets(  # the landmark stage reads no pixels

@@ -34,7 +34,7 @@ from facerecon.facemodel.embedding import face_oval_indices
 from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import camera_rotation, crop_intrinsics, model_to_camera
-from facerecon.fitting.optimize import FaceFitter, FaceTargets, FitSettings
+from facerecon.fitting.optimize import FaceFitter, FaceTargets, lambert_settings
 from facerecon.io.atomic import atomic_path
 from facerecon.io.store import read_index
 from facerecon.losses import multiview
@@ -291,8 +291,9 @@ class Trainer:
             oval = face_oval_indices()
         # the paper's fixed weights: the adaptive landmark trust is a per-photo fitting aid,
         # not part of the training objective
-        settings = FitSettings(dense_weight=config.dense_weight, weights=dict(config.weights),
-                               landmark_trust_reference=0.0)
+        # R-Net training: paper 000's Lambertian losses (the network predicts no specular unknowns)
+        settings = lambert_settings(dense_weight=config.dense_weight, weights=dict(config.weights),
+                                    landmark_trust_reference=0.0)
         self.loss = FaceFitter(self.tensors, self.face_model.regions, settings, oval_indices=oval,
                                perceptual=perceptual)
         self.amp_dtype = resolve_amp(config.amp, device)
