@@ -8,11 +8,12 @@ Numbers, no assertions.
 
     PYTHONPATH=. python benchmarks/realdata.py --name prior_off --settings '{"expression_l1": 0, "expression_l2": 0, "expression_opposing": 0}'
     PYTHONPATH=. python benchmarks/realdata.py --name perceptual_off --settings '{"recognition": null}'
-    PYTHONPATH=. python benchmarks/realdata.py --name lambert --shading lambert
+    PYTHONPATH=. python benchmarks/realdata.py --name blinn_phong --shading blinn-phong
 
-``--shading`` picks the starting settings: ``blinn-phong`` the defaults, ``lambert`` paper 000's fit
-(``lambert_settings``), ``paper002`` paper 002's exactly (``paper002_settings``). Each protocol also prints the mean photometric error of its fits (paper 000 eq. 2 on
-the final render, the ``photometric`` loss stored in fits.h5), comparable across shadings.
+``--shading`` picks the starting settings: ``lambert`` the defaults (paper 000's fit),
+``blinn-phong`` ``blinn_phong_settings``, ``paper002`` paper 002's exactly (``paper002_settings``).
+Each protocol also prints the mean photometric errors of its fits (``photometric``, paper 000's
+eq. 2 of the final render, and ``photometric_face``, unweighted), comparable across shadings.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmark-out/realdata", help="Output folder.")
     parser.add_argument("--data", default=str(SHARED), help="The realdata folder.")
     parser.add_argument("--protocols", default="landmarks,scan,albums")
-    parser.add_argument("--shading", choices=["blinn-phong", "lambert", "paper002"], default="blinn-phong",
+    parser.add_argument("--shading", choices=["lambert", "blinn-phong", "paper002"], default="lambert",
                         help="The settings to start from (see above).")
     args = parser.parse_args()
     overrides = json.loads(args.settings)

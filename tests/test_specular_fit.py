@@ -21,6 +21,7 @@ from facerecon.fitting.optimize import (
     FaceFitter,
     FaceTargets,
     FitSettings,
+    blinn_phong_settings,
     paper002_settings,
 )
 from facerecon.losses.specular import (
@@ -119,8 +120,11 @@ def test_a_model_without_a_specular_space_gets_the_default_one(ict_model):
 def test_settings_validate_the_shading_and_paper002_preset():
     with pytest.raises(Exception, match="shading"):
         FitSettings(shading="phong")
+    assert FitSettings().shading == "lambert"  # paper 000's fit stays the default (docs/fitting.md)
     preset = paper002_settings(coarse_steps=3)
-    assert preset.shading == "blinn-phong" and preset.coarse_steps == 3
+    assert preset.shading == "blinn-phong" and preset.coarse_steps == 3 and preset.uniform_light_weight == 1.0
+    measured = blinn_phong_settings()
+    assert measured.uniform_light_weight == 0.0 and measured.weights == preset.weights
     assert preset.weights["photo"] == 1.92 and preset.weights["landmark"] == 1.8e-3
     assert preset.inner_mouth_weight == 1.3e-3 and preset.landmark_weighting == "paper002"
     assert set(SPECULAR_PARAMETER_NAMES) <= set(preset.parameter_names)

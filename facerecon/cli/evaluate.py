@@ -72,7 +72,7 @@ def evaluate() -> None:
 @click.option("--pitches", default="-15,-20,-25", show_default=True, help="Pitch angles in degrees.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--specular", is_flag=True, help="Render specular highlights (paper 002's Blinn-Phong light).")
-@click.option("--shading", type=click.Choice(["blinn-phong", "lambert"]), default="blinn-phong", show_default=True,
+@click.option("--shading", type=click.Choice(["lambert", "blinn-phong"]), default="lambert", show_default=True,
               help="The fit's shading (as `facerecon fit --shading`).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or table.")
@@ -93,7 +93,7 @@ def rendered(out_dir: Path, face_model: str | None, samples: int, seed: int, yaw
     \b
     Examples:
       facerecon evaluate rendered --out eval/ --samples 5 --seed 1
-      facerecon evaluate rendered --out shiny/ --specular --shading lambert
+      facerecon evaluate rendered --out shiny/ --specular --shading blinn-phong
     """
     from facerecon.evaluation.rendered import RenderedOptions, run_rendered
     from facerecon.fitting.optimize import SHADING_PRESETS

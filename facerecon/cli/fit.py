@@ -61,10 +61,11 @@ def face_model_options(function):
 @click.option("--expression-prior/--no-expression-prior", default=True, show_default=True,
               help="Blendshape prior (sparsity, size, opposing pairs; docs/fitting.md): a neutral face stays "
                    "neutral. Off: only paper 000's coefficient prior, made for PCA expressions.")
-@click.option("--shading", type=click.Choice(["blinn-phong", "lambert"]), default="blinn-phong", show_default=True,
-              help="blinn-phong: paper 002's diffuse + specular albedo (SH light + one Blinn-Phong light), its "
-                   "photometric, uniform and inner-mouth losses and weights; meshes get a de-lit diffuse and a "
-                   "specular map. lambert: paper 000's SH Lambertian fit. docs/fitting.md compares them.")
+@click.option("--shading", type=click.Choice(["lambert", "blinn-phong"]), default="lambert", show_default=True,
+              help="lambert: paper 000's SH Lambertian fit. blinn-phong: paper 002's diffuse + specular albedo "
+                   "(SH light + one Blinn-Phong light), its photometric, uniform and inner-mouth losses and "
+                   "weights; better on real photos, ~2x slower; meshes get a de-lit diffuse and a specular map. "
+                   "docs/fitting.md compares them.")
 @click.option("--second-look/--no-second-look", default=True, show_default=True,
               help="When the detector finds no face in a photo, look again with the short-range model "
                    "(close-ups, half profiles; docs/detection.md).")

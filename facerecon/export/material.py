@@ -50,13 +50,13 @@ def specular_material(vertices_cam: torch.Tensor, triangles: torch.Tensor, uv: n
     # per texel: the interpolated position, normal and specular albedo, then the lobe (per pixel, as
     # the renderer evaluates it)
     channels = torch.cat([vertices_cam, normals, light.albedo[0], irradiance, albedo], dim=1)
-    baked, _ = bake_vertex_values(triangles, uv, triangle_uv, channels.detach().cpu().double(), size)
-    baked_t = torch.from_numpy(baked).double().reshape(-1, 15)
+    baked, _ = bake_vertex_values(triangles, uv, triangle_uv, channels.detach().cpu().float(), size)
+    baked_t = torch.from_numpy(baked).reshape(-1, 15)
     position, normal, t_s = baked_t[:, 0:3], baked_t[:, 3:6], baked_t[:, 6:9]
     normal = torch.nn.functional.normalize(normal, dim=-1)
-    lobe = blinn_phong(normal, position, light.direction.detach().cpu().double().expand(len(normal), 3),
-                       light.shininess.detach().cpu().double().expand(len(normal)))
-    specular = t_s * light.color.detach().cpu().double()[0] * lobe[:, None]
+    lobe = blinn_phong(normal, position, light.direction.detach().cpu().float().expand(len(normal), 3),
+                       light.shininess.detach().cpu().float().expand(len(normal)))
+    specular = t_s * light.color.detach().cpu().float()[0] * lobe[:, None]
     shape = (size, size, 3)
     seen = np.clip(np.asarray(quality, np.float64) / FULL_QUALITY, 0.0, 1.0)
     diffuse = delight_texture(photo_texture, baked[..., 9:12], specular.numpy().reshape(shape),

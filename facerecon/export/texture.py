@@ -140,8 +140,7 @@ def unwrap_texture(
     fill_v = fill_colors.clamp(0, 1).cpu().numpy()
     vcol = np.where(vvis.cpu().numpy()[:, None], photo_v, fill_v)
     # -- UV raster: texel -> triangle, barycentrics
-    screen = torch.stack([uv[:, 0] * t - 0.5, (1.0 - uv[:, 1]) * t - 0.5, torch.ones_like(uv[:, 0])], dim=-1)
-    frags = rasterize(screen[None].to(vertices_cam.dtype), triangle_uv.to(device), (t, t), cull_backfaces=False)
+    frags = _uv_fragments(uv.to(device=device, dtype=vertices_cam.dtype), triangle_uv.to(device), t)
     tid = frags.triangle_id[0]
     covered = tid >= 0
     texel_tri = triangles[tid[covered]]  # (P, 3)
@@ -192,11 +191,22 @@ def fill_holes(image: np.ndarray, known: np.ndarray) -> np.ndarray:
     return image
 
 
+#: the last UV layout rasterised by :func:`_uv_fragments` (every face of a model shares it)
+_UV_CACHE: dict[str, object] = {}
+
+
 def _uv_fragments(uv: torch.Tensor, triangle_uv: torch.Tensor, size: int):
     """Rasterise the UV layout into a (size, size) texture: per-texel triangle id and
-    barycentrics. Texel (row i, col j) is at u = (j + 0.5) / size, v = 1 - (i + 0.5) / size."""
+    barycentrics. Texel (row i, col j) is at u = (j + 0.5) / size, v = 1 - (i + 0.5) / size.
+    The last layout's result is kept (the same model's faces share it)."""
+    key = (size, uv.dtype, str(uv.device), tuple(uv.shape), str(triangle_uv.device), tuple(triangle_uv.shape))
+    cached = _UV_CACHE.get("entry")
+    if cached is not None and cached[0] == key and torch.equal(cached[1], uv) and torch.equal(cached[2], triangle_uv):
+        return cached[3]
     screen = torch.stack([uv[:, 0] * size - 0.5, (1.0 - uv[:, 1]) * size - 0.5, torch.ones_like(uv[:, 0])], dim=-1)
-    return rasterize(screen[None], triangle_uv, (size, size), cull_backfaces=False)
+    frags = rasterize(screen[None], triangle_uv, (size, size), cull_backfaces=False)
+    _UV_CACHE["entry"] = (key, uv.clone(), triangle_uv.clone(), frags)
+    return frags
 
 
 def bake_vertex_values(triangles, uv, triangle_uv, values, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -229,7 +239,7 @@ def bake_vertex_values(triangles, uv, triangle_uv, values, size: int) -> tuple[n
     covered = tid >= 0
     corners = triangles[tid[covered]]  # (P, 3) vertex indices of each covered texel's triangle
     bary = frags.barycentric[0][covered]  # (P, 3)
-    texels = (values.to(torch.float64)[corners] * bary[..., None]).sum(1)  # (P, C)
+    texels = torch.einsum("pkc,pk->pc", values.to(torch.float32)[corners], bary.to(torch.float32))  # (P, C)
     cov = covered.numpy()
     image = np.zeros((size, size, values.shape[1]), np.float32)
     image[cov] = texels.numpy().astype(np.float32)

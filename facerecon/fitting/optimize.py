@@ -93,9 +93,9 @@ NO_EXPRESSION_PRIOR = {"expression_l1": 0.0, "expression_l2": 0.0, "expression_o
 class FitSettings:
     """Options of the ``optimize`` method, validated on construction.
 
-    Defaults: paper 002's Blinn-Phong fit (its loss and landmark weights, inner-mouth loss) without
-    the light part of its uniform loss, chosen on real data (docs/fitting.md, "Specular shading");
-    :func:`lambert_settings` is paper 000's Lambertian fit, :func:`paper002_settings` paper 002's exactly.
+    Defaults: paper 000's Lambertian fit with its weights; :func:`blinn_phong_settings` is paper
+    002's Blinn-Phong fit as measured best on real data, :func:`paper002_settings` paper 002's exactly
+    (docs/fitting.md, "Specular shading").
 
     Raises:
         InputError: a field out of range or not one of its choices.
@@ -137,22 +137,22 @@ class FitSettings:
     exclude_inner_mouth: bool = False
     # "lambert": paper 000's SH Lambertian shading; "blinn-phong": paper 002's diffuse + specular
     # albedo (SH + one Blinn-Phong light), its photometric loss (eq. 8) and uniform loss (eq. 13)
-    shading: str = "blinn-phong"
+    shading: str = "lambert"
     # paper 002 eq. 8's eta: weight of the full render's error against the skin-weighted diffuse one
     specular_eta: float = 1.0
     # eq. 13's weight (blinn-phong shading; it takes the place of paper 000's texture term)
     uniform_weight: float = 5.0
     # weight of eq. 13's light part (the SH and specular light colours' spread over R, G, B) relative
-    # to its albedo part; 1 = the paper
+    # to its albedo part; 1 = the paper, 0 measured better (docs/fitting.md, "Specular shading")
     uniform_light_weight: float = 0.0
     # prior on the specular albedo coefficients (N(0, 1) each), in units of reg_identity
     specular_prior: float = 1.0
     # paper 002 eq. 11: |projected inner-mouth area - detected inner-mouth mask| (pixels at the crop
     # size); 0 = off. Needs the inner-mouth masks in the targets.
-    inner_mouth_weight: float = 1.3e-3
+    inner_mouth_weight: float = 0.0
     # the 68 landmarks' weights: "paper000" (nose and inner mouth 20) or "paper002" (outer mouth
     # and eyebrows 20)
-    landmark_weighting: str = "paper002"
+    landmark_weighting: str = "paper000"
     # blendshape expression prior (models with blendshapes, e.g. ICT; facerecon.losses.expression):
     # L1 and L2 on the weights and the product of opposing pairs, in units of the total loss.
     # Paper 000's eq. 5 prior (reg_expression) was set for PCA coefficients and is kept beside it.
@@ -167,7 +167,7 @@ class FitSettings:
     # tenth of the steps (on a CPU the network's forward and backward cost ~40 ms per face and step)
     perceptual_in_coarse: bool = False
     max_retries: int = 1
-    weights: dict[str, float] = field(default_factory=lambda: dict(PAPER002_WEIGHTS))
+    weights: dict[str, float] = field(default_factory=lambda: dict(PAPER000_WEIGHTS))
     # the rasterizer of the photometric stages: "torch" (facerecon.render.rasterize) or
     # "pytorch3d"; part of the settings digest, so installing PyTorch3D never changes a stored
     # fit silently. "auto" is resolved here, to the backend it picks in this environment.
@@ -213,23 +213,26 @@ class FitSettings:
         return PARAMETER_NAMES + (SPECULAR_PARAMETER_NAMES if self.shading == "blinn-phong" else ())
 
 
+def blinn_phong_settings(**overrides) -> FitSettings:
+    """``--shading blinn-phong``: paper 002's fit (Blinn-Phong shading, its loss weights of sec. 4.1,
+    landmark weights of eq. 10, inner-mouth loss of eq. 11) without the light part of its uniform
+    loss (eq. 13), which measured worse on real data (docs/fitting.md); ``overrides`` replace any field."""
+    return FitSettings(**{"shading": "blinn-phong", "weights": dict(PAPER002_WEIGHTS), "landmark_weighting": "paper002",
+                          "inner_mouth_weight": 1.3e-3, "uniform_light_weight": 0.0, **overrides})
+
+
 def paper002_settings(**overrides) -> FitSettings:
-    """Paper 002's fit exactly: the defaults (Blinn-Phong shading, its loss weights of sec. 4.1,
-    landmark weights of eq. 10, inner-mouth loss of eq. 11) with eq. 13's light part on
-    (``uniform_light_weight`` 1; the defaults leave it out, see docs/fitting.md); ``overrides``
-    replace any field."""
-    return FitSettings(**{"uniform_light_weight": 1.0, **overrides})
+    """Paper 002's fit exactly: :func:`blinn_phong_settings` with eq. 13's light part on."""
+    return blinn_phong_settings(**{"uniform_light_weight": 1.0, **overrides})
 
 
 def lambert_settings(**overrides) -> FitSettings:
-    """Paper 000's fit (``--shading lambert``): SH Lambertian shading, paper 000's loss and landmark
-    weights, no inner-mouth loss; ``overrides`` replace any field."""
-    return FitSettings(**{"shading": "lambert", "weights": dict(PAPER000_WEIGHTS), "landmark_weighting": "paper000",
-                          "inner_mouth_weight": 0.0, **overrides})
+    """Paper 000's Lambertian fit (``--shading lambert``, the defaults); ``overrides`` replace any field."""
+    return FitSettings(**overrides)
 
 
 #: the fit settings of each ``--shading`` choice
-SHADING_PRESETS = {"blinn-phong": FitSettings, "lambert": lambert_settings}
+SHADING_PRESETS = {"lambert": lambert_settings, "blinn-phong": blinn_phong_settings}
 
 
 @dataclass
