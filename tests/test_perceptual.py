@@ -56,14 +56,20 @@ def test_alignment_maps_points_onto_the_template():
     assert abs(peak[1] - template[2, 0].item()) <= 2 and abs(peak[0] - template[2, 1].item()) <= 2
 
 
-def test_loss_is_zero_for_the_photo_and_grows_with_difference(r18_weights):
-    _, network = r18_weights
-    loss = PerceptualLoss(network)
-    torch.manual_seed(1)
+def _photos(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two random 224 px photos, their (shared) 68 landmarks and a face mask in the middle."""
+    torch.manual_seed(seed)
     photo = torch.rand(2, 224, 224, 3)
     landmarks = torch.rand(1, 68, 2).expand(2, -1, -1) * 80 + 70
     mask = torch.zeros(2, 224, 224, dtype=torch.bool)
     mask[:, 60:170, 60:170] = True
+    return photo, landmarks, mask
+
+
+def test_loss_is_zero_for_the_photo_and_grows_with_difference(r18_weights):
+    _, network = r18_weights
+    loss = PerceptualLoss(network)
+    photo, landmarks, mask = _photos(1)
     same = loss(photo, photo, mask, landmarks)
     assert same.abs().max() < 1e-5
     rendered = photo.clone().requires_grad_(True)
@@ -76,11 +82,7 @@ def test_loss_is_zero_for_the_photo_and_grows_with_difference(r18_weights):
 def test_the_photo_embedding_is_computed_once_per_photo_batch(r18_weights, monkeypatch):
     _, network = r18_weights
     loss = PerceptualLoss(network)
-    torch.manual_seed(2)
-    photo = torch.rand(2, 224, 224, 3)
-    landmarks = torch.rand(1, 68, 2).expand(2, -1, -1) * 80 + 70
-    mask = torch.zeros(2, 224, 224, dtype=torch.bool)
-    mask[:, 60:170, 60:170] = True
+    photo, landmarks, mask = _photos(2)
     rendered = photo * 0.5
     first = loss(rendered, photo, mask, landmarks)
     calls = []

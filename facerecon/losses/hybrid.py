@@ -25,10 +25,12 @@ PAPER000_WEIGHTS = {
 HEAVY_LANDMARKS_68 = list(range(27, 36)) + list(range(60, 68))
 
 
-def landmark_weights_68(heavy: float = 20.0, dtype=torch.float32, device=None) -> torch.Tensor:
-    """Per-landmark weights (68,) of paper 000 eq. 3: 20 on nose and inner mouth, else 1."""
+def landmark_weights_68(heavy: float = 20.0, dtype=torch.float32, device=None,
+                        indices: list[int] = HEAVY_LANDMARKS_68) -> torch.Tensor:
+    """Per-landmark weights (68,) of paper 000 eq. 3: ``heavy`` on ``indices`` (by default the nose
+    and inner mouth), else 1."""
     weights = torch.ones(68, dtype=dtype, device=device)
-    weights[HEAVY_LANDMARKS_68] = heavy
+    weights[indices] = heavy
     return weights
 
 

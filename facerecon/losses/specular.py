@@ -11,22 +11,15 @@ from __future__ import annotations
 
 import torch
 
+from facerecon.losses.hybrid import PAPER000_WEIGHTS, landmark_weights_68
+
 #: Loss weights of paper 002 sec. 4.1 mapped onto paper 000's names: w_photo 1.92, w_lmk 1.8e-3,
 #: w_id 0.2 (perceptual), w_reg 5e-4 (coefficients); the uniform loss (5.0) takes the place of
 #: paper 000's texture term; eq. 12's prior has equal weights on the identity, albedo and
 #: expression coefficients (paper 000's relative weights are kept: they suit our model's
 #: coefficient scales, see docs/fitting.md). The inner-mouth weight 1.3e-3 is
 #: ``FitSettings.inner_mouth_weight``.
-PAPER002_WEIGHTS = {
-    "photo": 1.92,
-    "landmark": 1.8e-3,
-    "perceptual": 0.2,
-    "coefficients": 5e-4,
-    "texture": 5.0,
-    "reg_identity": 1.0,
-    "reg_expression": 0.8,
-    "reg_albedo": 1.7e-3,
-}
+PAPER002_WEIGHTS = {**PAPER000_WEIGHTS, "photo": 1.92, "landmark": 1.8e-3, "coefficients": 5e-4}
 
 #: iBUG indices weighted 20 by paper 002 eq. 10: the eyebrows (17-26) and the outer mouth (48-59).
 HEAVY_LANDMARKS_68_PAPER002 = list(range(17, 27)) + list(range(48, 60))
@@ -34,9 +27,7 @@ HEAVY_LANDMARKS_68_PAPER002 = list(range(17, 27)) + list(range(48, 60))
 
 def landmark_weights_68_paper002(heavy: float = 20.0, dtype=torch.float32, device=None) -> torch.Tensor:
     """Per-landmark weights (68,) of paper 002 eq. 10: 20 on eyebrows and outer mouth, else 1."""
-    weights = torch.ones(68, dtype=dtype, device=device)
-    weights[HEAVY_LANDMARKS_68_PAPER002] = heavy
-    return weights
+    return landmark_weights_68(heavy, dtype, device, indices=HEAVY_LANDMARKS_68_PAPER002)
 
 
 def skin_confidence(probability: torch.Tensor) -> torch.Tensor:
