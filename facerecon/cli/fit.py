@@ -65,6 +65,11 @@ def face_model_options(function):
               help="lambert: paper 000's SH Lambertian shading. blinn-phong: paper 002's diffuse + specular "
                    "albedo (one Blinn-Phong light), its photometric, uniform and inner-mouth losses and weights "
                    "(docs/fitting.md); meshes get a de-lit diffuse and a specular map.")
+@click.option("--level", type=click.Choice(["base", "final"]), default=None,
+              help="base: the face model's fit (paper 000). final: paper 004's corrective level on top of it, "
+                   "per-vertex geometry and reflectance correctives (the face model's learned corrective space, "
+                   "else free-form) under smoothness, sparsity and skin-constancy priors; fits.h5 keeps both "
+                   "levels (docs/fitting.md) [default: final with --shading lambert, base with blinn-phong].")
 @click.option("--second-look/--no-second-look", default=True, show_default=True,
               help="When the detector finds no face in a photo, look again with the short-range model "
                    "(close-ups, half profiles; docs/detection.md).")
@@ -76,7 +81,8 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
         device: str, batch_size: int, largest: bool, texture_size: int, no_overlays: bool,
         steps: tuple[int, int, int], no_dense: bool, landmark_trust: str, detector_bias: bool,
         checkpoint: str | None, refine: int,
-        perceptual: bool, recognition_weights: str | None, expression_prior: bool, shading: str, second_look: bool,
+        perceptual: bool, recognition_weights: str | None, expression_prior: bool, shading: str, level: str | None,
+        second_look: bool,
         seed: int,
         overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Reconstruct a textured 3D mesh for every face in the photos.
@@ -111,6 +117,9 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
     from facerecon.io.images import ImageLoadError
     from facerecon.stages.fit import FitOptions, run_fit
 
+    if level == "final" and shading != "lambert":
+        raise click.UsageError("--level final needs --shading lambert (paper 004's correctives correct the "
+                               "Lambertian albedo)")
     if recognition_weights and not perceptual:
         raise click.UsageError("--recognition-weights sets the perceptual loss's network, which --no-perceptual "
                                "turns off: give one or the other")
@@ -131,7 +140,8 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
                          batch_size=batch_size, formats=format_list, pose=pose, texture_size=texture_size,
                          overlays=not no_overlays, largest=largest, overwrite=overwrite, seed=seed,
                          recognition_weights=(recognition_weights or "dlib") if perceptual else None,
-                         second_look=second_look, checkpoint=checkpoint, refine=refine, settings=settings)
+                         second_look=second_look, checkpoint=checkpoint, refine=refine, settings=settings,
+                         level=level)
     console = stderr_console(quiet=quiet)
     try:
         with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:
