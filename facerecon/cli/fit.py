@@ -92,7 +92,9 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
     OUT/detections.h5), or one detections .h5 written by `facerecon detect`.
     Method: analysis-by-synthesis with the hybrid loss of Deng et al. 2019
     (skin-attention photometric, landmark, coefficient and texture-flatness
-    terms, paper weights), coarse to fine, batched, on CPU or CUDA.
+    terms, paper weights), coarse to fine, batched, on CPU or CUDA; then
+    (--level final, the default) paper 004's corrective level: per-vertex
+    geometry and reflectance correctives on top of the model's fit.
 
     \b
     Outputs in OUT: fits.h5 (all parameters; crash-safe and resumable),

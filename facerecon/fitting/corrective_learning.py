@@ -143,8 +143,8 @@ def learn_corrective_space(fitter: CorrectiveFitter, targets: FaceTargets, param
             k = sequence.pop()
             rows = torch.as_tensor(chunks[k], dtype=torch.int64, device=device)
             b = rows.numel()
-            g = fitter._scatter((variables["coefficients_g"][rows] @ variables["basis_g"]).reshape(b, -1, 3))
-            r = fitter._scatter((variables["coefficients_r"][rows] @ variables["basis_r"]).reshape(b, -1, 3))
+            g = fitter.on_mesh((variables["coefficients_g"][rows] @ variables["basis_g"]).reshape(b, -1, 3))
+            r = fitter.on_mesh((variables["coefficients_r"][rows] @ variables["basis_r"]).reshape(b, -1, 3))
             total = fitter.terms(batches[k], g, r)["total"]
             optimizer.zero_grad(set_to_none=True)
             torch.where(torch.isfinite(total), total, torch.zeros_like(total)).mean().backward()
@@ -162,8 +162,8 @@ def learn_corrective_space(fitter: CorrectiveFitter, targets: FaceTargets, param
         for batch, index in zip(batches, chunks):
             rows = torch.as_tensor(index, dtype=torch.int64, device=device)
             b = rows.numel()
-            g = fitter._scatter((variables["coefficients_g"][rows] @ variables["basis_g"]).reshape(b, -1, 3))
-            r = fitter._scatter((variables["coefficients_r"][rows] @ variables["basis_r"]).reshape(b, -1, 3))
+            g = fitter.on_mesh((variables["coefficients_g"][rows] @ variables["basis_g"]).reshape(b, -1, 3))
+            r = fitter.on_mesh((variables["coefficients_r"][rows] @ variables["basis_r"]).reshape(b, -1, 3))
             before.append(fitter.terms(batch, torch.zeros_like(g), torch.zeros_like(r)))
             after.append(fitter.terms(batch, g, r))
         stats = {f"{name}_{label}": float(torch.cat([t[name] for t in terms]).mean())

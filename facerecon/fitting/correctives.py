@@ -18,17 +18,19 @@ Adam at the crop size on
     [+ w_prior * ||delta||^2 in a learned space]
 
 with paper 004's regularisers (:mod:`facerecon.losses.correctives`). The photometric weight of a
-pixel is where paper 004's fig. 12 goes wrong (occluders painted into the reflectance): on the
-model's skin region a pixel counts with the detect stage's skin attention A (hair, glasses and
-shadows that the skin model calls non-skin barely count, so the regularisers fill them in from
-the surrounding skin), on the brows, eyes and lips, whose colour is not skin colour by nature,
-with 1. The landmark term is the base fit's (detector-bias corrected targets, its final trust).
+pixel is where paper 004's fig. 12 goes wrong (occluders painted into the reflectance): where the
+model expects skin a pixel counts with A exp(-(r_b / outlier_scale)^2), A the detect stage's skin
+attention and r_b its error at the base level (hair, glasses and hands that the skin model
+rejects, and skin-coloured occluders the base level cannot explain at all, barely count, so the
+regularisers fill them in from the surrounding skin); on the brows, eyes and lips, whose colour
+is not skin colour by nature, with 1. The landmark term is the base fit's (detector-bias
+corrected targets, its final trust).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -157,7 +159,6 @@ class _Batch:
     dense: torch.Tensor | None
     trust: torch.Tensor  # (B,)
     edge_weights: torch.Tensor  # (B, E) chromaticity weights of eq. 13
-    extra: dict = field(default_factory=dict)
 
 
 class CorrectiveFitter:
@@ -244,7 +245,7 @@ class CorrectiveFitter:
             return base._debiased(targets, angles)
         return targets
 
-    def _scatter(self, values: torch.Tensor) -> torch.Tensor:
+    def on_mesh(self, values: torch.Tensor) -> torch.Tensor:
         """(B, S, 3) values on the support -> (B, N, 3), zero elsewhere."""
         full = values.new_zeros(values.shape[0], self.model.n_vertices, 3)
         return full.index_add(1, self.support_index, values)
@@ -252,7 +253,7 @@ class CorrectiveFitter:
     def fields(self, variables: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(F_g, F_r), (B, N, 3) each, of the optimised ``variables``."""
         if self.space is None:
-            return self._scatter(variables["geometry"]), self._scatter(variables["reflectance"])
+            return self.on_mesh(variables["geometry"]), self.on_mesh(variables["reflectance"])
         geometry_basis, reflectance_basis = self.space
         b = variables["geometry"].shape[0]
         return ((variables["geometry"] @ geometry_basis).reshape(b, -1, 3),
