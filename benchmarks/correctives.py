@@ -96,9 +96,11 @@ def scan_line(out: Path, model) -> str:
             seen = fit_stage.face_level(face, level)
             if seen is not None:
                 rows[level].append(scan._score_face(model, seen, truth, tip))
-    return "scan " + ", ".join(
-        f"{level} {np.mean([r['fit_mean_mm'] for r in v]):.3f} mm (neutral {np.mean([r['neutral_mean_mm'] for r in v]):.3f})"
-        for level, v in rows.items())
+    def mean(v, name):
+        return np.mean([r[name] for r in v])
+
+    return "scan " + ", ".join(f"{level} {mean(v, 'fit_mean_mm'):.3f} mm (neutral {mean(v, 'neutral_mean_mm'):.3f})"
+                               for level, v in rows.items())
 
 
 def albums_line(out: Path, data: Path, model) -> str:

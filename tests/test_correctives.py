@@ -198,8 +198,8 @@ def test_a_learned_space_fits_its_coefficients(scene, ict_model):
     result = fitter.fit(targets, {k: v.numpy() for k, v in params.items()})
     assert result.coefficients["reflectance"].shape == (2, 1)
     # the patch's mode comes in with a clearly positive weight (skin constancy holds part of it back)
-    assert np.all((result.coefficients["reflectance"][:, 0] > 0.2) & (result.coefficients["reflectance"][:, 0] < 1.2)), \
-        result.coefficients
+    weight = result.coefficients["reflectance"][:, 0]
+    assert np.all((weight > 0.2) & (weight < 1.2)), result.coefficients
     assert (result.losses["photometric_face_final"] < result.losses["photometric_face_base"]).all()
     assert np.allclose(result.reflectance, np.einsum("bc,cnk->bnk", result.coefficients["reflectance"],
                                                      space.reflectance), atol=1e-6)

@@ -134,7 +134,8 @@ def learn_corrective_space(fitter: CorrectiveFitter, targets: FaceTargets, param
             {"params": [variables["basis_g"], variables["basis_r"]], "lr": settings.basis_step},
             {"params": [variables["coefficients_g"], variables["coefficients_r"]], "lr": settings.coefficient_step}])
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda i: 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(i, settings.steps) / settings.steps)))
+            optimizer,
+            lambda i: 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(i, settings.steps) / settings.steps)))
         order = np.random.default_rng(settings.seed)
         sequence: list[int] = []
         for step in range(settings.steps):

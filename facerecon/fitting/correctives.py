@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from facerecon.errors import InputError
 from facerecon.fitting.camera import crop_intrinsics, model_to_camera
-from facerecon.fitting.optimize import FaceFitter, FaceTargets, _resize
+from facerecon.fitting.optimize import FaceFitter, FaceTargets
 from facerecon.losses.correctives import (
     SPARSITY_BETA,
     SPARSITY_P,
@@ -105,7 +105,8 @@ class CorrectiveSettings:
         if not (isinstance(self.patience, int) and self.patience >= 1):
             raise InputError("corrective setting patience must be a whole number >= 1")
         for name in ("tolerance", "geometry_step", "reflectance_step", "coefficient_step", "photo", "landmark",
-                     "smoothness", "stabilization", "sparsity", "constancy", "coefficient_prior", "outlier_scale", "beta"):
+                     "smoothness", "stabilization", "sparsity", "constancy", "coefficient_prior", "outlier_scale",
+                     "beta"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise InputError(f"corrective setting {name} must be a number >= 0")
