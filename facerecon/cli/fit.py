@@ -100,7 +100,8 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
     Outputs in OUT: fits.h5 (all parameters; crash-safe and resumable),
     meshes/<image>_face<i>.obj|.mtl|_texture.png|.ply (millimetres) and .glb
     (metres, as glTF requires),
-    overlays/<image>_face<i>.png and contact_sheet.png.
+    overlays/<image>_face<i>.png (final level: also _levels.png, base vs
+    final) and contact_sheet.png.
 
     \b
     Exit codes: 0 at least one image fitted (or already done); 1 nothing
