@@ -19,10 +19,13 @@ from facerecon.cli.common import fail_run, print_json, problems_table, stderr_co
               help="Canonical head frame (mm) or the fitting camera's frame.")
 @click.option("--neutral", is_flag=True, help="Drop the expression: the person's neutral face.")
 @click.option("--no-blendshapes", is_flag=True, help="Skip the blendshape JSON/CSV files.")
+@click.option("--level", type=click.Choice(["base", "final"]), default=None,
+              help="Paper 004's level to export: base (the face model's fit) or final (with the correctives; "
+                   "faces fitted at the base level only are skipped) [default: the level each face was fitted at].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary table (errors still shown).")
 def export(fits: Path, out_dir: Path, formats: str, pose: str, neutral: bool, no_blendshapes: bool,
-           as_json: bool, quiet: bool) -> None:
+           level: str | None, as_json: bool, quiet: bool) -> None:
     """Re-create meshes from a fits.h5 written by `facerecon fit` (no photos needed).
 
     \b
@@ -36,6 +39,7 @@ def export(fits: Path, out_dir: Path, formats: str, pose: str, neutral: bool, no
     Examples:
       facerecon export out/fits.h5 --out exported/ --format obj,glb
       facerecon export out/fits.h5 --out neutral/ --neutral --format ply
+      facerecon export out/fits.h5 --out base/ --level base
     """
     from facerecon.errors import OutputError
     from facerecon.export.meshio import parse_formats
@@ -47,7 +51,8 @@ def export(fits: Path, out_dir: Path, formats: str, pose: str, neutral: bool, no
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--format") from None
     try:
-        summary = run_export(fits, out_dir, format_list, pose=pose, neutral=neutral, blendshapes=not no_blendshapes)
+        summary = run_export(fits, out_dir, format_list, pose=pose, neutral=neutral, blendshapes=not no_blendshapes,
+                             level=level)
     except OutputError as exc:
         fail_run(str(exc), out_dir, as_json)
     except (KeyError, OSError, StoreError) as exc:

@@ -64,8 +64,13 @@ def face_model_options(function):
 @click.option("--shading", type=click.Choice(["lambert", "blinn-phong"]), default="lambert", show_default=True,
               help="lambert: paper 000's SH Lambertian fit. blinn-phong: paper 002's diffuse + specular albedo "
                    "(SH light + one Blinn-Phong light), its photometric, uniform and inner-mouth losses and "
-                   "weights; better on real photos, ~2x slower; meshes get a de-lit diffuse and a specular map. "
+                   "weights; better on real photos, ~35 % slower; meshes get a de-lit diffuse and a specular map. "
                    "docs/fitting.md compares them.")
+@click.option("--level", type=click.Choice(["base", "final"]), default="base", show_default=True,
+              help="base: the face model's fit (paper 000). final: paper 004's corrective level on top of it, "
+                   "per-vertex geometry and reflectance correctives (the face model's learned corrective space, "
+                   "else free-form) under smoothness, sparsity and skin-constancy priors; fits.h5 keeps both "
+                   "levels (docs/fitting.md). Only with --shading lambert.")
 @click.option("--second-look/--no-second-look", default=True, show_default=True,
               help="When the detector finds no face in a photo, look again with the short-range model "
                    "(close-ups, half profiles; docs/detection.md).")
@@ -77,7 +82,8 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
         device: str, batch_size: int, largest: bool, texture_size: int, no_overlays: bool,
         steps: tuple[int, int, int], no_dense: bool, landmark_trust: str, detector_bias: bool,
         checkpoint: str | None, refine: int,
-        perceptual: bool, recognition_weights: str | None, expression_prior: bool, shading: str, second_look: bool,
+        perceptual: bool, recognition_weights: str | None, expression_prior: bool, shading: str, level: str | None,
+        second_look: bool,
         seed: int,
         overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Reconstruct a textured 3D mesh for every face in the photos.
@@ -87,13 +93,16 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
     OUT/detections.h5), or one detections .h5 written by `facerecon detect`.
     Method: analysis-by-synthesis with the hybrid loss of Deng et al. 2019
     (skin-attention photometric, landmark, coefficient and texture-flatness
-    terms, paper weights), coarse to fine, batched, on CPU or CUDA.
+    terms, paper weights), coarse to fine, batched, on CPU or CUDA; with
+    --level final then paper 004's corrective level: per-vertex geometry and
+    reflectance correctives on top of the model's fit.
 
     \b
     Outputs in OUT: fits.h5 (all parameters; crash-safe and resumable),
     meshes/<image>_face<i>.obj|.mtl|_texture.png|.ply (millimetres) and .glb
     (metres, as glTF requires),
-    overlays/<image>_face<i>.png and contact_sheet.png.
+    overlays/<image>_face<i>.png (final level: also _levels.png, base vs
+    final) and contact_sheet.png.
 
     \b
     Exit codes: 0 at least one image fitted (or already done); 1 nothing
@@ -112,6 +121,9 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
     from facerecon.io.images import ImageLoadError
     from facerecon.stages.fit import FitOptions, run_fit
 
+    if level == "final" and shading != "lambert":
+        raise click.UsageError("--level final needs --shading lambert (paper 004's correctives correct the "
+                               "Lambertian albedo)")
     if recognition_weights and not perceptual:
         raise click.UsageError("--recognition-weights sets the perceptual loss's network, which --no-perceptual "
                                "turns off: give one or the other")
@@ -131,7 +143,8 @@ def fit(inputs: tuple[str, ...], out_dir: Path, face_model: str | None, no_downl
                          batch_size=batch_size, formats=format_list, pose=pose, texture_size=texture_size,
                          overlays=not no_overlays, largest=largest, overwrite=overwrite, seed=seed,
                          recognition_weights=(recognition_weights or "dlib") if perceptual else None,
-                         second_look=second_look, checkpoint=checkpoint, refine=refine, settings=settings)
+                         second_look=second_look, checkpoint=checkpoint, refine=refine, settings=settings,
+                         level=level)
     console = stderr_console(quiet=quiet)
     try:
         with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:

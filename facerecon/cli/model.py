@@ -1,4 +1,4 @@
-"""``facerecon model``: import, fetch, calibrate, list and describe face models."""
+"""``facerecon model``: import, fetch, calibrate, learn correctives for, list and describe face models."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def model() -> None:
       facerecon model import bfm BFM_model_front.mat --name bfm
       facerecon model list
       facerecon model info ict --json
+      facerecon model learn-correctives out/fits.h5 --out ict_fml.h5
     """
 
 
@@ -202,6 +203,75 @@ def _load(reference: str | None):
     return path, load_face_model(path)
 
 
+@model.command("learn-correctives")
+@click.argument("fits", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Face-model file to write: the face model with the learned corrective space.")
+@click.option("--face-model", default=None, metavar="NAME|PATH",
+              help="The face model the photos were fitted with [default: FACERECON_FACE_MODEL, then 'ict'].")
+@click.option("--geometry-modes", default=8, show_default=True, type=click.IntRange(1, 512),
+              help="Size C_g of the geometry corrective space.")
+@click.option("--reflectance-modes", default=8, show_default=True, type=click.IntRange(1, 512),
+              help="Size C_r of the reflectance corrective space.")
+@click.option("--steps", default=120, show_default=True, type=click.IntRange(0),
+              help="Joint optimisation steps of bases and coefficients (after the free-form start).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 4096),
+              help="Photos per optimisation step.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the batch order.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def learn_correctives_cmd(fits: tuple[Path, ...], out_path: Path, face_model: str | None, geometry_modes: int,
+                          reflectance_modes: int, steps: int, batch_size: int, seed: int, device: str, force: bool,
+                          as_json: bool) -> None:
+    """Learn paper 004's corrective space from fitted photos and write a face model with it.
+
+    \b
+    FITS are fits.h5 files of `facerecon fit` runs (their detections files must still exist);
+    every fitted face takes part. The geometry and reflectance bases and each photo's
+    coefficients are found together by optimisation on the CPU (docs/fitting.md,
+    "Correctives"); `fit --level final --face-model OUT` then solves the learned space's
+    coefficients instead of free-form correctives.
+
+    \b
+    example:  facerecon model learn-correctives runs/*/fits.h5 --out ict_fml.h5
+    """
+    from facerecon.errors import InputError
+    from facerecon.fitting.corrective_learning import LearnSettings
+    from facerecon.stages.learn_correctives import run_learn_correctives
+
+    try:
+        settings = LearnSettings(geometry_modes=geometry_modes, reflectance_modes=reflectance_modes, steps=steps,
+                                 batch_size=batch_size, seed=seed)
+        with _phase_progress() as progress:
+            summary = run_learn_correctives(fits, out_path, face_model, settings, device=device, overwrite=force,
+                                            progress=progress)
+    except InputError as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    click.echo(f"learned {summary['geometry_modes']} geometry + {summary['reflectance_modes']} reflectance modes "
+               f"from {summary['photos']} photos (photometric error {summary['photometric_face_base']:.4f} -> "
+               f"{summary['photometric_face_learned']:.4f}) -> {summary['path']}")
+
+
+@contextlib.contextmanager
+def _phase_progress():
+    """A progress bar on stderr for named phases; yields a (phase, done, total) callback."""
+    from facerecon.cli.common import make_progress, stderr_console
+
+    with make_progress(stderr_console(), unit="step") as bar:
+        tasks: dict[str, int] = {}
+
+        def update(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.update(tasks[phase], completed=done, total=total)
+
+        yield update
+
+
 @model.command("info")
 @click.argument("reference", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
@@ -225,6 +295,10 @@ def info_cmd(reference: str | None, as_json: bool) -> None:
         elif key == "detector_bias":
             value = "none (fits use raw detections)" if value is None else \
                 f"{value['samples']} views, {value['detector']}"
+        elif key == "correctives":
+            value = "none (fit --level final uses free-form correctives)" if value is None else \
+                f"learned: {value['geometry_modes']} geometry + {value['reflectance_modes']} reflectance modes " \
+                f"from {value['photos']} photos"
         table.add_row(key.replace("_", " "), str(value))
     Console().print(table)
 

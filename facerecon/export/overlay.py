@@ -61,6 +61,33 @@ def _label(panel: np.ndarray, text: str) -> None:
     cv2.putText(panel, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
 
 
+def render_strip(photo_crop: np.ndarray, panels: list[tuple[str, np.ndarray, np.ndarray]]) -> np.ndarray:
+    """The photo crop and captioned renders side by side.
+
+    Args:
+        photo_crop: (H, W, 3) uint8 RGB, captioned "photo".
+        panels: (caption, render (H, W, 3) float [0, 1], mask (H, W) bool) each; a render is
+            drawn over black where its mask is False.
+
+    Returns:
+        (H, (1 + len(panels)) W, 3) uint8.
+    """
+    h, w = photo_crop.shape[:2]
+    if photo_crop.shape != (h, w, 3):
+        raise ValueError(f"photo_crop must be (H, W, 3), not {photo_crop.shape}")
+    out = [np.ascontiguousarray(photo_crop, dtype=np.uint8).copy()]
+    for name, render, mask in panels:
+        if np.shape(render) != (h, w, 3) or np.shape(mask) != (h, w):
+            raise ValueError(f"{name} must be {(h, w, 3)} with a {(h, w)} mask, not {np.shape(render)}, "
+                             f"{np.shape(mask)}")
+        values = np.nan_to_num(np.asarray(render, np.float32))
+        u8 = np.clip(values * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        out.append(np.where(np.asarray(mask, bool)[..., None], u8, np.uint8(0)))
+    for panel, text in zip(out, ["photo"] + [name for name, _, _ in panels]):
+        _label(panel, text)
+    return np.concatenate(out, axis=1)
+
+
 def decomposition_strip(photo_crop: np.ndarray, lit_diffuse: np.ndarray, lit_specular: np.ndarray,
                         final: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Paper 002's decomposition panel: photo | lit diffuse | lit specular | final.

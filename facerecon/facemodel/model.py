@@ -16,6 +16,7 @@ import numpy as np
 
 from facerecon.errors import InputError
 from facerecon.facemodel.annotate import default_specular_space
+from facerecon.facemodel.corrective_space import CorrectiveSpace
 from facerecon.facemodel.detector_bias import DetectorBias
 from facerecon.io.atomic import atomic_path
 
@@ -68,6 +69,8 @@ class FaceModel:
             eye opening); the offset moves and turns with the triangle.
         detector_bias: the landmark detector's mean offsets by head pose, measured on
             renders of this model (:mod:`facerecon.facemodel.detector_bias`), or None.
+        correctives: paper 004's learned corrective space (geometry and reflectance bases,
+            :mod:`facerecon.facemodel.corrective_space`), or None (fits use free-form correctives).
     """
 
     model_id: str
@@ -93,6 +96,7 @@ class FaceModel:
     dense_barycentric: np.ndarray | None = None
     dense_offset: np.ndarray | None = None
     detector_bias: DetectorBias | None = None
+    correctives: CorrectiveSpace | None = None
     attributes: dict[str, str] = field(default_factory=dict)
 
     # ----------------------------------------------------------------- sizes
@@ -150,6 +154,10 @@ class FaceModel:
             "detector_bias": None if self.detector_bias is None else {
                 "samples": self.detector_bias.n_samples, "detector": self.detector_bias.detector,
                 "bandwidth_degrees": self.detector_bias.bandwidth_degrees},
+            "correctives": None if self.correctives is None else {
+                "geometry_modes": self.correctives.n_geometry, "reflectance_modes": self.correctives.n_reflectance,
+                "photos": self.correctives.photos, "digest": self.correctives.digest(),
+                "description": self.correctives.description},
             "regions": {k: int(v.shape[0]) for k, v in sorted(self.regions.items())},
             "symmetric_pairs": int(self.symmetric_pairs.shape[0]),
             "provenance": self.provenance,
@@ -207,6 +215,10 @@ class FaceModel:
             dense = self.detector_bias.offsets_dense
             if dense is not None and (self.dense_triangle is None or dense.shape[1] != len(self.dense_triangle)):
                 problems.append("detector_bias offsets_dense needs the dense embedding with as many points")
+        if self.correctives is not None:
+            problems.extend(self.correctives.problems(n))
+            if self.albedo_mean is None:
+                problems.append("correctives need the albedo space (their reflectance corrects it)")
         for name in ("mean_shape", "identity_basis", "expression_basis", "albedo_mean", "albedo_basis",
                      "specular_mean", "specular_basis"):
             arr = getattr(self, name)
@@ -270,6 +282,14 @@ def save_face_model(model: FaceModel, path: str | Path) -> Path:
                 if model.detector_bias.offsets_dense is not None:
                     bias.create_dataset("offsets_dense", data=model.detector_bias.offsets_dense.astype(np.float32),
                                         **comp)
+            if model.correctives is not None:
+                corr = f.create_group("correctives")
+                corr.attrs["kind"] = "linear"
+                corr.attrs["photos"] = int(model.correctives.photos)
+                corr.attrs["description"] = model.correctives.description
+                corr.create_dataset("geometry_basis", data=model.correctives.geometry.astype(np.float32), **comp)
+                corr.create_dataset("reflectance_basis", data=model.correctives.reflectance.astype(np.float32),
+                                    **comp)
             reg = f.create_group("regions")
             for name, idx in sorted(model.regions.items()):
                 reg.create_dataset(name, data=np.asarray(idx, dtype=np.int32))
@@ -287,6 +307,15 @@ def _read_detector_bias(group) -> DetectorBias:
         offsets_dense=group["offsets_dense"][()] if "offsets_dense" in group else None,
         bandwidth_degrees=float(group.attrs.get("bandwidth_degrees", 10.0)),
         detector=_attr_str(group.attrs.get("detector", "")), description=_attr_str(group.attrs.get("description", "")))
+
+
+def _read_correctives(group) -> CorrectiveSpace:
+    kind = _attr_str(group.attrs.get("kind", "linear"))
+    if kind != "linear":
+        raise FaceModelError(f"corrective space of kind {kind!r} is not supported (only 'linear')")
+    return CorrectiveSpace(geometry=group["geometry_basis"][()], reflectance=group["reflectance_basis"][()],
+                           photos=int(group.attrs.get("photos", 0)),
+                           description=_attr_str(group.attrs.get("description", "")))
 
 
 def load_face_model(path: str | Path) -> FaceModel:
@@ -334,6 +363,7 @@ def load_face_model(path: str | Path) -> FaceModel:
                 dense_barycentric=lmk["dense_barycentric"][()] if "dense_barycentric" in lmk else None,
                 dense_offset=lmk["dense_offset"][()] if "dense_offset" in lmk else None,
                 detector_bias=_read_detector_bias(lmk["detector_bias"]) if "detector_bias" in lmk else None,
+                correctives=_read_correctives(f["correctives"]) if "correctives" in f else None,
                 attributes={
                     k[len("extra_"):]: _attr_str(v) for k, v in f.attrs.items() if k.startswith("extra_")
                 },

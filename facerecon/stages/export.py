@@ -11,7 +11,8 @@ import numpy as np
 from facerecon.errors import OutputError, describe_os_error
 from facerecon.export.blendshapes import write_blendshapes
 from facerecon.facemodel.model import FaceModel
-from facerecon.stages.fit import STATUS_OK, output_base, output_names, read_fits, read_model_item, write_face_files
+from facerecon.stages.fit import (STATUS_OK, face_level, output_base, output_names, read_fits, read_model_item,
+                                  write_face_files)
 
 
 @dataclass
@@ -38,8 +39,11 @@ def _topology_model(topology: dict) -> FaceModel:
 
 
 def run_export(fits: str | os.PathLike, out_dir: str | os.PathLike, formats: list[str], pose: str = "canonical",
-               neutral: bool = False, blendshapes: bool = True) -> ExportSummary:
-    """Write mesh files (and blendshape weights) for every fitted face in ``fits``."""
+               neutral: bool = False, blendshapes: bool = True, level: str | None = None) -> ExportSummary:
+    """Write mesh files (and blendshape weights) for every fitted face in ``fits``.
+
+    ``level``: "base" or "final" (paper 004's levels; a base-level fit has no final level and its
+    faces are skipped), None: the level each face was fitted at."""
     out_dir = Path(out_dir)
     summary = ExportSummary(output=str(out_dir))
     topology = read_model_item(fits)
@@ -53,6 +57,11 @@ def run_export(fits: str | os.PathLike, out_dir: str | os.PathLike, formats: lis
             if face["attrs"].get("status") != STATUS_OK or "vertices" not in face:
                 summary.skipped.append((f"{key}#{index}", face["attrs"].get("reason", "not fitted")))
                 continue
+            at_level = face_level(face, level)
+            if at_level is None:
+                summary.skipped.append((f"{key}#{index}", f"fitted at the base level only (no {level} level)"))
+                continue
+            face = at_level
             params = {k: face[k] for k in ("identity", "expression", "albedo", "sh", "angles", "translation")}
             base = output_base(out_dir, key, index, "meshes", names)
             try:

@@ -25,7 +25,7 @@ from facerecon import __version__
 from facerecon.detection.align import invert_affine, similarity_scale, transform_points
 from facerecon.errors import InputError, user_file
 from facerecon.export.meshio import TexturedMesh, write_mesh, write_png
-from facerecon.export.overlay import blend, contact_sheet, decomposition_strip, draw_landmarks
+from facerecon.export.overlay import blend, contact_sheet, decomposition_strip, draw_landmarks, render_strip
 from facerecon.export.material import specular_material
 from facerecon.export.texture import unwrap_texture
 from facerecon.facemodel.embedding import face_oval_indices
@@ -33,6 +33,7 @@ from facerecon.facemodel.model import FaceModel
 from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import camera_rotation, crop_intrinsics, model_to_camera
+from facerecon.fitting.correctives import LEVELS, CorrectiveFitter, CorrectiveResult, CorrectiveSettings
 from facerecon.fitting.gaze import gaze_weights
 from facerecon.fitting.optimize import FaceFitter, FaceTargets, FitSettings, specular_light
 from facerecon.io.background import Background
@@ -51,9 +52,14 @@ MODEL_KEY = "@model"
 FORMAT_VERSION = 1
 STATUS_OK, STATUS_NO_FACE, STATUS_FAILED, STATUS_SKIPPED = "ok", "no_face", "failed", "skipped"
 OVERLAY_SIZE = 512
+#: the level a fit reaches by default (paper 004: "base" or "final"; docs/fitting.md, "Correctives")
+DEFAULT_LEVEL = "base"
 #: files of one face besides ``<name>.<ext>``: photo texture, paper 002's diffuse and specular maps
-#: and its decomposition overlay
-FACE_FILE_SUFFIXES = ("_texture.png", "_diffuse.png", "_specular.png", "_decomposition.png")
+#: and its decomposition overlay, paper 004's two-level overlay
+FACE_FILE_SUFFIXES = ("_texture.png", "_diffuse.png", "_specular.png", "_decomposition.png", "_levels.png")
+#: the arrays of a face that depend on the level: a final-level fit stores the base level's as ``<name>_base``
+LEVEL_ARRAYS = ("vertices", "vertices_neutral", "vertices_camera", "landmarks68", "landmarks68_3d", "vertex_colors",
+                "vertex_visible", "texture", "albedo_colors")
 
 
 @dataclass
@@ -79,10 +85,35 @@ class FitOptions:
     checkpoint: str | None = None
     refine: int = 0
     settings: FitSettings = field(default_factory=FitSettings)
+    #: "base": the face model's fit; "final": paper 004's corrective level on top of it (learned
+    #: space of the face model, else free-form correctives; docs/fitting.md, "Correctives");
+    #: None: :data:`DEFAULT_LEVEL` with Lambertian shading, "base" with paper 002's
+    level: str | None = None
+    correctives: CorrectiveSettings = field(default_factory=CorrectiveSettings)
 
     @property
     def method(self) -> str:
         return "network" if self.checkpoint else "optimize"
+
+    @property
+    def fit_level(self) -> str:
+        """The level this run fits (``level`` with its default resolved)."""
+        if self.level is not None:
+            return self.level
+        return DEFAULT_LEVEL if self.settings.shading == "lambert" else "base"
+
+
+def check_level(options: FitOptions, model: FaceModel | None = None) -> None:
+    """Raise InputError unless ``options.level`` can be fitted (with ``model``, when given)."""
+    if options.fit_level not in LEVELS:
+        raise InputError(f"level must be one of {', '.join(LEVELS)}, not {options.level!r}")
+    if options.fit_level != "final":
+        return
+    if options.settings.shading != "lambert":
+        raise InputError("the final level (paper 004's correctives) needs --shading lambert: its reflectance "
+                         "corrects the Lambertian albedo")
+    if model is not None and not model.has_albedo:
+        raise InputError(f"face model {model.model_id!r} has no albedo space: the final level corrects it")
 
 
 @dataclass
@@ -195,11 +226,20 @@ def fitter_settings(options: FitOptions) -> FitSettings:
 
 
 def _settings(options: FitOptions, model: FaceModel) -> dict[str, Any]:
-    return {"method": options.method, "checkpoint": options.checkpoint or "", "refine": options.refine,
-            "model_id": model.model_id, "fit": options.settings.to_dict(),
-            "texture_size": options.texture_size, "format_version": FORMAT_VERSION,
-            "perceptual": _recognition_label(options.recognition_weights),
-            "detector_bias": _detector_bias_label(options, model)}
+    settings = {"method": options.method, "checkpoint": options.checkpoint or "", "refine": options.refine,
+                "model_id": model.model_id, "fit": options.settings.to_dict(),
+                "texture_size": options.texture_size, "format_version": FORMAT_VERSION,
+                "perceptual": _recognition_label(options.recognition_weights),
+                "detector_bias": _detector_bias_label(options, model)}
+    if options.fit_level == "final":  # a base-level fit keeps the settings (and digest) it always had
+        settings |= {"level": "final", "correctives": options.correctives.to_dict(),
+                     "corrective_space": corrective_space_label(model)}
+    return settings
+
+
+def corrective_space_label(model: FaceModel) -> str:
+    """Which correctives a final-level fit with ``model`` solves: "free" or "learned:<digest>"."""
+    return "free" if model.correctives is None else f"learned:{model.correctives.digest()}"
 
 
 def _recognition_label(spec: str | None) -> str:
@@ -391,16 +431,24 @@ class _FaceWriter:
                                                 backend=self.options.settings.render_backend)
         return self.renderers[size]
 
-    def build(self, pending: _PendingFace, params: dict[str, np.ndarray], crop_size: int) -> dict[str, Any]:
-        """Arrays to store for one face (vertices, colours, texture, camera)."""
+    def build(self, pending: _PendingFace, params: dict[str, np.ndarray], crop_size: int,
+              corrective: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+        """Arrays to store for one face (vertices, colours, texture, camera); with ``corrective``, the
+        final level's: geometry (N, 3) mm added to the shape (with and without expression) and
+        reflectance (N, 3) added to the albedo."""
         t = self.tensors
         dev = t.mean_shape.device
         p = {k: torch.as_tensor(v, device=dev)[None] for k, v in params.items()}
         verts = t.shape(p["identity"], p["expression"])
         neutral = t.shape(p["identity"], torch.zeros_like(p["expression"]))
+        if corrective is None:
+            albedo = t.albedo(p["albedo"]).clamp(0, 1)
+        else:
+            geometry, reflectance = (torch.as_tensor(c, dtype=verts.dtype, device=dev)[None] for c in corrective)
+            verts, neutral = verts + geometry, neutral + geometry
+            albedo = (t.albedo(p["albedo"]) + reflectance).clamp(0, 1)
         cam = model_to_camera(verts, p["angles"], p["translation"])
         k = crop_intrinsics(crop_size, 1, device=dev)
-        albedo = t.albedo(p["albedo"]).clamp(0, 1)
         out = self.renderer(crop_size).render(cam, t.triangles, k, albedo, p["sh"])
         face = pending.face
         back = invert_affine(face.align_matrix)  # crop -> photo pixels
@@ -442,8 +490,30 @@ class _FaceWriter:
         images = [x[0].clamp(0, 1).cpu().numpy() for x in (out.diffuse, out.specular, out.image)]
         return decomposition_strip(pending.face.crop, *images, out.mask[0].cpu().numpy())
 
-    def overlay(self, pending: _PendingFace, params: dict[str, np.ndarray], crop_size: int) -> np.ndarray:
-        """The shaded fit blended over the face region of the photo, with landmarks."""
+    def levels(self, pending: _PendingFace, params: dict[str, np.ndarray], crop_size: int,
+               corrective: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """Paper 004's two levels on the crop: photo | base render | final render | final reflectance."""
+        t = self.tensors
+        dev = t.mean_shape.device
+        p = {k: torch.as_tensor(v, device=dev)[None] for k, v in params.items()}
+        geometry, reflectance = (torch.as_tensor(c, dtype=t.mean_shape.dtype, device=dev)[None] for c in corrective)
+        verts = t.shape(p["identity"], p["expression"])
+        albedo = t.albedo(p["albedo"])
+        k = crop_intrinsics(crop_size, 1, device=dev)
+        renderer = self.renderer(crop_size)
+        panels = []
+        for label, v, a, sh in (("base", verts, albedo, p["sh"]), ("final", verts + geometry, albedo + reflectance,
+                                                                     p["sh"]),
+                                ("final reflectance", verts + geometry, albedo + reflectance, None)):
+            out = renderer.render(model_to_camera(v, p["angles"], p["translation"]), t.triangles, k, a.clamp(0, 1),
+                                  sh)
+            panels.append((label, out.image[0].clamp(0, 1).cpu().numpy(), out.mask[0].cpu().numpy()))
+        return render_strip(pending.face.crop, panels)
+
+    def overlay(self, pending: _PendingFace, params: dict[str, np.ndarray], crop_size: int,
+                corrective: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """The shaded fit blended over the face region of the photo, with landmarks (the final level's
+        geometry with ``corrective``)."""
         import cv2
 
         t = self.tensors
@@ -460,6 +530,8 @@ class _FaceWriter:
             background = _warp_region(photo, to_overlay[:2], size)
         p = {k: torch.as_tensor(v, device=dev)[None] for k, v in params.items()}
         verts = t.shape(p["identity"], p["expression"])
+        if corrective is not None:
+            verts = verts + torch.as_tensor(corrective[0], dtype=verts.dtype, device=dev)[None]
         cam = model_to_camera(verts, p["angles"], p["translation"])
         k = scale_intrinsics(crop_intrinsics(crop_size, 1, device=dev), s)
         gray = torch.full_like(verts, 0.75)
@@ -519,6 +591,18 @@ def _mesh(model: FaceModel, stored: dict[str, Any], neutral: bool, pose: str, pa
                     "shininess": float(stored["shininess"])}
     return TexturedMesh(vertices.astype(np.float32), model.triangles, model.uv, model.triangle_uv,
                         stored["vertex_colors"], stored["texture"], **material)
+
+
+def face_level(face: dict[str, Any], level: str | None) -> dict[str, Any] | None:
+    """One stored face (arrays + ``attrs``) as seen at ``level``: "base", "final" or None (the level it
+    was fitted at). A final-level fit seen at the base level gets its ``<name>_base`` arrays under the
+    plain names; a base-level fit has no final level (None)."""
+    fitted = face.get("attrs", {}).get("level", "base")
+    if level is None or level == fitted:
+        return face
+    if level == "base":
+        return {**face, **{name: face[f"{name}_base"] for name in LEVEL_ARRAYS if f"{name}_base" in face}}
+    return None
 
 
 def write_face_files(model: FaceModel, stored: dict[str, Any], params: dict[str, np.ndarray], base: Path,
@@ -619,7 +703,9 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
     torch.manual_seed(options.seed)
 
     # Everything that can fail fast is checked before detection runs.
+    check_level(options)
     model = resolve_face_model(options.face_model, options.allow_download)
+    check_level(options, model)
     device = pick_device(options.device)
     tensors = FaceModelTensors(model).to(device)
     perceptual, predictor = _networks(options, model, tensors)
@@ -631,8 +717,9 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
 
     summary.device = str(device)
     fitter = _build_fitter(model, tensors, options, perceptual, predictor, summary)
+    corrective = _build_corrective(model, fitter, options, summary)
     _fit_detections(detections, model, fitter, _FaceWriter(model, tensors, options, out_dir), options, summary,
-                    progress, should_stop)
+                    progress, should_stop, corrective)
     summary.elapsed = time.perf_counter() - started
     return summary
 
@@ -695,8 +782,23 @@ def _build_fitter(model: FaceModel, tensors: FaceModelTensors, options: FitOptio
     return fitter
 
 
+def _build_corrective(model: FaceModel, fitter: FaceFitter, options: FitOptions, summary: FitSummary
+                      ) -> CorrectiveFitter | None:
+    """The final level's fitter (None at the base level); notes which correctives it solves."""
+    if options.fit_level != "final":
+        return None
+    space = model.correctives
+    if space is None:
+        summary.notes.append("final level: free-form correctives (the face model has no corrective space)")
+    else:
+        summary.notes.append(f"final level: the face model's learned corrective space ({space.n_geometry} geometry "
+                             f"+ {space.n_reflectance} reflectance modes)")
+    return CorrectiveFitter(fitter, model.regions, options.correctives, space)
+
+
 def _fit_detections(detections: Path, model: FaceModel, fitter: FaceFitter, writer: _FaceWriter,
-                    options: FitOptions, summary: FitSummary, progress: Progress, should_stop) -> None:
+                    options: FitOptions, summary: FitSummary, progress: Progress, should_stop,
+                    corrective: CorrectiveFitter | None = None) -> None:
     """Fit every face of ``detections`` not already stored with the same settings, in batches,
     into ``fits.h5`` beside the writer's output (a stop or Ctrl-C keeps what is stored)."""
     out_dir = writer.out_dir
@@ -731,13 +833,13 @@ def _fit_detections(detections: Path, model: FaceModel, fitter: FaceFitter, writ
                 batch.append(image_faces)
                 if sum(len(b) for b in batch) >= options.batch_size:
                     if not _process_batch(batch, fitter, writer, store, options, summary, settings, digest,
-                                          progress, should_stop):
+                                          progress, should_stop, corrective):
                         break
                     batch = []
                     store.maybe_pack()
             if batch and not summary.interrupted:
                 _process_batch(batch, fitter, writer, store, options, summary, settings, digest, progress,
-                               should_stop)
+                               should_stop, corrective)
         except KeyboardInterrupt:
             summary.interrupted = True
         if options.overlays:
@@ -858,10 +960,37 @@ def _write_contact_sheet(out_dir: Path, store: ResultStore, names: dict[str, str
         write_png(out_dir / "contact_sheet.png", contact_sheet(tiles))
 
 
+def _add_final_level(writer: _FaceWriter, pending: _PendingFace, params: dict[str, np.ndarray], crop_size: int,
+                     corrected: CorrectiveResult, i: int, arrays: dict[str, Any], attrs: dict[str, Any],
+                     outcome: FaceOutcome, scale: float, iod: float) -> None:
+    """Row ``i`` of the corrective level into one face's stored ``arrays`` and ``attrs``: the base level's
+    arrays as ``<name>_base``, the correctives, both levels' losses; the landmark errors become the final
+    level's (the base level's kept as ``<name>_base``). The caller adds the final level's arrays."""
+    base = writer.build(pending, params, crop_size)
+    arrays.update({f"{name}_base": base[name] for name in LEVEL_ARRAYS})
+    arrays["corrective_geometry"] = corrected.geometry[i].astype(np.float32)
+    arrays["corrective_reflectance"] = corrected.reflectance[i].astype(np.float32)
+    for name, values in corrected.coefficients.items():
+        arrays[f"corrective_{name}_coefficients"] = values[i].astype(np.float32)
+    losses = json.loads(attrs["losses"])
+    losses.update({k: float(v[i]) for k, v in corrected.losses.items()})
+    error_px = float(corrected.landmark_error_px[i]) / scale
+    dense_px = float(corrected.dense_error_px[i]) / scale
+    for name in ("landmark_error_px", "landmark_error_iod", "dense_error_px", "dense_error_iod"):
+        attrs[f"{name}_base"] = attrs[name]
+    outcome.landmark_error_px, outcome.landmark_error_iod = error_px, error_px / max(iod, 1e-6)
+    outcome.dense_error_px, outcome.dense_error_iod = dense_px, dense_px / max(iod, 1e-6)
+    steps = json.loads(attrs["steps"]) | {"correctives": corrected.steps}
+    attrs.update({"level": "final", "losses": json.dumps(losses), "steps": json.dumps(steps),
+                  "landmark_error_px": error_px, "landmark_error_iod": outcome.landmark_error_iod,
+                  "dense_error_px": dense_px, "dense_error_iod": outcome.dense_error_iod})
+
+
 def _process_batch(batch: list[list[_PendingFace]], fitter: FaceFitter, writer: _FaceWriter, store: ResultStore,
                    options: FitOptions, summary: FitSummary, settings: dict, digest: str, progress: Progress,
-                   should_stop=None) -> bool:
-    """Fit and store one batch; False (nothing stored) when a stop was requested meanwhile."""
+                   should_stop=None, corrective: CorrectiveFitter | None = None) -> bool:
+    """Fit and store one batch (with ``corrective``, its final level too); False (nothing stored) when a
+    stop was requested meanwhile."""
     if should_stop is not None and should_stop():
         summary.interrupted = True
         return False
@@ -870,9 +999,13 @@ def _process_batch(batch: list[list[_PendingFace]], fitter: FaceFitter, writer: 
     t0 = time.perf_counter()
     init = fitter.predictor(targets) if fitter.predictor is not None else None
     result = fitter.fit(targets, init=init, should_stop=should_stop)
+    corrected = None
+    if corrective is not None and not result.stopped:
+        corrected = corrective.fit(targets, result.parameters, result.losses.get("landmark_trust"), result.failed,
+                                   should_stop=should_stop)
     summary.fit_seconds += time.perf_counter() - t0
-    if result.stopped:  # a half-finished optimisation is not a result: redo it on resume
-        summary.interrupted = True
+    if result.stopped or (corrected is not None and corrected.stopped):
+        summary.interrupted = True  # a half-finished optimisation is not a result: redo it on resume
         return False
     crop_size = targets.size
     row = 0
@@ -903,12 +1036,17 @@ def _process_batch(batch: list[list[_PendingFace]], fitter: FaceFitter, writer: 
                 attrs.update({"status": STATUS_FAILED, "reason": outcome.reason})
                 arrays = {"align_matrix": arrays["align_matrix"]}  # a NaN mesh is never written
             else:
-                built = writer.build(pending, params, crop_size)
+                correction = None
+                if corrected is not None and not corrected.failed[i]:
+                    correction = (corrected.geometry[i], corrected.reflectance[i])
+                    _add_final_level(writer, pending, params, crop_size, corrected, i, arrays, attrs, outcome,
+                                     scale, iod)
+                built = writer.build(pending, params, crop_size, correction)
                 arrays.update(built)
                 base = output_base(writer.out_dir, pending.key, face.index, "meshes", writer.names)
                 files = write_face_files(writer.model, built, params, base, options.formats, options.pose)
                 if options.overlays:
-                    overlay = writer.overlay(pending, params, crop_size)
+                    overlay = writer.overlay(pending, params, crop_size, correction)
                     overlay_path = output_base(writer.out_dir, pending.key, face.index, "overlays",
                                                writer.names).with_suffix(".png")
                     overlay_path.parent.mkdir(parents=True, exist_ok=True)
@@ -917,6 +1055,10 @@ def _process_batch(batch: list[list[_PendingFace]], fitter: FaceFitter, writer: 
                     if "light_direction" in params:
                         strip_path = overlay_path.with_name(overlay_path.stem + "_decomposition.png")
                         write_png(strip_path, writer.decomposition(pending, params, crop_size))
+                        files.append(strip_path)
+                    if correction is not None:
+                        strip_path = overlay_path.with_name(overlay_path.stem + "_levels.png")
+                        write_png(strip_path, writer.levels(pending, params, crop_size, correction))
                         files.append(strip_path)
                 outcome.files = [str(f) for f in files]
             stored_faces.append({"index": face.index, "arrays": arrays, "attrs": attrs})
