@@ -410,7 +410,10 @@ def test_ctrl_c_is_not_held_up_by_a_long_decode(tmp_path, monkeypatch, handler):
             pass
 
     monkeypatch.setattr(detect_stage, "run_settings", lambda options, analyzer: {"test": 1})
-    timer = threading.Timer(0.3, lambda: signal.raise_signal(signal.SIGINT))
+    # a terminal's Ctrl-C reaches the main thread; signal.raise_signal from the timer's thread would
+    # signal that thread only, and the main thread's blocking wait would not be interrupted
+    main_thread = threading.main_thread().ident
+    timer = threading.Timer(0.3, lambda: signal.pthread_kill(main_thread, signal.SIGINT))
     started = time.perf_counter()
     with (graceful_stop() if handler == "graceful" else contextlib.nullcontext(lambda: False)) as stop:
         timer.start()
