@@ -76,9 +76,10 @@ class FaceModelTensors(nn.Module):
         else:
             self.albedo_mean = None
             self.albedo_basis = None
-        specular_mean, specular_basis, self.specular_kind = model.specular_space()
-        self.register_buffer("specular_mean", torch.as_tensor(specular_mean, dtype=dtype))
-        self.register_buffer("specular_basis", torch.as_tensor(specular_basis, dtype=dtype).reshape(-1, 3 * n))
+        # the specular space (paper 002) is built on first use: a Lambertian fit never needs it, and a
+        # model without a stored one would compute its default space on every construction
+        self._specular_space = model.specular_space
+        self._specular: tuple[torch.Tensor, torch.Tensor] | None = None
         if model.dense_triangle is not None:
             self.register_buffer("dense_triangle", torch.as_tensor(model.dense_triangle, dtype=torch.int64))
             self.register_buffer("dense_barycentric", torch.as_tensor(model.dense_barycentric, dtype=dtype))
@@ -132,13 +133,23 @@ class FaceModelTensors(nn.Module):
         values = self.albedo_mean + (coefficients @ self.albedo_basis).reshape(coefficients.shape[0], -1, 3)
         return values
 
+    def _specular_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean (N, 3), basis (K_spec, 3N)) on the model's device and dtype, built once."""
+        ref = self.mean_shape
+        if self._specular is None or self._specular[0].device != ref.device or self._specular[0].dtype != ref.dtype:
+            mean, basis, _ = self._specular_space()
+            self._specular = (torch.as_tensor(mean, dtype=ref.dtype, device=ref.device),
+                              torch.as_tensor(basis, dtype=ref.dtype, device=ref.device).reshape(len(basis), -1))
+        return self._specular
+
     @property
     def n_specular(self) -> int:
-        return int(self.specular_basis.shape[0])
+        return int(self._specular_tensors()[1].shape[0])
 
     def specular(self, coefficients: torch.Tensor) -> torch.Tensor:
         """Per-vertex specular albedo (B, N, 3) >= 0 from coefficients (B, K_spec) (paper 002's t_s)."""
-        values = self.specular_mean + (coefficients @ self.specular_basis).reshape(coefficients.shape[0], -1, 3)
+        mean, basis = self._specular_tensors()
+        values = mean + (coefficients @ basis).reshape(coefficients.shape[0], -1, 3)
         return values.clamp_min(0.0)
 
     @property
