@@ -15,11 +15,18 @@ from facerecon.cli.fit import face_model_options
 @click.argument("albums", nargs=-1, required=True)
 @click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: aggregate.h5 and one sub-folder per identity.")
-@click.option("--method", type=click.Choice(["joint", "mean", "cnet"]), default=None,
+@click.option("--method", type=click.Choice(["joint", "mean", "cnet", "lap"]), default=None,
               help="joint (default): one identity optimised over all photos, outlier photos down-weighted; "
                    "mean: average of the single-photo identities (paper 000 baseline); cnet: R-Net "
                    "predictions aggregated with C-Net's per-coefficient confidences (paper 000 sec. 5; "
-                   "the default when --cnet is given).")
+                   "the default when --cnet is given); lap: after joint, paper 003's model-free canonical "
+                   "depth and albedo of the person, then one personalised face per photo (optimisation, "
+                   "no network; docs/aggregation.md).")
+@click.option("--lap-size", type=click.Choice(["128", "256"]), default="128", show_default=True,
+              help="--method lap: side of the canonical depth and albedo maps.")
+@click.option("--lap-steps", type=(click.IntRange(0), click.IntRange(0)), default=(120, 50), show_default=True,
+              metavar="AGGREGATE PERSONALISE",
+              help="--method lap: Adam steps of the aggregation over the album and of each photo's personalisation.")
 @click.option("--cnet", "cnet", type=click.Path(exists=True, dir_okay=False), default=None,
               help="C-Net checkpoint from `facerecon train` with [cnet] enabled (it holds its R-Net too).")
 @face_model_options
@@ -43,7 +50,8 @@ from facerecon.cli.fit import face_model_options
 @click.option("--overwrite", is_flag=True, help="Redo albums already in aggregate.h5 (default: skip them).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary table.")
-def aggregate(albums: tuple[str, ...], out_dir: Path, method: str | None, cnet: str | None, face_model: str | None,
+def aggregate(albums: tuple[str, ...], out_dir: Path, method: str | None, lap_size: str, lap_steps: tuple[int, int],
+              cnet: str | None, face_model: str | None,
               no_download: bool, formats: str, recognition_weights: str | None, identity_check: str, device: str,
               batch_size: int, texture_size: int,
               steps: tuple[int, int, int], overwrite: bool, as_json: bool, quiet: bool) -> None:
@@ -66,7 +74,10 @@ def aggregate(albums: tuple[str, ...], out_dir: Path, method: str | None, cnet: 
     contact_sheet.png (photos by confidence + the result from three views),
     detections.h5; OUT/aggregate.h5 holds the identity coefficients,
     per-photo identities, confidences (with --method cnet also each photo's
-    confidence vector) and exclusions (docs/aggregation.md).
+    confidence vector) and exclusions (docs/aggregation.md). With --method lap
+    also <album>_lap.obj|... (the canonical face), _lap_depth.png (16-bit),
+    _lap_normal.png, _lap_albedo.png, lap_personalised/ (one face per photo)
+    and lap_sheet.png (photos, canonical and personalised renders).
 
     \b
     Exit codes: 0 at least one album done (or already done); 1 none could be
@@ -79,6 +90,7 @@ def aggregate(albums: tuple[str, ...], out_dir: Path, method: str | None, cnet: 
       facerecon aggregate people/ --out ids/ --method mean --format obj,glb --json
       facerecon aggregate det.h5 --out ids/ --recognition-weights backbone.pth
       facerecon aggregate people/ --out ids/ --cnet runs/cnet/checkpoints/latest.pt
+      facerecon aggregate album/ --out person/ --method lap
     """
     from facerecon.export.meshio import parse_formats
     from facerecon.facemodel.model import FaceModelError
@@ -98,11 +110,16 @@ def aggregate(albums: tuple[str, ...], out_dir: Path, method: str | None, cnet: 
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--format") from None
     settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2])
+    lap = None
+    if method == "lap":
+        from facerecon.aggregation.lap import LapSettings
+
+        lap = LapSettings(grid_size=int(lap_size), aggregate_steps=lap_steps[0], personal_steps=lap_steps[1])
     options = AggregateOptions(face_model=face_model, allow_download=False if no_download else None, device=device,
                                method=method, formats=format_list, texture_size=texture_size, batch_size=batch_size,
                                overwrite=overwrite, recognition_weights=recognition_weights,
                                identity_check=identity_check, settings=settings,
-                               cnet=cnet)
+                               cnet=cnet, lap=lap)
     console = stderr_console(quiet=quiet)
     try:
         with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:

@@ -59,6 +59,8 @@ def evaluate() -> None:
                 (semi-real): scan-to-mesh error and blendshape neutrality
       albums    one folder per person: same-vs-different AUC of the fitted
                 neutral shapes, and their spread over photo resolutions
+      lap       paper 003 (aggregate --method lap): SIDE/MAD by album size on
+                scan renders; identity similarity and SSIM on real albums
     """
 
 
@@ -455,6 +457,93 @@ def _print_scan_tables(console, result, out_dir: Path) -> None:
         console.print(f"exported mesh vs mean face: {summary['fit_improvement']:+.0%}; neutral: "
                       f"{summary['neutral_improvement']:+.0%}")
     console.print(f"results: {out_dir / 'scan_results.json'}, {out_dir / 'scan_results.csv'}")
+
+
+@evaluate.command("lap")
+@click.argument("albums_root", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: renders/, albums/, aggregate/, albums_aggregate/, lap_results.json|.csv, "
+                   "lap_albums.json|.csv, lap_depth_by_size.png.")
+@click.option("--scan", "scan_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A real scan (OBJ) to render at 8 views: depth part (SIDE, MAD, scan-to-mesh by album size).")
+@click.option("--scan-landmarks", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The scan's 3D landmarks (68 or 51 iBUG points; needed with --scan).")
+@click.option("--scan-units", type=click.Choice(["auto", "m", "cm", "mm"]), default="auto", show_default=True,
+              help="Units of the scan and its landmarks.")
+@click.option("--sizes", default="1,2,4,8", show_default=True, help="Album sizes of the depth part (at most 8).")
+@click.option("--lap-steps", type=(click.IntRange(0), click.IntRange(0)), default=(120, 50), show_default=True,
+              metavar="AGGREGATE PERSONALISE", help="As `aggregate --lap-steps`.")
+@click.option("--face-model", default=None, metavar="NAME|PATH", help="Face model of the 3DMM start.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or tables.")
+def lap(albums_root: Path | None, out_dir: Path, scan_path: str | None, scan_landmarks: str | None, scan_units: str,
+        sizes: str, lap_steps: tuple[int, int], face_model: str | None, device: str, as_json: bool,
+        quiet: bool) -> None:
+    """Paper 003's metrics for `aggregate --method lap` against the 3DMM.
+
+    \b
+    Depth (--scan): the scan rendered at 8 views; albums of its first 1, 2,
+    4, 8 views aggregated with --method lap; the 3DMM joint neutral face,
+    LAP's canonical face and its personalised faces aligned to the scan and
+    scored in every view: SIDE (x 10^-2) and MAD (degrees) against the scan's
+    own depth and normals, and the scan-to-mesh distance (mm).
+    Albums (ALBUMS_ROOT, one folder per person): per photo, identity
+    similarity and SSIM of the 3DMM fit's, the canonical and the personalised
+    render against the photo (paper 003 table 5).
+
+    \b
+    Resumable (the aggregate runs skip finished albums). Exit codes: 0 scored;
+    1 nothing scored; 2 usage error; 130 interrupted.
+
+    \b
+    Examples:
+      facerecon evaluate lap --scan head.obj --scan-landmarks head_lmks.npy --out eval/lap
+      facerecon evaluate lap people/ --out eval/lap_albums
+    """
+    from facerecon.aggregation.lap import LapSettings
+    from facerecon.evaluation.lap import LapEvalOptions, run_lap_eval
+
+    if albums_root is None and scan_path is None:
+        raise click.UsageError("give an albums ROOT and/or --scan")
+    size_list = tuple(int(v) for v in _floats(sizes))
+    if not size_list or any(v < 1 or v > 8 for v in size_list):
+        raise click.BadParameter("sizes must be between 1 and 8", param_hint="--sizes")
+    options = LapEvalOptions(scan=scan_path, scan_landmarks=scan_landmarks, scan_units=scan_units,
+                             albums=None if albums_root is None else str(albums_root), sizes=size_list,
+                             face_model=face_model, device=device,
+                             lap=LapSettings(aggregate_steps=lap_steps[0], personal_steps=lap_steps[1]))
+    console = stderr_console(quiet=quiet)
+    result = _run_protocol(console, quiet, out_dir, as_json,
+                           lambda progress, stop: run_lap_eval(out_dir, options, progress=progress.stage("lap", "album"),
+                                                               should_stop=stop))
+    if not quiet:
+        _print_lap_tables(console, result, out_dir)
+    anything = any(r["status"] == "ok" for r in result.depth_rows + result.album_rows)
+    _finish(result, as_json, anything_done=anything)
+
+
+def _print_lap_tables(console, result, out_dir: Path) -> None:
+    from rich.table import Table
+
+    if result.summary["depth_summary"]:
+        table = Table(title="LAP depth on scan renders (lower is better)", title_justify="left")
+        for column in ("photos", "prediction", "views", "SIDE x1e-2", "MAD deg", "scan-to-mesh mm"):
+            table.add_column(column, justify="left" if column == "prediction" else "right")
+        for r in result.summary["depth_summary"]:
+            table.add_row(str(r["size"]), r["prediction"], str(r["views"]), _fmt(r["side_x100"]), _fmt(r["mad_deg"]),
+                          _fmt(r["mesh_mm"]))
+        console.print(table)
+    albums = result.summary["albums_summary"]
+    if albums:
+        table = Table(title="LAP on real albums (higher is better)", title_justify="left")
+        for column in ("render", "identity similarity", "SSIM"):
+            table.add_column(column, justify="left" if column == "render" else "right")
+        for label in ("fit", "canonical", "personal"):
+            table.add_row({"fit": "3DMM fit"}.get(label, f"LAP {label}"), _fmt(albums.get(f"identity_{label}")),
+                          _fmt(albums.get(f"ssim_{label}")))
+        console.print(table)
+    console.print(f"results: {out_dir / 'lap_results.json'}")
 
 
 @evaluate.command("albums")

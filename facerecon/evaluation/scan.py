@@ -151,16 +151,24 @@ def prepare_truth(scan: Scan, radius_mm: float = CROP_RADIUS_MM) -> ScanTruth:
     return ScanTruth(points, tip, scan.landmarks, scan.landmark_ids, source)
 
 
-def score_mesh(vertices: np.ndarray, triangles: np.ndarray, landmarks68: np.ndarray, truth: ScanTruth,
-               tip_index: int) -> dict[str, float]:
-    """Errors (mm) of one predicted mesh (N, 3) with its 68 surface landmarks (68, 3) against the
-    scan: ``mean_mm`` (headline), ``median_mm``, ``rmse_mm`` (point-to-plane) and ``scale``."""
+def align_to_scan(vertices: np.ndarray, landmarks68: np.ndarray, truth: ScanTruth, tip_index: int) -> Similarity:
+    """The similarity taking a predicted mesh (N, 3) with its 68 surface landmarks (68, 3) onto
+    the scan: landmark initialisation (MICC start without scan landmarks), then ICP with
+    rotation, translation and one isotropic scale."""
     vertices = np.asarray(vertices, dtype=np.float64)
     if truth.landmarks is not None:
         start = umeyama(np.asarray(landmarks68, dtype=np.float64)[truth.landmark_ids], truth.landmarks)
     else:
         start = initial_alignment(vertices, tip_index, GroundTruth(truth.points, truth.tip, len(truth.points), 1.0))
-    alignment: Similarity = icp_similarity(vertices, truth.points, start)
+    return icp_similarity(vertices, truth.points, start)
+
+
+def score_mesh(vertices: np.ndarray, triangles: np.ndarray, landmarks68: np.ndarray, truth: ScanTruth,
+               tip_index: int) -> dict[str, float]:
+    """Errors (mm) of one predicted mesh (N, 3) with its 68 surface landmarks (68, 3) against the
+    scan: ``mean_mm`` (headline), ``median_mm``, ``rmse_mm`` (point-to-plane) and ``scale``."""
+    vertices = np.asarray(vertices, dtype=np.float64)
+    alignment = align_to_scan(vertices, landmarks68, truth, tip_index)
     distance, plane = chunked_surface_distances(truth.points, alignment.apply(vertices), np.asarray(triangles))
     return {"mean_mm": float(distance.mean()), "median_mm": float(np.median(distance)),
             "rmse_mm": float(np.sqrt((plane ** 2).mean())), "scale": float(alignment.scale)}

@@ -64,7 +64,7 @@ from facerecon.stages.fit import _PendingFace, _PhotoCache, _targets, pick_devic
 
 KIND = "aggregates"
 ITEMS_GROUP = "identities"
-METHODS = ("mean", "joint", "cnet")
+METHODS = ("mean", "joint", "cnet", "lap")
 IDENTITY_CHECKS = ("recognition", "shape")
 
 
@@ -86,6 +86,8 @@ class AggregateOptions:
     settings: FitSettings = field(default_factory=FitSettings)
     #: C-Net checkpoint (``facerecon train`` with [cnet] enabled) for method ``cnet``
     cnet: str | None = None
+    #: method ``lap``: the optimisation route's settings (None: defaults)
+    lap: Any = None
 
 
 @dataclass
@@ -414,13 +416,24 @@ def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensor
     sheet = folder / "contact_sheet.png"
     write_png(sheet, contact_sheet(tiles, columns=min(len(tiles), 6)))
     outcome.files.append(str(sheet))
+    lap_record = None
+    if options.method == "lap":
+        from facerecon.stages.lap import lap_album
+
+        lap_record = lap_album(album.name, folder, tensors, model, params, identity, kept_faces, options,
+                               should_stop, network=fitters.identity_network)
+        if lap_record is None:
+            outcome.reason = "interrupted"
+            return outcome
+        outcome.files += lap_record["files"]
     outcome.status = "ok"
     outcome.seconds = time.perf_counter() - started
     cnet_record = None
     if vectors is not None:
         cnet_record = {"vectors": vectors[usable] * np.asarray(keep, np.float32)[:, None],  # zeros if excluded
                        "merged": merged, "sizes": fitters.cnet.sizes, "sha256": fitters.cnet_sha256}
-    _store_album(store, album, outcome, identity, single, faces, usable, keep, options, digest, cnet_record)
+    _store_album(store, album, outcome, identity, single, faces, usable, keep, options, digest, cnet_record,
+                 lap_record)
     return outcome
 
 
@@ -486,7 +499,8 @@ def _three_views(tensors: FaceModelTensors, neutral: torch.Tensor, albedo: torch
 
 def _store_album(store: ResultStore, album: Album, outcome: AlbumOutcome, identity: np.ndarray,
                  single: dict, faces: list[_PendingFace], usable: list[int], keep: np.ndarray,
-                 options: AggregateOptions, digest: str, cnet_record: dict | None = None) -> None:
+                 options: AggregateOptions, digest: str, cnet_record: dict | None = None,
+                 lap_record: dict | None = None) -> None:
     import h5py
 
     extra_attrs = {}
@@ -508,6 +522,10 @@ def _store_album(store: ResultStore, album: Album, outcome: AlbumOutcome, identi
             group.create_dataset("confidence_vector", data=cnet_record["vectors"].astype(np.float32))
             if "albedo" in cnet_record["merged"]:
                 group.create_dataset("albedo", data=cnet_record["merged"]["albedo"].astype(np.float32))
+        if lap_record is not None:
+            from facerecon.stages.lap import write_lap_group
+
+            write_lap_group(group.create_group("lap"), lap_record)
 
     store.write_item(album.name, write, {
         "status": "ok", "method": options.method, "folder": str(album.folder.resolve()),
@@ -546,6 +564,10 @@ def album_digest(album: Album, options: AggregateOptions, model_id: str,
     if options.method == "cnet":  # only then, so digests of the other methods stay as they were
         settings["fit"] = None
         settings["cnet_sha256"] = cnet_sha256
+    if options.method == "lap":
+        from facerecon.aggregation.lap import LapSettings
+
+        settings["lap"] = (options.lap or LapSettings()).to_dict()
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
