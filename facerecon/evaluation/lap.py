@@ -6,8 +6,8 @@ Two parts (either or both):
   albums of its first 1, 2, 4 and 8 views are aggregated with ``--method lap`` (which runs the
   ``joint`` 3DMM aggregation first). Each prediction is aligned to the scan (landmark start,
   ICP with isotropic scale, as ``evaluate scan``), rendered with the true camera of every
-  view, and scored against the scan's render on the pixels both cover within 95 mm of the
-  nose tip: SIDE (x 10^-2) and MAD (degrees) of paper 003 table 2, and the scan-to-mesh mean
+  view, and scored against the scan's render on the pixels that the scan (cropped to 95 mm
+  around its nose tip), the 3DMM face and LAP's canonical face all cover: SIDE (x 10^-2) and MAD (degrees) of paper 003 table 2, and the scan-to-mesh mean
   distance (mm). Predictions: the 3DMM ``joint`` neutral face, LAP's canonical face (both
   scored on all 8 views, so album sizes compare on the same views) and LAP's personalised
   faces (each on its own view).
@@ -116,21 +116,14 @@ def _lap_meshes(group, grid: CanonicalGrid) -> dict[str, Any]:
     return {"triangles": tris, "canonical": canonical, "personal": dict(zip(faces, personal))}
 
 
-def _depth_scores(vertices, triangles, landmarks68, truth, tip_index, scan_truth_renders, views, centre, size):
+def _aligned_views(vertices, triangles, landmarks68, truth, tip_index, views, centre, size):
+    """A prediction aligned to the scan (landmarks + ICP), rendered in each view: {view: (depth,
+    normals, mask)}, and its scan-to-mesh mean distance (mm)."""
     from facerecon.evaluation.scan import align_to_scan, score_mesh
 
-    alignment = align_to_scan(vertices, landmarks68, truth, tip_index)
-    aligned = alignment.apply(vertices)
-    rows = []
-    for name in views:
-        pitch, yaw = views[name]
-        d_true, n_true, m_true = scan_truth_renders[name]
-        d_pred, n_pred, m_pred = render_geometry(aligned, triangles, centre, pitch, yaw, size)
-        mask = (m_true & m_pred)[None]
-        rows.append({"view": name, "side": float(side(d_pred[None], d_true[None], mask)[0]) * 100,
-                     "mad": float(mad(n_pred[None], n_true[None], mask)[0]), "pixels": int(mask.sum())})
-    mesh_mm = score_mesh(vertices, triangles, landmarks68, truth, tip_index)["mean_mm"]
-    return rows, mesh_mm
+    aligned = align_to_scan(vertices, landmarks68, truth, tip_index).apply(vertices)
+    renders = {name: render_geometry(aligned, triangles, centre, *views[name], size) for name in views}
+    return renders, score_mesh(vertices, triangles, landmarks68, truth, tip_index)["mean_mm"]
 
 
 def run_depth(options: LapEvalOptions, out_dir: Path, model, progress=None, should_stop=None) -> list[dict]:
@@ -196,11 +189,19 @@ def run_depth(options: LapEvalOptions, out_dir: Path, model, progress=None, shou
         for face, (verts, lms) in meshes["personal"].items():
             view = Path(face.split("#")[0]).name
             candidates.append(("personal", verts, meshes["triangles"], lms, [view]))
-        for label, verts, tris, lms, own_views in candidates:
-            scores, mesh_mm = _depth_scores(verts, tris, lms, truth, tip_index, truth_renders,
-                                            {v: views[v] for v in own_views}, centre, size)
-            for r in scores:
-                rows.append({"size": n, "prediction": label, "status": "ok", "mesh_mm": mesh_mm, **r})
+        rendered = [(label, *_aligned_views(verts, tris, lms, truth, tip_index, {v: views[v] for v in own},
+                                            centre, size), own) for label, verts, tris, lms, own in candidates]
+        # every prediction is scored on the pixels that the scan, the 3DMM face and the canonical
+        # LAP face all cover in that view (the same pixels for all)
+        common = {v: truth_renders[v][2] & rendered[0][1][v][2] & rendered[1][1][v][2] for v in names}
+        for label, renders, mesh_mm, own in rendered:
+            for v in own:
+                d_true, n_true, _ = truth_renders[v]
+                d_pred, n_pred, m_pred = renders[v]
+                mask = (common[v] & m_pred)[None]
+                rows.append({"size": n, "prediction": label, "status": "ok", "mesh_mm": mesh_mm, "view": v,
+                             "side": float(side(d_pred[None], d_true[None], mask)[0]) * 100,
+                             "mad": float(mad(n_pred[None], n_true[None], mask)[0]), "pixels": int(mask.sum())})
         if progress is not None:
             progress.advance()
     return rows
