@@ -114,13 +114,15 @@ def test_filtered_connection_and_attribute_injection_shapes():
 # --------------------------------------------------------------------------- configuration
 
 
+GROUPED = "[data]\nimages=['x']\ngroup_by='folder'\n[lap]\nenabled = true\n"
+
+
 @pytest.mark.parametrize("text, message", [
     ("[data]\nimages=['x']\n[lap]\nenabled = true", "lap.enabled needs data.group_by"),
-    ("[data]\nimages=['x']\ngroup_by='folder'\n[lap]\nenabled = true\nimage_size = 96", "lap.image_size must be one of"),
-    ("[data]\nimages=['x']\ngroup_by='folder'\n[lap]\nenabled = true\ndepth_template = 'bfm'", "lap.depth_template must be"),
-    ("[data]\nimages=['x']\ngroup_by='folder'\n[lap]\nenabled = true\nrelaxed_weight = 2.0", "lap.relaxed_weight must be in"),
-    ("[data]\nimages=['x']\ngroup_by='folder'\n[lap]\nenabled = true\n[cnet]\nenabled = true\n"
-     "rnet_checkpoint = 'r.pt'", "enable one"),
+    (GROUPED + "image_size = 96", "lap.image_size must be one of"),
+    (GROUPED + "depth_template = 'bfm'", "lap.depth_template must be"),
+    (GROUPED + "relaxed_weight = 2.0", "lap.relaxed_weight must be in"),
+    (GROUPED + "[cnet]\nenabled = true\nrnet_checkpoint = 'r.pt'", "enable one"),
 ])
 def test_bad_lap_configs_fail_with_one_line(text, message):
     with pytest.raises(ConfigError, match=message):

@@ -15,7 +15,8 @@ fitting camera).
   vectors concatenated and fused by a 1x1 convolution) and channel-wise weight logits ``w_i``;
   :func:`aggregate_codes` is eq. 4 (softmax over the album, per channel); :class:`Decoder`
   turns the album code into the canonical depth (mm: a fixed template plus ``depth_range *
-  tanh``) or albedo (sigmoid, in [0, 1]).
+  tanh``) or albedo (sigmoid, in [0, 1]); their last convolutions start at zero, so an
+  untrained network gives the template depth and a grey (0.5) albedo.
 * ``Phi^omega`` (:class:`Encoder`, 6 outputs): head rotation (pitch, yaw, roll) within
   ``+-max_rotation`` and translation offsets within ``+-max_translation`` mm around a default
   frontal pose at the fitting camera (:mod:`facerecon.fitting.camera`); starts at that pose.
@@ -315,6 +316,9 @@ class LapNetworks(nn.Module):
         self.depth_decoder = Decoder(code, 1, S, width)
         self.albedo_encoder = AggregationEncoder(S, width, code)
         self.albedo_decoder = Decoder(code, 3, S, width)
+        for decoder in (self.depth_decoder, self.albedo_decoder):  # start: the template depth, grey albedo
+            nn.init.zeros_(decoder.out.weight)
+            nn.init.zeros_(decoder.out.bias)
         self.pose_network = Encoder(S, width, 6)
         self.light_network = Encoder(S, width, 27)
         self.confidence_network = ConfidenceNetwork(S, width)

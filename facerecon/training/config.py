@@ -302,7 +302,8 @@ def _check_data(d: dict[str, Any], merged: dict[str, Any]) -> None:
         raise ConfigError("data.views_per_identity must be at least 2")
     batch = merged["optim"]["batch_size"]
     # C-Net and LAP runs size their batches from [cnet] / [lap] (checked there)
-    if d["group_by"] != "none" and not merged["cnet"]["enabled"] and not merged["lap"]["enabled"] and batch % d["views_per_identity"]:
+    own_batches = merged["cnet"]["enabled"] or merged["lap"]["enabled"]
+    if d["group_by"] != "none" and not own_batches and batch % d["views_per_identity"]:
         raise ConfigError(f"optim.batch_size ({batch}) must be a multiple of data.views_per_identity "
                           f"({d['views_per_identity']}) when data.group_by is {d['group_by']!r}")
 
