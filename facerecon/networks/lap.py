@@ -47,8 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facerecon.aggregation.lap import CanonicalGrid, grid_triangles, grid_vertices
+from facerecon.aggregation.lap import CanonicalGrid, LapResult, grid_triangles, grid_vertices
 from facerecon.errors import InputError
+from facerecon.render.shading import SH_CONSTANTS
 
 #: ``kind`` of a LAP checkpoint
 CHECKPOINT_KIND = "lap"
@@ -330,8 +331,6 @@ class LapNetworks(nn.Module):
         self.register_buffer("default_translation", default_translation.float().clone())
         self.register_buffer("max_translation", torch.tensor(max_translation, dtype=torch.float32))
         sh = torch.zeros(27)
-        from facerecon.render.shading import SH_CONSTANTS
-
         sh[[0, 9, 18]] = 1.0 / SH_CONSTANTS[0]  # unit white ambient irradiance, as the fit starts
         self.register_buffer("default_sh", sh)
         self.register_buffer("triangles", grid_triangles(valid.bool()))
@@ -408,8 +407,6 @@ class LapNetworks(nn.Module):
         photos (eq. 4), each photo's pose, light, confidence maps and personalised face.
         ``losses`` holds each photo's mean eq. 4 weight (``aggregation_weight_depth`` /
         ``_albedo``, P,), 1 / P for a plain average."""
-        from facerecon.aggregation.lap import LapResult
-
         S = self.image_size
         images = F.interpolate(crops.permute(0, 3, 1, 2), size=(S, S), mode="bilinear", antialias=True,
                                align_corners=False).clamp(0, 1) * 2 - 1

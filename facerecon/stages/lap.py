@@ -27,8 +27,14 @@ import torch
 from facerecon.aggregation.lap import LapOptimiser, LapPhotos, LapSettings
 from facerecon.aggregation.lap_export import (depth_png, lap_mesh, normal_png, safe_stem, three_views, to_uint8,
                                               write_png16)
+from facerecon.evaluation.identity import composite_similarity
+from facerecon.evaluation.lap_metrics import ssim
 from facerecon.export.meshio import write_mesh, write_png
 from facerecon.export.overlay import contact_sheet
+from facerecon.fitting.camera import crop_intrinsics, model_to_camera
+from facerecon.losses.perceptual import PerceptualLoss
+from facerecon.render.renderer import MeshRenderer
+from facerecon.stages.fit import _targets
 
 
 def lap_album(name: str, folder: Path, tensors, model, params: dict[str, np.ndarray], identity: np.ndarray,
@@ -39,8 +45,6 @@ def lap_album(name: str, folder: Path, tensors, model, params: dict[str, np.ndar
     of the ``checkpoint`` {"path", "sha256"}) the networks' prediction; writes the files and
     returns the record to store (with the per-photo scores of :func:`photo_scores`, identity
     similarity with the recognition ``network`` when given), or None when interrupted."""
-    from facerecon.stages.fit import _targets
-
     started = time.perf_counter()
     dev = tensors.mean_shape.device
     targets = _targets(faces, dev)
@@ -100,11 +104,6 @@ def photo_scores(optimiser: LapOptimiser, result, targets, tensors, params: dict
     ``ssim_*`` of the render composited over the crop against the crop, over the face pixels all
     three cover, and ``identity_*``, the cosine of face-recognition embeddings of that composite
     and of the crop (with ``network``, else absent)."""
-    from facerecon.evaluation.identity import composite_similarity
-    from facerecon.evaluation.lap_metrics import ssim
-    from facerecon.fitting.camera import crop_intrinsics, model_to_camera
-    from facerecon.render.renderer import MeshRenderer
-
     crops = targets.crops
     P, S = crops.shape[0], crops.shape[1]
     with torch.no_grad():
@@ -118,8 +117,6 @@ def photo_scores(optimiser: LapOptimiser, result, targets, tensors, params: dict
         common = fit.mask & canonical_mask & personal_mask
         perceptual = None
         if network is not None:
-            from facerecon.losses.perceptual import PerceptualLoss
-
             perceptual = PerceptualLoss(network)
         scores: dict[str, np.ndarray] = {}
         for label, image in (("fit", fit.image.clamp(0, 1)), ("canonical", canonical), ("personal", personal)):

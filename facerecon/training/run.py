@@ -10,6 +10,7 @@ from facerecon.errors import InputError
 from facerecon.training import distributed
 from facerecon.training.cnet_training import CNetTrainer
 from facerecon.training.config import TrainConfig
+from facerecon.training.lap_training import LapTrainer
 from facerecon.training.trainer import Trainer, TrainSummary, load_faces, prepare_data, split_validation
 
 
@@ -31,8 +32,6 @@ def run_training(config: TrainConfig, device: str = "auto", resume: bool = False
         faces = load_faces(files, config.group_by)
         train_set, valid_set = split_validation(faces, config.validation_fraction)
         if config.lap is not None:
-            from facerecon.training.lap_training import LapTrainer
-
             trainer = LapTrainer(config, ctx.device)
         elif config.cnet is not None:
             trainer = CNetTrainer(config, ctx.device)
