@@ -20,13 +20,17 @@ from facerecon.cli.fit import face_model_options
                    "mean: average of the single-photo identities (paper 000 baseline); cnet: R-Net "
                    "predictions aggregated with C-Net's per-coefficient confidences (paper 000 sec. 5; "
                    "the default when --cnet is given); lap: after joint, paper 003's model-free canonical "
-                   "depth and albedo of the person, then one personalised face per photo (optimisation, "
-                   "no network; docs/aggregation.md).")
+                   "depth and albedo of the person, then one personalised face per photo (optimisation, or "
+                   "the trained networks of --checkpoint; docs/aggregation.md).")
 @click.option("--lap-size", type=click.Choice(["128", "256"]), default="128", show_default=True,
               help="--method lap: side of the canonical depth and albedo maps.")
 @click.option("--lap-steps", type=(click.IntRange(0), click.IntRange(0)), default=(120, 50), show_default=True,
               metavar="AGGREGATE PERSONALISE",
               help="--method lap: Adam steps of the aggregation over the album and of each photo's personalisation.")
+@click.option("--checkpoint", "lap_checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="--method lap: a LAP checkpoint of `facerecon train` with [lap] enabled; its networks predict "
+                   "the canonical and personalised faces instead of the optimisation (--lap-size and "
+                   "--lap-steps do not apply: the checkpoint sets the size).")
 @click.option("--cnet", "cnet", type=click.Path(exists=True, dir_okay=False), default=None,
               help="C-Net checkpoint from `facerecon train` with [cnet] enabled (it holds its R-Net too).")
 @face_model_options
@@ -51,7 +55,7 @@ from facerecon.cli.fit import face_model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary table.")
 def aggregate(albums: tuple[str, ...], out_dir: Path, method: str | None, lap_size: str, lap_steps: tuple[int, int],
-              cnet: str | None, face_model: str | None,
+              lap_checkpoint: str | None, cnet: str | None, face_model: str | None,
               no_download: bool, formats: str, recognition_weights: str | None, identity_check: str, device: str,
               batch_size: int, texture_size: int,
               steps: tuple[int, int, int], overwrite: bool, as_json: bool, quiet: bool) -> None:
@@ -91,6 +95,7 @@ def aggregate(albums: tuple[str, ...], out_dir: Path, method: str | None, lap_si
       facerecon aggregate det.h5 --out ids/ --recognition-weights backbone.pth
       facerecon aggregate people/ --out ids/ --cnet runs/cnet/checkpoints/latest.pt
       facerecon aggregate album/ --out person/ --method lap
+      facerecon aggregate album/ --out person/ --method lap --checkpoint runs/lap/checkpoints/latest.pt
     """
     from facerecon.export.meshio import parse_formats
     from facerecon.facemodel.model import FaceModelError
@@ -105,13 +110,21 @@ def aggregate(albums: tuple[str, ...], out_dir: Path, method: str | None, lap_si
                                "enabled)")
     if cnet and method != "cnet":
         raise click.UsageError(f"--cnet is used only by --method cnet, not {method}")
+    if lap_checkpoint and method != "lap":
+        raise click.UsageError(f"--checkpoint is used only by --method lap, not {method}")
+    if lap_checkpoint:
+        context = click.get_current_context()
+        for name, flag in (("lap_size", "--lap-size"), ("lap_steps", "--lap-steps")):
+            if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+                raise click.UsageError(f"{flag} is for the optimisation route; with --checkpoint the networks "
+                                       "predict at the checkpoint's size")
     try:
         format_list = parse_formats(formats)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--format") from None
     settings = FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2])
     lap = None
-    if method == "lap":
+    if method == "lap" and not lap_checkpoint:
         from facerecon.aggregation.lap import LapSettings
 
         lap = LapSettings(grid_size=int(lap_size), aggregate_steps=lap_steps[0], personal_steps=lap_steps[1])
@@ -119,7 +132,7 @@ def aggregate(albums: tuple[str, ...], out_dir: Path, method: str | None, lap_si
                                method=method, formats=format_list, texture_size=texture_size, batch_size=batch_size,
                                overwrite=overwrite, recognition_weights=recognition_weights,
                                identity_check=identity_check, settings=settings,
-                               cnet=cnet, lap=lap)
+                               cnet=cnet, lap=lap, lap_checkpoint=lap_checkpoint)
     console = stderr_console(quiet=quiet)
     try:
         with graceful_stop() as stop, StageProgress(console, enabled=not quiet) as progress:

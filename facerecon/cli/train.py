@@ -1,4 +1,5 @@
-"""``facerecon train``: self-supervised R-Net training (paper 000, multi-view terms of paper 001)."""
+"""``facerecon train``: self-supervised R-Net training (paper 000, multi-view terms of paper 001),
+C-Net (paper 000 sec. 5) or the LAP networks (paper 003)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,11 @@ def train(config_path: Path | None, print_config: bool, resume: bool, device: st
     instead (Deng et al. 2019 sec. 5): confidences for aggregating the
     identity over several photos of a person, over a frozen trained R-Net
     (one process; not under torchrun). Use it with
-    `facerecon aggregate --cnet CKPT`.
+    `facerecon aggregate --cnet CKPT`. With [lap] enabled = true, train the
+    LAP networks of Zhang et al. 2021 (paper 003: aggregation, pose, light,
+    confidence and attribute-refining networks) on photos grouped by person,
+    in the paper's three steps; use them with
+    `facerecon aggregate --method lap --checkpoint CKPT`.
 
     \b
     Writes to output.directory: checkpoints/ (atomic, with config, face-model
@@ -41,6 +46,7 @@ def train(config_path: Path | None, print_config: bool, resume: bool, device: st
       facerecon train --config train.toml --resume
       torchrun --nproc_per_node 4 -m facerecon train --config train.toml
       facerecon train --config cnet.toml        # [cnet] enabled, own output.directory
+      facerecon train --config lap.toml         # [lap] enabled, own output.directory
     """
     from facerecon.training.config import DEFAULT_CONFIG_TEXT, ConfigError, load_config
 

@@ -14,12 +14,15 @@ the recognition model) by identity shapes and, after the fit, skin patterns; the
   view angle, and photos whose residual is an outlier (above 1.5x the median) are
   down-weighted and the photometric stages are repeated at a quarter length (robust
   reweighting);
+* ``lap``: ``joint``, then paper 003's model-free canonical depth and albedo of the album and
+  one personalised face per photo (:mod:`facerecon.stages.lap`): by optimisation, or predicted
+  by trained networks with ``lap_checkpoint``;
 * ``cnet``: paper 000 sec. 5: the single-photo parameters are the predictions of the R-Net
   stored in a C-Net checkpoint, and the identity (and albedo, when that C-Net aggregates it)
   is the element-wise confidence-weighted average of eq. 7 with C-Net's confidence vectors.
 
 Albums already in ``DIR/aggregate.h5`` with the same photos, method and settings (for
-``cnet`` also the same checkpoint file content) are skipped (``overwrite`` redoes them).
+``cnet`` and ``lap`` with a checkpoint also the same checkpoint file content) are skipped (``overwrite`` redoes them).
 
 Outputs: ``DIR/<album>/<album>_neutral.{obj,ply,glb}`` with a texture merged from the
 photos (each texel from the photos that see it most squarely), ``DIR/<album>/contact_sheet.png``
@@ -88,6 +91,9 @@ class AggregateOptions:
     cnet: str | None = None
     #: method ``lap``: the optimisation route's settings (None: defaults)
     lap: Any = None
+    #: method ``lap``: a LAP checkpoint (``facerecon train`` with [lap] enabled): the networks
+    #: predict the canonical and personalised faces instead of the optimisation
+    lap_checkpoint: str | None = None
 
 
 @dataclass
@@ -173,6 +179,8 @@ class _Fitters:
     identity_note: str = ""  # how identities are checked, for the summary's notes
     cnet: Any = None  # CNetPredictor for method "cnet"
     cnet_sha256: str = ""  # content hash of its checkpoint file (part of the album digest)
+    lap_networks: Any = None  # LapNetworks for method "lap" with a checkpoint
+    lap_sha256: str = ""  # content hash of that checkpoint (part of the album digest)
 
     @property
     def identity_check(self) -> str:
@@ -420,8 +428,12 @@ def aggregate_album(album: Album, out_dir: Path, model, tensors: FaceModelTensor
     if options.method == "lap":
         from facerecon.stages.lap import lap_album
 
+        checkpoint = None
+        if fitters.lap_networks is not None:
+            checkpoint = {"path": str(Path(options.lap_checkpoint).resolve()), "sha256": fitters.lap_sha256}
         lap_record = lap_album(album.name, folder, tensors, model, params, identity, kept_faces, options,
-                               should_stop, network=fitters.identity_network)
+                               should_stop, network=fitters.identity_network, lap_networks=fitters.lap_networks,
+                               checkpoint=checkpoint)
         if lap_record is None:
             outcome.reason = "interrupted"
             return outcome
@@ -537,13 +549,14 @@ def _store_album(store: ResultStore, album: Album, outcome: AlbumOutcome, identi
 
 def album_digest(album: Album, options: AggregateOptions, model_id: str,
                  detections_index: dict[str, dict] | None = None, cnet_sha256: str = "",
-                 identity_check: str | None = None) -> str:
+                 identity_check: str | None = None, lap_sha256: str = "") -> str:
     """What an album's result depends on: its photos (name, size, modification time; or the
     detections' content hashes, from ``detections_index`` of ``album.detections`` when given),
     the method, the fit settings (for ``cnet``: the C-Net checkpoint's content hash
     ``cnet_sha256`` instead, as nothing is fitted), the face model and the identity check
     actually used (``identity_check``, default ``options.identity_check``: a fallback to the
-    shape check is redone once the recognition network is there)."""
+    shape check is redone once the recognition network is there); for ``lap`` its settings, or
+    with a checkpoint the checkpoint's content hash ``lap_sha256``."""
     if album.detections is not None:
         index = detections_index if detections_index is not None else \
             read_index(album.detections, detect_stage.ITEMS_GROUP)
@@ -567,7 +580,8 @@ def album_digest(album: Album, options: AggregateOptions, model_id: str,
     if options.method == "lap":
         from facerecon.aggregation.lap import LapSettings
 
-        settings["lap"] = (options.lap or LapSettings()).to_dict()
+        settings["lap"] = {"checkpoint_sha256": lap_sha256} if options.lap_checkpoint else \
+            (options.lap or LapSettings()).to_dict()
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -633,6 +647,8 @@ def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: Aggreg
         raise InputError(f"unknown identity check {options.identity_check!r}; choose from {', '.join(IDENTITY_CHECKS)}")
     if options.method == "cnet" and not options.cnet:
         raise ValueError("method 'cnet' needs a C-Net checkpoint (--cnet CKPT)")
+    if options.lap_checkpoint and options.method != "lap":
+        raise ValueError(f"a LAP checkpoint is used only by method 'lap', not {options.method!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -652,6 +668,13 @@ def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: Aggreg
         fitters.cnet_sha256 = file_sha256(options.cnet)
         summary.notes.append(f"C-Net {options.cnet} (sha256 {fitters.cnet_sha256[:12]}) aggregates "
                              f"{'+'.join(fitters.cnet.sizes)}")
+    if options.method == "lap" and options.lap_checkpoint:
+        from facerecon.networks.lap import load_lap_networks
+
+        fitters.lap_networks, state = load_lap_networks(options.lap_checkpoint, device)
+        fitters.lap_sha256 = file_sha256(options.lap_checkpoint)
+        summary.notes.append(f"LAP networks {options.lap_checkpoint} (sha256 {fitters.lap_sha256[:12]}, step "
+                             f"{state.get('step')}, {fitters.lap_networks.image_size} px) predict the LAP faces")
     summary.notes.append("identity check: " + fitters.identity_note)
     if progress is not None:
         progress.start(len(albums))
@@ -672,7 +695,7 @@ def run_aggregate(inputs: list[str], out_dir: str | os.PathLike, options: Aggreg
                         indexes[album.detections] = read_index(album.detections, detect_stage.ITEMS_GROUP)
                     index = indexes[album.detections]
                 digest = album_digest(album, options, model.model_id, index, fitters.cnet_sha256,
-                                      fitters.identity_check)
+                                      fitters.identity_check, fitters.lap_sha256)
                 previous = done.get(album.name)
                 if not options.overwrite and previous and previous.get("status") == "ok" and \
                         previous.get("inputs_digest") == digest:

@@ -1,7 +1,9 @@
 """``aggregate --method lap``: paper 003's canonical face of an album, then personalised per photo.
 
-Runs after the album's ``joint`` 3DMM aggregation (its start, see
-:mod:`facerecon.aggregation.lap`) and writes, in ``OUT/<album>/``:
+Runs after the album's ``joint`` 3DMM aggregation (the optimisation route's start, see
+:mod:`facerecon.aggregation.lap`; with ``--checkpoint`` the networks of
+:mod:`facerecon.networks.lap` predict the faces from the crops alone, and the joint fit is only
+the reference of the ``*_fit`` scores) and writes, in ``OUT/<album>/``:
 
 * ``<album>_lap.{obj,ply,glb}`` (+ ``_lap_texture.png``): the canonical face, model frame, mm;
 * ``<album>_lap_depth.png`` (16-bit), ``<album>_lap_normal.png``, ``<album>_lap_albedo.png``;
@@ -25,29 +27,42 @@ import torch
 from facerecon.aggregation.lap import LapOptimiser, LapPhotos, LapSettings
 from facerecon.aggregation.lap_export import (depth_png, lap_mesh, normal_png, safe_stem, three_views, to_uint8,
                                               write_png16)
+from facerecon.evaluation.identity import composite_similarity
+from facerecon.evaluation.lap_metrics import ssim
 from facerecon.export.meshio import write_mesh, write_png
 from facerecon.export.overlay import contact_sheet
+from facerecon.fitting.camera import crop_intrinsics, model_to_camera
+from facerecon.losses.perceptual import PerceptualLoss
+from facerecon.render.renderer import MeshRenderer
+from facerecon.stages.fit import _targets
 
 
 def lap_album(name: str, folder: Path, tensors, model, params: dict[str, np.ndarray], identity: np.ndarray,
-              faces: list, options, should_stop=None, network=None) -> dict | None:
-    """Run the optimisation route on an album's kept faces (``params``: their joint-fit
-    parameters {name: (P, ...)}); writes the files and returns the record to store (with the
-    per-photo scores of :func:`photo_scores`, identity similarity with the recognition
-    ``network`` when given), or None when interrupted."""
-    from facerecon.stages.fit import _targets
-
+              faces: list, options, should_stop=None, network=None, lap_networks=None,
+              checkpoint: dict | None = None) -> dict | None:
+    """Run LAP on an album's kept faces (``params``: their joint-fit parameters {name: (P, ...)}):
+    the optimisation route, or with ``lap_networks`` (:class:`~facerecon.networks.lap.LapNetworks`
+    of the ``checkpoint`` {"path", "sha256"}) the networks' prediction; writes the files and
+    returns the record to store (with the per-photo scores of :func:`photo_scores`, identity
+    similarity with the recognition ``network`` when given), or None when interrupted."""
     started = time.perf_counter()
-    settings = options.lap or LapSettings()
     dev = tensors.mean_shape.device
     targets = _targets(faces, dev)
     p = {n: torch.as_tensor(np.asarray(v), dtype=torch.float32, device=dev) for n, v in params.items()}
     p["identity"] = torch.as_tensor(np.asarray(identity), dtype=torch.float32, device=dev)[None].expand(
         len(faces), -1)
     photos = LapPhotos(targets.crops, targets.attention, targets.landmarks68, p["angles"], p["translation"], p["sh"])
-    optimiser = LapOptimiser(tensors, model.regions, settings)
-    result = optimiser.run(photos, torch.as_tensor(identity, dtype=torch.float32, device=dev),
-                           p["albedo"].mean(0), should_stop=should_stop)
+    if lap_networks is None:
+        settings = options.lap or LapSettings()
+        optimiser = LapOptimiser(tensors, model.regions, settings)
+        result = optimiser.run(photos, torch.as_tensor(identity, dtype=torch.float32, device=dev),
+                               p["albedo"].mean(0), should_stop=should_stop)
+    else:  # the networks predict; the optimiser at their size only renders and scores (no steps)
+        size = lap_networks.image_size
+        settings = LapSettings(grid_size=size, render_size=size, aggregate_steps=0, personal_steps=0)
+        optimiser = LapOptimiser(tensors, model.regions, settings)
+        result = lap_networks.predict_album(targets.crops)
+        result.losses.update(optimiser.scores(result, photos))
     if should_stop is not None and should_stop():
         return None
     grid = result.grid
@@ -79,7 +94,7 @@ def lap_album(name: str, folder: Path, tensors, model, params: dict[str, np.ndar
     files.append(sheet)
     scores = photo_scores(optimiser, result, targets, tensors, p, network)
     return {"result": result, "faces": names, "settings": settings, "files": [str(f) for f in files],
-            "scores": scores, "seconds": time.perf_counter() - started}
+            "scores": scores, "seconds": time.perf_counter() - started, "checkpoint": checkpoint}
 
 
 def photo_scores(optimiser: LapOptimiser, result, targets, tensors, params: dict[str, torch.Tensor], network=None
@@ -89,11 +104,6 @@ def photo_scores(optimiser: LapOptimiser, result, targets, tensors, params: dict
     ``ssim_*`` of the render composited over the crop against the crop, over the face pixels all
     three cover, and ``identity_*``, the cosine of face-recognition embeddings of that composite
     and of the crop (with ``network``, else absent)."""
-    from facerecon.evaluation.identity import composite_similarity
-    from facerecon.evaluation.lap_metrics import ssim
-    from facerecon.fitting.camera import crop_intrinsics, model_to_camera
-    from facerecon.render.renderer import MeshRenderer
-
     crops = targets.crops
     P, S = crops.shape[0], crops.shape[1]
     with torch.no_grad():
@@ -107,8 +117,6 @@ def photo_scores(optimiser: LapOptimiser, result, targets, tensors, params: dict
         common = fit.mask & canonical_mask & personal_mask
         perceptual = None
         if network is not None:
-            from facerecon.losses.perceptual import PerceptualLoss
-
             perceptual = PerceptualLoss(network)
         scores: dict[str, np.ndarray] = {}
         for label, image in (("fit", fit.image.clamp(0, 1)), ("canonical", canonical), ("personal", personal)):
@@ -126,6 +134,11 @@ def write_lap_group(group: h5py.Group, record: dict) -> None:
     for key, value in r.grid.to_dict().items():
         group.attrs[f"grid_{key}"] = value
     group.attrs["settings"] = json.dumps(record["settings"].to_dict())
+    checkpoint = record.get("checkpoint")
+    group.attrs["route"] = "networks" if checkpoint else "optimisation"
+    if checkpoint:
+        group.attrs["checkpoint"] = str(checkpoint["path"])
+        group.attrs["checkpoint_sha256"] = str(checkpoint["sha256"])
     group.attrs["seconds"] = float(record["seconds"])
     data = {"depth": r.depth, "albedo": r.albedo, "valid": r.valid, "landmarks": r.landmarks, "angles": r.angles,
             "translation": r.translation, "sh": r.sh, "sigma": r.sigma, "sigma_flip": r.sigma_flip,

@@ -119,6 +119,38 @@ recognition_weights = ""
 # Also aggregate the albedo coefficients (not in the paper, which bypasses texture).
 aggregate_albedo = false
 
+[lap]
+# Paper 003 (LAP), networks route: train the aggregation networks (Phi^d, Phi^a), pose, light
+# and confidence networks (Phi^omega, Phi^l, Phi^sigma) and the attribute-refining networks on
+# photo collections grouped by person, in the three steps of sec. 4.3 (docs/training.md). Needs
+# data.group_by = "folder" or "synth". When enabled, the settings below replace optim.learning_rate,
+# optim.batch_size, optim.steps and the [loss]/[multiview]/[augment] settings; use an
+# output.directory of its own. Use the checkpoint with `facerecon aggregate --method lap --checkpoint`.
+enabled = false
+# Network input side and canonical grid side (64 or 128; paper: 128 for aggregation).
+image_size = 64
+# Channels of the first level of every encoder (paper / Unsup3D: 64), and of the codes x_i.
+width = 64
+code_size = 256
+# Albums (identities) per step, and the album size drawn per album and step: 1 to this (paper: 6).
+identities_per_batch = 4
+max_album_size = 6
+# Steps of the three training steps (sec. 4.3): 1. aggregation + pose/light/confidence networks
+# with the relaxed consistency loss (eq. 5, and its flipped version); 2. those frozen, the
+# attribute-refining networks with eq. 3; 3. all networks together (both losses).
+aggregate_steps = 2000
+personalise_steps = 2000
+finetune_steps = 1000
+learning_rate = 1e-4   # Adam, paper
+# M_re of eyes, brows and mouth (paper: e.g. 0.3) and the weight of the flipped render's loss.
+relaxed_weight = 0.3
+flip_weight = 1.0
+# Weak anchor (not in the paper): squared px (at 128 px) between the detected inner landmarks and
+# the canonical ones projected with the predicted pose; 0 turns it off.
+landmark = 2e-3
+# Depth the depth decoder adds to: "mean_face" (the face model's mean face on the grid) or "flat".
+depth_template = "mean_face"
+
 [distributed]
 # Used when launched by torchrun (WORLD_SIZE > 1): "auto" (nccl on CUDA, gloo on CPU),
 # "nccl" or "gloo"; minutes a process waits for the others (e.g. while rank 0 detects faces).
@@ -155,6 +187,31 @@ class CNetSettings:
 
 
 @dataclass
+class LapTrainSettings:
+    """``[lap]`` of an enabled LAP run (paper 003, networks route); the steps of the three
+    training steps and the learning rate are also in :class:`TrainConfig` (``steps`` is their sum)."""
+
+    image_size: int
+    width: int
+    code_size: int
+    identities_per_batch: int
+    max_album_size: int
+    aggregate_steps: int
+    personalise_steps: int
+    finetune_steps: int
+    relaxed_weight: float
+    flip_weight: float
+    landmark: float
+    depth_template: str
+
+    def phase(self, step: int) -> int:
+        """Training step (1, 2 or 3 of sec. 4.3) of a 0-based global step."""
+        if step < self.aggregate_steps:
+            return 1
+        return 2 if step < self.aggregate_steps + self.personalise_steps else 3
+
+
+@dataclass
 class TrainConfig:
     detections: list[Path]
     images: list[Path]
@@ -184,6 +241,8 @@ class TrainConfig:
     dist_timeout_minutes: float = 60.0
     #: C-Net training settings (``[cnet] enabled``), None when training R-Net
     cnet: CNetSettings | None = None
+    #: LAP training settings (``[lap] enabled``), None otherwise
+    lap: LapTrainSettings | None = None
 
     @property
     def grouped(self) -> bool:
@@ -211,6 +270,10 @@ _SCHEMA: dict[str, dict[str, type | tuple]] = {
     "cnet": {"enabled": bool, "rnet_checkpoint": str, "images_per_identity": int, "identities_per_batch": int,
              "learning_rate": _NUMBER, "steps": int, "photo": _NUMBER, "landmark": _NUMBER, "perceptual": _NUMBER,
              "recognition_weights": str, "aggregate_albedo": bool},
+    "lap": {"enabled": bool, "image_size": int, "width": int, "code_size": int, "identities_per_batch": int,
+            "max_album_size": int, "aggregate_steps": int, "personalise_steps": int, "finetune_steps": int,
+            "learning_rate": _NUMBER, "relaxed_weight": _NUMBER, "flip_weight": _NUMBER, "landmark": _NUMBER,
+            "depth_template": str},
     "distributed": {"backend": str, "timeout_minutes": _NUMBER},
     "output": {"directory": str, "checkpoint_every": int, "preview_every": int, "validate_every": int},
 }
@@ -238,8 +301,9 @@ def _check_data(d: dict[str, Any], merged: dict[str, Any]) -> None:
     if d["views_per_identity"] < 2:
         raise ConfigError("data.views_per_identity must be at least 2")
     batch = merged["optim"]["batch_size"]
-    # C-Net runs size their batches from [cnet] (checked there)
-    if d["group_by"] != "none" and not merged["cnet"]["enabled"] and batch % d["views_per_identity"]:
+    # C-Net and LAP runs size their batches from [cnet] / [lap] (checked there)
+    own_batches = merged["cnet"]["enabled"] or merged["lap"]["enabled"]
+    if d["group_by"] != "none" and not own_batches and batch % d["views_per_identity"]:
         raise ConfigError(f"optim.batch_size ({batch}) must be a multiple of data.views_per_identity "
                           f"({d['views_per_identity']}) when data.group_by is {d['group_by']!r}")
 
@@ -293,6 +357,31 @@ def _check_cnet(c: dict[str, Any], merged: dict[str, Any]) -> None:
             raise ConfigError(f"cnet.{key} must not be negative")
 
 
+def _check_lap(c: dict[str, Any], merged: dict[str, Any]) -> None:
+    if c["enabled"] and merged["data"]["group_by"] == "none":
+        raise ConfigError("lap.enabled needs data.group_by = 'folder' or 'synth' (LAP trains on photo collections "
+                          "of one person)")
+    if c["enabled"] and merged["cnet"]["enabled"]:
+        raise ConfigError("lap.enabled and cnet.enabled are separate runs; enable one")
+    _choice("lap", "image_size", c["image_size"], (64, 128))
+    _choice("lap", "depth_template", c["depth_template"], ("mean_face", "flat"))
+    for key in ("width", "code_size", "identities_per_batch", "max_album_size"):
+        if c[key] < 1:
+            raise ConfigError(f"lap.{key} must be at least 1")
+    for key in ("aggregate_steps", "personalise_steps", "finetune_steps"):
+        if c[key] < 0:
+            raise ConfigError(f"lap.{key} must not be negative")
+    if c["aggregate_steps"] + c["personalise_steps"] + c["finetune_steps"] < 1:
+        raise ConfigError("lap: aggregate_steps + personalise_steps + finetune_steps must be at least 1")
+    if c["learning_rate"] <= 0:
+        raise ConfigError("lap.learning_rate must be positive")
+    if not 0 <= c["relaxed_weight"] <= 1:
+        raise ConfigError("lap.relaxed_weight must be in [0, 1]")
+    for key in ("flip_weight", "landmark"):
+        if c[key] < 0:
+            raise ConfigError(f"lap.{key} must not be negative")
+
+
 def _check_distributed(dist: dict[str, Any], merged: dict[str, Any]) -> None:
     _choice("distributed", "backend", dist["backend"], BACKENDS)
     if dist["timeout_minutes"] <= 0:
@@ -308,7 +397,8 @@ def _check_output(out: dict[str, Any], merged: dict[str, Any]) -> None:
 #: Value checks per section, run after the type checks on the merged configuration (a new
 #: section adds its keys to _SCHEMA, its defaults to DEFAULT_CONFIG_TEXT and a check here).
 _CHECKS = {"data": _check_data, "network": _check_network, "loss": _check_loss, "multiview": _check_multiview,
-           "optim": _check_optim, "augment": _check_augment, "cnet": _check_cnet, "distributed": _check_distributed,
+           "optim": _check_optim, "augment": _check_augment, "cnet": _check_cnet, "lap": _check_lap,
+           "distributed": _check_distributed,
            "output": _check_output}
 
 
@@ -366,6 +456,17 @@ def parse_config(text: str, base: Path = Path(".")) -> TrainConfig:
         weights.update({"photo": c["photo"], "landmark": c["landmark"], "perceptual": c["perceptual"]})
         learning_rate, steps, views = c["learning_rate"], c["steps"], c["images_per_identity"]
         batch_size = c["images_per_identity"] * c["identities_per_batch"]
+    lap = None
+    la = merged["lap"]
+    if la["enabled"]:
+        lap = LapTrainSettings(**{k: la[k] for k in (
+            "image_size", "width", "code_size", "identities_per_batch", "max_album_size", "aggregate_steps",
+            "personalise_steps", "finetune_steps", "depth_template")},
+            relaxed_weight=float(la["relaxed_weight"]), flip_weight=float(la["flip_weight"]),
+            landmark=float(la["landmark"]))
+        learning_rate = la["learning_rate"]
+        steps = la["aggregate_steps"] + la["personalise_steps"] + la["finetune_steps"]
+        batch_size = la["identities_per_batch"] * la["max_album_size"]
     return TrainConfig(
         detections=[path(p) for p in d["detections"]], images=[path(p) for p in d["images"]],
         validation_fraction=float(d["validation_fraction"]), face_model=merged["model"]["face_model"],
@@ -380,7 +481,7 @@ def parse_config(text: str, base: Path = Path(".")) -> TrainConfig:
         multiview_weights={"multiview": float(mv["weight"]), "pixel": float(mv["pixel"]), "depth": float(mv["depth"]),
                            "epipolar": float(mv["epipolar"])},
         amp=o["amp"], channels_last=o["channels_last"], dist_backend=merged["distributed"]["backend"],
-        dist_timeout_minutes=float(merged["distributed"]["timeout_minutes"]), cnet=cnet,
+        dist_timeout_minutes=float(merged["distributed"]["timeout_minutes"]), cnet=cnet, lap=lap,
     )
 
 

@@ -1,4 +1,4 @@
-"""``facerecon train`` as one call: data preparation, split, then the R-Net or the C-Net trainer.
+"""``facerecon train`` as one call: data preparation, split, then the R-Net, C-Net or LAP trainer.
 
 Its own module so that :mod:`facerecon.training.trainer` (the R-Net trainer) and
 :mod:`facerecon.training.cnet_training` (built on it) do not import each other.
@@ -10,6 +10,7 @@ from facerecon.errors import InputError
 from facerecon.training import distributed
 from facerecon.training.cnet_training import CNetTrainer
 from facerecon.training.config import TrainConfig
+from facerecon.training.lap_training import LapTrainer
 from facerecon.training.trainer import Trainer, TrainSummary, load_faces, prepare_data, split_validation
 
 
@@ -23,12 +24,16 @@ def run_training(config: TrainConfig, device: str = "auto", resume: bool = False
     """
     if config.cnet is not None and distributed.env_ranks()[0] > 1:
         raise InputError("C-Net training ([cnet] enabled = true) runs in one process; start it without torchrun")
+    if config.lap is not None and distributed.env_ranks()[0] > 1:
+        raise InputError("LAP training ([lap] enabled = true) runs in one process; start it without torchrun")
     ctx = distributed.setup(device, config.dist_backend, config.dist_timeout_minutes)
     try:
         files = distributed.on_main(ctx, lambda: prepare_data(config, should_stop=should_stop))
         faces = load_faces(files, config.group_by)
         train_set, valid_set = split_validation(faces, config.validation_fraction)
-        if config.cnet is not None:
+        if config.lap is not None:
+            trainer = LapTrainer(config, ctx.device)
+        elif config.cnet is not None:
             trainer = CNetTrainer(config, ctx.device)
         else:
             trainer = Trainer(config, ctx.device, ctx)
