@@ -24,6 +24,7 @@ from facerecon.export.meshio import (
     write_obj,
 )
 from facerecon.export.overlay import decomposition_strip
+from facerecon.export import texture
 from facerecon.export.texture import MIN_IRRADIANCE, bake_vertex_values, delight_texture
 
 
@@ -313,6 +314,21 @@ def test_bake_follows_the_uv_corners_across_a_seam():
     u, _ = _texel_uv(16)
     assert covered.all()
     np.testing.assert_allclose(image[..., 0], 1.0 - u, atol=1e-6)
+
+
+def test_the_uv_layout_rasterised_in_the_background_is_the_one_the_texture_uses():
+    """The fit stage rasterises the UV layout while the detector runs; the texture then takes it
+    from the cache, and it is the layout rasterised on first use."""
+    _, _, uv, triangle_uv = _grid(n=6, uv_lo=0.05, uv_hi=0.95)
+    uv, triangle_uv = torch.as_tensor(uv, dtype=torch.float32), torch.as_tensor(triangle_uv, dtype=torch.int64)
+    texture._UV_CACHE.clear()
+    reference = texture._uv_fragments(uv.to(torch.float64), triangle_uv, 48)
+    texture._UV_CACHE.clear()
+    texture.rasterize_uv_layout_in_background(uv, triangle_uv, 48, torch.float64).join()
+    background = texture._UV_CACHE["entry"][3]
+    assert texture._uv_fragments(uv.to(torch.float64), triangle_uv, 48) is background
+    assert torch.equal(background.triangle_id, reference.triangle_id)
+    assert torch.equal(background.barycentric, reference.barycentric)
 
 
 # --------------------------------------------------------------------------- de-lighting

@@ -12,6 +12,8 @@ quantities (irradiance, specular shading, albedos) into the same UV space and
 
 from __future__ import annotations
 
+import threading
+
 import cv2
 import numpy as np
 import torch
@@ -193,6 +195,9 @@ def fill_holes(image: np.ndarray, known: np.ndarray) -> np.ndarray:
 
 #: the last UV layout rasterised by :func:`_uv_fragments` (every face of a model shares it)
 _UV_CACHE: dict[str, object] = {}
+#: held while a layout is rasterised, so a caller waits for a background rasterisation
+#: (:func:`rasterize_uv_layout_in_background`) of the same layout instead of repeating it
+_UV_LOCK = threading.Lock()
 
 
 def _uv_fragments(uv: torch.Tensor, triangle_uv: torch.Tensor, size: int):
@@ -200,13 +205,29 @@ def _uv_fragments(uv: torch.Tensor, triangle_uv: torch.Tensor, size: int):
     barycentrics. Texel (row i, col j) is at u = (j + 0.5) / size, v = 1 - (i + 0.5) / size.
     The last layout's result is kept (the same model's faces share it)."""
     key = (size, uv.dtype, str(uv.device), tuple(uv.shape), str(triangle_uv.device), tuple(triangle_uv.shape))
-    cached = _UV_CACHE.get("entry")
-    if cached is not None and cached[0] == key and torch.equal(cached[1], uv) and torch.equal(cached[2], triangle_uv):
-        return cached[3]
-    screen = torch.stack([uv[:, 0] * size - 0.5, (1.0 - uv[:, 1]) * size - 0.5, torch.ones_like(uv[:, 0])], dim=-1)
-    frags = rasterize(screen[None], triangle_uv, (size, size), cull_backfaces=False)
-    _UV_CACHE["entry"] = (key, uv.clone(), triangle_uv.clone(), frags)
-    return frags
+    with _UV_LOCK:
+        cached = _UV_CACHE.get("entry")
+        if cached is not None and cached[0] == key and torch.equal(cached[1], uv) and torch.equal(cached[2],
+                                                                                                  triangle_uv):
+            return cached[3]
+        screen = torch.stack([uv[:, 0] * size - 0.5, (1.0 - uv[:, 1]) * size - 0.5, torch.ones_like(uv[:, 0])],
+                             dim=-1)
+        frags = rasterize(screen[None], triangle_uv, (size, size), cull_backfaces=False)
+        _UV_CACHE["entry"] = (key, uv.clone(), triangle_uv.clone(), frags)
+        return frags
+
+
+def rasterize_uv_layout_in_background(uv: torch.Tensor, triangle_uv: torch.Tensor, size: int,
+                                      dtype: torch.dtype) -> threading.Thread:
+    """Start rasterising the UV layout :func:`unwrap_texture` will need for vertices of ``dtype``
+    (the model's) on a thread, so the first face's texture finds it done: the fit stage starts it
+    before detection, which leaves a core free. The same computation as on first use, so the
+    textures are unchanged. Join the returned thread before the process ends."""
+    uv = uv.to(dtype=dtype)
+    thread = threading.Thread(target=_uv_fragments, args=(uv, triangle_uv, int(size)),
+                              name="facerecon-uv-layout", daemon=True)
+    thread.start()
+    return thread
 
 
 def bake_vertex_values(triangles, uv, triangle_uv, values, size: int) -> tuple[np.ndarray, np.ndarray]:

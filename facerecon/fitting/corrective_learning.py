@@ -26,6 +26,7 @@ import torch
 
 from facerecon.errors import InputError
 from facerecon.facemodel.corrective_space import CorrectiveSpace
+from facerecon.fitting.adam import Adam, LambdaSchedule
 from facerecon.fitting.correctives import BASE_PARAMETERS, CorrectiveFitter
 from facerecon.fitting.optimize import FaceTargets
 
@@ -130,10 +131,10 @@ def learn_corrective_space(fitter: CorrectiveFitter, targets: FaceTargets, param
                 p = {n: torch.as_tensor(parameters[n][index], dtype=dtype, device=device) for n in BASE_PARAMETERS}
                 batches.append(fitter.prepare(p, _rows(targets, index).to(device=device, dtype=dtype),
                                               torch.as_tensor(trust[index], dtype=dtype, device=device)))
-        optimizer = torch.optim.Adam([
+        optimizer = Adam([
             {"params": [variables["basis_g"], variables["basis_r"]], "lr": settings.basis_step},
             {"params": [variables["coefficients_g"], variables["coefficients_r"]], "lr": settings.coefficient_step}])
-        schedule = torch.optim.lr_scheduler.LambdaLR(
+        schedule = LambdaSchedule(
             optimizer,
             lambda i: 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(i, settings.steps) / settings.steps)))
         order = np.random.default_rng(settings.seed)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from facerecon.errors import InputError
+from facerecon.fitting.adam import Adam, LambdaSchedule
 from facerecon.fitting.camera import crop_intrinsics, model_to_camera
 from facerecon.fitting.optimize import FaceFitter, FaceTargets
 from facerecon.losses.correctives import (
@@ -402,8 +403,8 @@ class CorrectiveFitter:
             return 0
         cfg = self.settings
         scales = self._steps()
-        optimizer = torch.optim.Adam([{"params": [t], "lr": scales[n]} for n, t in variables.items()])
-        schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer = Adam([{"params": [t], "lr": scales[n]} for n, t in variables.items()])
+        schedule = LambdaSchedule(
             optimizer, lambda i: min(1.0, (i + 1) / (cfg.warmup_steps + 1)) *
             (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(i, steps) / steps))))
         b = frozen.shape[0]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from facerecon.errors import InputError
 from facerecon.facemodel.blendshape_pairs import opposing_pairs
 from facerecon.facemodel.tensors import FaceModelTensors
+from facerecon.fitting.adam import Adam, LambdaSchedule
 from facerecon.fitting.camera import crop_intrinsics, model_to_camera, pose_from_landmarks
 from facerecon.fitting.gaze import gaze_columns
 from facerecon.fitting.lbfgs import batched_lbfgs
@@ -700,10 +701,10 @@ class FaceFitter:
         cfg = self.settings
         scale = self.PHOTOMETRIC_STEP_SCALES if render_size is not None else self.ADAM_STEP_SCALES
         tensors = {n: params[n].detach().clone().requires_grad_(True) for n in names}
-        optimizer = torch.optim.Adam(
+        optimizer = Adam(
             [{"params": [tensors[n]], "lr": cfg.learning_rate * scale[n] * state.batch_lr_factor} for n in names])
         # cosine decay to 5 % of the step size: large moves first, then settle
-        schedule = torch.optim.lr_scheduler.LambdaLR(
+        schedule = LambdaSchedule(
             optimizer, lambda i: min(1.0, (i + 1) / (cfg.warmup_steps + 1)) *
             (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(i, steps) / steps))))
         b = targets.crops.shape[0]
@@ -849,7 +850,7 @@ class FaceFitter:
         return calls[0]
 
     def _reset_faces(self, bad: torch.Tensor, tensors: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
-                     optimizer: torch.optim.Optimizer, state: FitState) -> None:
+                     optimizer: Adam, state: FitState) -> None:
         """Restart diverged faces ``bad`` (B,) from the safe start; freeze those out of retries.
 
         Then halve the step size of the whole batch (:meth:`_halve_batch_step`): a batch-level
@@ -869,7 +870,7 @@ class FaceFitter:
         self._halve_batch_step(optimizer, state)
 
     @staticmethod
-    def _halve_batch_step(optimizer: torch.optim.Optimizer, state: FitState) -> None:
+    def _halve_batch_step(optimizer: Adam, state: FitState) -> None:
         """Halve the step size of every face of the batch, now and in the later stages.
 
         Batch-level on purpose (Adam's step size belongs to a parameter tensor that holds all B

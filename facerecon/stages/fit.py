@@ -27,7 +27,7 @@ from facerecon.errors import InputError, user_file
 from facerecon.export.meshio import TexturedMesh, write_mesh, write_png
 from facerecon.export.overlay import blend, contact_sheet, decomposition_strip, draw_landmarks, render_strip
 from facerecon.export.material import specular_material
-from facerecon.export.texture import unwrap_texture
+from facerecon.export.texture import rasterize_uv_layout_in_background, unwrap_texture
 from facerecon.facemodel.embedding import face_oval_indices
 from facerecon.facemodel.model import FaceModel
 from facerecon.facemodel.resolve import resolve_face_model
@@ -710,16 +710,22 @@ def run_fit(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, opt
     tensors = FaceModelTensors(model).to(device)
     perceptual, predictor = _networks(options, model, tensors)
     out_dir.mkdir(parents=True, exist_ok=True)  # only once the run can start: no empty folder on refusal
-    detections = _detections(inputs, out_dir, options, summary, detect_progress, should_stop)
-    if detections is None:  # detection was interrupted
-        summary.elapsed = time.perf_counter() - started
-        return summary
+    writer = _FaceWriter(model, tensors, options, out_dir)
+    # the texture's UV raster is the same for every face: made while the detector runs
+    uv_layout = rasterize_uv_layout_in_background(writer.uv, writer.triangle_uv, options.texture_size,
+                                                  tensors.mean_shape.dtype)
+    try:
+        detections = _detections(inputs, out_dir, options, summary, detect_progress, should_stop)
+        if detections is None:  # detection was interrupted
+            summary.elapsed = time.perf_counter() - started
+            return summary
 
-    summary.device = str(device)
-    fitter = _build_fitter(model, tensors, options, perceptual, predictor, summary)
-    corrective = _build_corrective(model, fitter, options, summary)
-    _fit_detections(detections, model, fitter, _FaceWriter(model, tensors, options, out_dir), options, summary,
-                    progress, should_stop, corrective)
+        summary.device = str(device)
+        fitter = _build_fitter(model, tensors, options, perceptual, predictor, summary)
+        corrective = _build_corrective(model, fitter, options, summary)
+        _fit_detections(detections, model, fitter, writer, options, summary, progress, should_stop, corrective)
+    finally:
+        uv_layout.join()
     summary.elapsed = time.perf_counter() - started
     return summary
 
