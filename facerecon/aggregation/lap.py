@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -248,8 +249,6 @@ def sample_grid(maps: torch.Tensor, grid: CanonicalGrid, points: torch.Tensor) -
 def polygon_masks(landmarks68: np.ndarray, size: int, groups=RELAXED_GROUPS, dilate: float = 0.04) -> np.ndarray:
     """(P, size, size) float: 1 inside the convex hull of each landmark group (crop px, scaled to
     ``size``), grown by ``dilate`` x the face size."""
-    import cv2
-
     out = np.zeros((len(landmarks68), size, size), np.uint8)
     for p, points in enumerate(landmarks68):
         grow = max(1, int(round(dilate * np.ptp(points[:, 0]))))

@@ -36,8 +36,18 @@ import torch
 
 from facerecon.aggregation.lap import CanonicalGrid, LapSettings, grid_triangles, grid_vertices, sample_grid
 from facerecon.errors import InputError
+from facerecon.evaluation.landmarks import landmark_points68
 from facerecon.evaluation.lap_metrics import mad, side
+from facerecon.evaluation.plots import plot_bar_groups
 from facerecon.evaluation.results import mean_or_none, write_result_files
+from facerecon.evaluation.scan import align_to_scan, load_scan, prepare_truth, render_scan, scan_albedo, score_mesh
+from facerecon.export.meshio import write_png
+from facerecon.facemodel.resolve import resolve_face_model
+from facerecon.facemodel.tensors import FaceModelTensors
+from facerecon.fitting.camera import crop_intrinsics, model_to_camera
+from facerecon.io.store import open_results
+from facerecon.render.renderer import MeshRenderer
+from facerecon.stages.aggregate import AggregateOptions, run_aggregate
 
 #: the semi-real views (pitch, yaw) in degrees; albums of size n use the first n
 VIEWS = ((0.0, 0.0), (0.0, -20.0), (0.0, 20.0), (0.0, -40.0), (0.0, 40.0), (-10.0, 0.0), (10.0, 0.0), (10.0, 20.0))
@@ -73,7 +83,6 @@ class LapEvalResult:
 
 
 def _view_camera(size: int, zoom: float = 0.6):
-    from facerecon.fitting.camera import crop_intrinsics
 
     k = crop_intrinsics(size, 1)
     k[:, 0, 0] *= zoom
@@ -85,8 +94,6 @@ def render_geometry(vertices: np.ndarray, triangles: np.ndarray, centre: np.ndar
                     size: int, distance_mm: float = 1200.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Depth (H, W), camera-frame normals (H, W, 3) and mask (H, W) of a mesh (N, 3) in the scan's
     frame seen by the semi-real camera of :func:`facerecon.evaluation.scan.render_scan`."""
-    from facerecon.fitting.camera import model_to_camera
-    from facerecon.render.renderer import MeshRenderer
 
     verts = torch.as_tensor(vertices - centre, dtype=torch.float32)[None]
     angles = torch.tensor([[math.radians(pitch), math.radians(yaw), 0.0]])
@@ -119,7 +126,6 @@ def _lap_meshes(group, grid: CanonicalGrid) -> dict[str, Any]:
 def _aligned_views(vertices, triangles, landmarks68, truth, tip_index, views, centre, size):
     """A prediction aligned to the scan (landmarks + ICP), rendered in each view: {view: (depth,
     normals, mask)}, and its scan-to-mesh mean distance (mm)."""
-    from facerecon.evaluation.scan import align_to_scan, score_mesh
 
     aligned = align_to_scan(vertices, landmarks68, truth, tip_index).apply(vertices)
     renders = {name: render_geometry(aligned, triangles, centre, *views[name], size) for name in views}
@@ -128,12 +134,6 @@ def _aligned_views(vertices, triangles, landmarks68, truth, tip_index, views, ce
 
 def run_depth(options: LapEvalOptions, out_dir: Path, model, progress=None, should_stop=None) -> list[dict]:
     """The depth part (module docstring); one row per (album size, prediction, view)."""
-    from facerecon.evaluation.landmarks import landmark_points68
-    from facerecon.evaluation.scan import load_scan, prepare_truth, render_scan, scan_albedo
-    from facerecon.export.meshio import write_png
-    from facerecon.facemodel.tensors import FaceModelTensors
-    from facerecon.io.store import open_results
-    from facerecon.stages.aggregate import AggregateOptions, run_aggregate
 
     scan = load_scan(options.scan, options.scan_landmarks, options.scan_units)
     if scan.landmarks is None:
@@ -226,8 +226,6 @@ def summarise_depth(rows: list[dict]) -> list[dict]:
 
 def run_albums(options: LapEvalOptions, out_dir: Path, progress=None, should_stop=None) -> list[dict]:
     """The albums part (module docstring); one row per photo."""
-    from facerecon.io.store import open_results
-    from facerecon.stages.aggregate import AggregateOptions, run_aggregate
 
     agg_dir = out_dir / "albums_aggregate"
     summary = run_aggregate([str(options.albums)], agg_dir, AggregateOptions(
@@ -263,7 +261,6 @@ def summarise_albums(rows: list[dict]) -> dict[str, float | None]:
 def run_lap_eval(out_dir: str | Path, options: LapEvalOptions, progress=None,
                  should_stop: Callable[[], bool] | None = None) -> LapEvalResult:
     """Run the asked parts and write the reports (module docstring)."""
-    from facerecon.facemodel.resolve import resolve_face_model
 
     if options.scan is None and options.albums is None:
         raise InputError("evaluate lap needs --scan SCAN and/or an albums ROOT")
@@ -296,7 +293,6 @@ def write_reports(result: LapEvalResult, out_dir: Path) -> None:
                             "photometric_personal"])
     table = result.summary["depth_summary"]
     if table:
-        from facerecon.evaluation.plots import plot_bar_groups
 
         sizes = sorted({r["size"] for r in table})
         groups = {p: [next((r["side_x100"] for r in table if r["size"] == s and r["prediction"] == p), None) or 0.0
