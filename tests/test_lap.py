@@ -9,7 +9,6 @@ import shutil
 
 import h5py
 import numpy as np
-import pytest
 import torch
 
 from facerecon.aggregation.lap import (CanonicalGrid, LapOptimiser, LapPhotos, LapSettings, grid_triangles,
@@ -215,15 +214,14 @@ def test_aggregate_lap_command_writes_the_canonical_and_personalised_faces(ict_e
     assert again["albums_skipped"] == 1
 
 
-@pytest.mark.parametrize("part", ["scan"])
-def test_evaluate_lap_scores_depth_on_scan_renders(ict_embedded_model_file, realdata, tmp_path, part):
+def test_evaluate_lap_scores_depth_on_scan_renders(ict_embedded_model_file, realdata, tmp_path):
     from click.testing import CliRunner
 
     from facerecon.cli import main
 
     scans = realdata / "scans"
     args = ["evaluate", "lap", "--scan", str(scans / "flame_scan.obj"), "--scan-landmarks",
-            str(scans / "flame_scan_lmks.npy"), "--sizes", "1", "--lap-steps", "10", "3", "--out", str(tmp_path / "e"),
+            str(scans / "flame_scan_lmks.npy"), "--sizes", "1", "--lap-steps", "10", "3", "--steps", "30", "4", "0", "--out", str(tmp_path / "e"),
             "--face-model", str(ict_embedded_model_file), "--json", "-q"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output

@@ -474,12 +474,14 @@ def _print_scan_tables(console, result, out_dir: Path) -> None:
 @click.option("--lap-steps", type=(click.IntRange(0), click.IntRange(0)), default=(120, 50), show_default=True,
               metavar="AGGREGATE PERSONALISE", help="As `aggregate --lap-steps`.")
 @click.option("--face-model", default=None, metavar="NAME|PATH", help="Face model of the 3DMM start.")
+@click.option("--steps", type=(click.IntRange(0), click.IntRange(0), click.IntRange(0)), default=FIT_STEPS,
+              hidden=True, help="The joint fit's iterations (landmark, coarse, fine), as `aggregate --steps`.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or tables.")
 def lap(albums_root: Path | None, out_dir: Path, scan_path: str | None, scan_landmarks: str | None, scan_units: str,
-        sizes: str, lap_steps: tuple[int, int], face_model: str | None, device: str, as_json: bool,
-        quiet: bool) -> None:
+        sizes: str, lap_steps: tuple[int, int], face_model: str | None, steps: tuple[int, int, int], device: str,
+        as_json: bool, quiet: bool) -> None:
     """Paper 003's metrics for `aggregate --method lap` against the 3DMM.
 
     \b
@@ -503,6 +505,7 @@ def lap(albums_root: Path | None, out_dir: Path, scan_path: str | None, scan_lan
     """
     from facerecon.aggregation.lap import LapSettings
     from facerecon.evaluation.lap import LapEvalOptions, run_lap_eval
+    from facerecon.fitting.optimize import FitSettings
 
     if albums_root is None and scan_path is None:
         raise click.UsageError("give an albums ROOT and/or --scan")
@@ -512,7 +515,8 @@ def lap(albums_root: Path | None, out_dir: Path, scan_path: str | None, scan_lan
     options = LapEvalOptions(scan=scan_path, scan_landmarks=scan_landmarks, scan_units=scan_units,
                              albums=None if albums_root is None else str(albums_root), sizes=size_list,
                              face_model=face_model, device=device,
-                             lap=LapSettings(aggregate_steps=lap_steps[0], personal_steps=lap_steps[1]))
+                             lap=LapSettings(aggregate_steps=lap_steps[0], personal_steps=lap_steps[1]),
+                             settings=FitSettings(landmark_steps=steps[0], coarse_steps=steps[1], fine_steps=steps[2]))
     console = stderr_console(quiet=quiet)
     result = _run_protocol(console, quiet, out_dir, as_json,
                            lambda progress, stop: run_lap_eval(out_dir, options, progress=progress.stage("lap", "album"),

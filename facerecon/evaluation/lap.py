@@ -45,6 +45,7 @@ from facerecon.export.meshio import write_png
 from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import crop_intrinsics, model_to_camera
+from facerecon.fitting.optimize import FitSettings
 from facerecon.io.store import open_results
 from facerecon.render.renderer import MeshRenderer
 from facerecon.stages.aggregate import AggregateOptions, run_aggregate
@@ -67,6 +68,7 @@ class LapEvalOptions:
     face_model: str | None = None
     device: str = "auto"
     lap: LapSettings = field(default_factory=LapSettings)
+    settings: FitSettings = field(default_factory=FitSettings)  #: the joint 3DMM fit's
 
 
 @dataclass
@@ -171,7 +173,7 @@ def run_depth(options: LapEvalOptions, out_dir: Path, model, progress=None, shou
         agg_dir = out_dir / "aggregate" / f"size{n}"
         run_aggregate([str(album)], agg_dir, AggregateOptions(
             face_model=options.face_model, device=options.device, method="lap", formats=["obj"], texture_size=256,
-            identity_check="shape", lap=options.lap), should_stop=should_stop)
+            identity_check="shape", lap=options.lap, settings=options.settings), should_stop=should_stop)
         with open_results(agg_dir / "aggregate.h5", "identities") as results:
             if album.name not in results or "lap" not in results[album.name]:
                 rows.append({"size": n, "prediction": "all", "status": "failed"})
@@ -230,7 +232,7 @@ def run_albums(options: LapEvalOptions, out_dir: Path, progress=None, should_sto
     agg_dir = out_dir / "albums_aggregate"
     summary = run_aggregate([str(options.albums)], agg_dir, AggregateOptions(
         face_model=options.face_model, device=options.device, method="lap", formats=["obj"], texture_size=256,
-        lap=options.lap), progress=progress, should_stop=should_stop)
+        lap=options.lap, settings=options.settings), progress=progress, should_stop=should_stop)
     rows: list[dict] = []
     with open_results(agg_dir / "aggregate.h5", "identities") as results:
         for outcome in summary.albums:
