@@ -119,6 +119,40 @@ recognition_weights = ""
 # Also aggregate the albedo coefficients (not in the paper, which bypasses texture).
 aggregate_albedo = false
 
+[correctives]
+# Paper 004 (multi-level face model learning): R-Net also regresses the coefficients delta_g,
+# delta_r of a linear corrective level (per-vertex geometry and reflectance corrections on the
+# face model's rendered region). Schedule (paper sec. 7): `base_steps` of base-level
+# pre-training, then `steps` of fine-tuning with the multi-level loss (the base-level loss plus
+# the final level's photometric term and corrective regularisers, as `fit --level final`).
+# When enabled these replace optim.learning_rate and optim.steps (total = base_steps + steps).
+enabled = false
+# "learn": the corrective space Theta is trained with the network (paper), starting from the face
+# model's corrective space when it has one, else from smooth random fields with the sizes below;
+# "model": the face model's corrective space, fixed (the model needs one).
+space = "learn"
+geometry_modes = 500      # paper: C = 500 (used when the space is not the model's)
+reflectance_modes = 500
+base_steps = 200000       # paper: 200k iterations up to the base level
+steps = 190000            # paper: 190k iterations of fine-tuning
+# "adadelta" (paper; rho 0.95) or "adam". The learning rates are the paper's AdaDelta ones.
+optimizer = "adadelta"
+base_learning_rate = 0.01        # pre-training
+learning_rate = 0.001            # fine-tuning: the network up to the base level
+geometry_learning_rate = 0.005   # fine-tuning: geometry head and Theta_g
+reflectance_learning_rate = 0.01 # fine-tuning: reflectance head and Theta_r
+# A `facerecon train` R-Net checkpoint of the same face model to start from (e.g. paper 000
+# training as the base-level pre-training; then set base_steps = 0); "" starts from scratch.
+base_checkpoint = ""
+# The final level's weights (those of `fit --level final`, docs/fitting.md "Correctives"):
+# eq. 12 smoothness, eq. 15 stabilization, eq. 13 reflectance sparsity, eq. 14 skin constancy,
+# and the coefficient prior ||delta||^2 that fixes the scale between delta and Theta.
+smoothness = 0.01
+stabilization = 0.002
+sparsity = 0.1
+constancy = 1.0
+coefficient_prior = 1e-3
+
 [distributed]
 # Used when launched by torchrun (WORLD_SIZE > 1): "auto" (nccl on CUDA, gloo on CPU),
 # "nccl" or "gloo"; minutes a process waits for the others (e.g. while rank 0 detects faces).
@@ -155,6 +189,24 @@ class CNetSettings:
 
 
 @dataclass
+class CorrectiveTrainSettings:
+    """``[correctives]`` of an enabled run (paper 004). The run's ``steps`` in :class:`TrainConfig`
+    already hold ``base_steps + steps``; ``learning_rate`` the pre-training rate."""
+
+    space: str
+    geometry_modes: int
+    reflectance_modes: int
+    base_steps: int
+    optimizer: str
+    base_learning_rate: float
+    learning_rate: float
+    geometry_learning_rate: float
+    reflectance_learning_rate: float
+    base_checkpoint: Path | None
+    weights: dict[str, float]
+
+
+@dataclass
 class TrainConfig:
     detections: list[Path]
     images: list[Path]
@@ -184,6 +236,8 @@ class TrainConfig:
     dist_timeout_minutes: float = 60.0
     #: C-Net training settings (``[cnet] enabled``), None when training R-Net
     cnet: CNetSettings | None = None
+    #: paper 004 corrective-level settings (``[correctives] enabled``), None without
+    correctives: CorrectiveTrainSettings | None = None
 
     @property
     def grouped(self) -> bool:
@@ -211,6 +265,12 @@ _SCHEMA: dict[str, dict[str, type | tuple]] = {
     "cnet": {"enabled": bool, "rnet_checkpoint": str, "images_per_identity": int, "identities_per_batch": int,
              "learning_rate": _NUMBER, "steps": int, "photo": _NUMBER, "landmark": _NUMBER, "perceptual": _NUMBER,
              "recognition_weights": str, "aggregate_albedo": bool},
+    "correctives": {"enabled": bool, "space": str, "geometry_modes": int, "reflectance_modes": int,
+                    "base_steps": int, "steps": int, "optimizer": str, "base_learning_rate": _NUMBER,
+                    "learning_rate": _NUMBER, "geometry_learning_rate": _NUMBER,
+                    "reflectance_learning_rate": _NUMBER, "base_checkpoint": str, "smoothness": _NUMBER,
+                    "stabilization": _NUMBER, "sparsity": _NUMBER, "constancy": _NUMBER,
+                    "coefficient_prior": _NUMBER},
     "distributed": {"backend": str, "timeout_minutes": _NUMBER},
     "output": {"directory": str, "checkpoint_every": int, "preview_every": int, "validate_every": int},
 }
@@ -293,6 +353,31 @@ def _check_cnet(c: dict[str, Any], merged: dict[str, Any]) -> None:
             raise ConfigError(f"cnet.{key} must not be negative")
 
 
+CORRECTIVE_SPACES = ("learn", "model")
+OPTIMIZERS = ("adadelta", "adam")
+CORRECTIVE_WEIGHTS = ("smoothness", "stabilization", "sparsity", "constancy", "coefficient_prior")
+
+
+def _check_correctives(c: dict[str, Any], merged: dict[str, Any]) -> None:
+    if c["enabled"] and merged["cnet"]["enabled"]:
+        raise ConfigError("correctives.enabled and cnet.enabled exclude each other (C-Net trains over a frozen R-Net)")
+    if c["base_checkpoint"] and merged["network"]["init"]:
+        raise ConfigError("correctives.base_checkpoint and network.init exclude each other (both set the weights)")
+    _choice("correctives", "space", c["space"], CORRECTIVE_SPACES)
+    _choice("correctives", "optimizer", c["optimizer"], OPTIMIZERS)
+    for key in ("geometry_modes", "reflectance_modes", "steps"):
+        if c[key] < 1:
+            raise ConfigError(f"correctives.{key} must be at least 1")
+    if c["base_steps"] < 0:
+        raise ConfigError("correctives.base_steps must not be negative")
+    for key in ("base_learning_rate", "learning_rate", "geometry_learning_rate", "reflectance_learning_rate"):
+        if c[key] <= 0:
+            raise ConfigError(f"correctives.{key} must be positive")
+    for key in CORRECTIVE_WEIGHTS:
+        if c[key] < 0:
+            raise ConfigError(f"correctives.{key} must not be negative")
+
+
 def _check_distributed(dist: dict[str, Any], merged: dict[str, Any]) -> None:
     _choice("distributed", "backend", dist["backend"], BACKENDS)
     if dist["timeout_minutes"] <= 0:
@@ -308,7 +393,8 @@ def _check_output(out: dict[str, Any], merged: dict[str, Any]) -> None:
 #: Value checks per section, run after the type checks on the merged configuration (a new
 #: section adds its keys to _SCHEMA, its defaults to DEFAULT_CONFIG_TEXT and a check here).
 _CHECKS = {"data": _check_data, "network": _check_network, "loss": _check_loss, "multiview": _check_multiview,
-           "optim": _check_optim, "augment": _check_augment, "cnet": _check_cnet, "distributed": _check_distributed,
+           "optim": _check_optim, "augment": _check_augment, "cnet": _check_cnet,
+           "correctives": _check_correctives, "distributed": _check_distributed,
            "output": _check_output}
 
 
@@ -366,6 +452,18 @@ def parse_config(text: str, base: Path = Path(".")) -> TrainConfig:
         weights.update({"photo": c["photo"], "landmark": c["landmark"], "perceptual": c["perceptual"]})
         learning_rate, steps, views = c["learning_rate"], c["steps"], c["images_per_identity"]
         batch_size = c["images_per_identity"] * c["identities_per_batch"]
+    corr = merged["correctives"]
+    correctives = None
+    if corr["enabled"]:
+        correctives = CorrectiveTrainSettings(
+            space=corr["space"], geometry_modes=int(corr["geometry_modes"]),
+            reflectance_modes=int(corr["reflectance_modes"]), base_steps=int(corr["base_steps"]),
+            optimizer=corr["optimizer"], base_learning_rate=float(corr["base_learning_rate"]),
+            learning_rate=float(corr["learning_rate"]), geometry_learning_rate=float(corr["geometry_learning_rate"]),
+            reflectance_learning_rate=float(corr["reflectance_learning_rate"]),
+            base_checkpoint=path(corr["base_checkpoint"]) if corr["base_checkpoint"] else None,
+            weights={k: float(corr[k]) for k in CORRECTIVE_WEIGHTS})
+        learning_rate, steps = corr["base_learning_rate"], corr["base_steps"] + corr["steps"]
     return TrainConfig(
         detections=[path(p) for p in d["detections"]], images=[path(p) for p in d["images"]],
         validation_fraction=float(d["validation_fraction"]), face_model=merged["model"]["face_model"],
@@ -381,6 +479,7 @@ def parse_config(text: str, base: Path = Path(".")) -> TrainConfig:
                            "epipolar": float(mv["epipolar"])},
         amp=o["amp"], channels_last=o["channels_last"], dist_backend=merged["distributed"]["backend"],
         dist_timeout_minutes=float(merged["distributed"]["timeout_minutes"]), cnet=cnet,
+        correctives=correctives,
     )
 
 
