@@ -163,7 +163,14 @@ class MultiLevelTrainer(Trainer):
         if state.get("architecture") != self.config.architecture:
             raise InputError(f"correctives.base_checkpoint: {path} is a {state.get('architecture')}, "
                              f"network.architecture is {self.config.architecture}")
-        if state.get("correctives") is not None:
+        layout = state.get("correctives")
+        if layout is not None:
+            mine = self.network.correctives.layout
+            if any(layout.get(k) != mine[k] for k in mine):
+                raise InputError(f"correctives.base_checkpoint: {path} has {layout.get('geometry_modes')} + "
+                                 f"{layout.get('reflectance_modes')} corrective modes on {layout.get('support_size')} "
+                                 f"vertices, this network {mine['geometry_modes']} + {mine['reflectance_modes']} on "
+                                 f"{mine['support_size']} (correctives.geometry_modes, reflectance_modes)")
             self.network.load_state_dict(state["network"])
             return
         missing, unexpected = self.network.load_state_dict(state["network"], strict=False)
