@@ -108,7 +108,8 @@ class CorrectiveLevel(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         xyz = points[self.support].detach().double().cpu()
         xyz = xyz - xyz.mean(dim=0)
-        for basis, rms in ((self.geometry_basis, RANDOM_GEOMETRY_RMS), (self.reflectance_basis, RANDOM_REFLECTANCE_RMS)):
+        targets = ((self.geometry_basis, RANDOM_GEOMETRY_RMS), (self.reflectance_basis, RANDOM_REFLECTANCE_RMS))
+        for basis, rms in targets:
             c = basis.shape[0]
             waves = 4  # plane waves per mode and channel
             direction = torch.randn(c, 3, waves, 3, generator=generator, dtype=torch.float64)

@@ -35,7 +35,6 @@ from facerecon.training.trainer import TrainSummary, Trainer
 
 #: Caffe's AdaDelta momentum (the paper trains with Caffe's AdaDelta)
 ADADELTA_RHO = 0.95
-PHASES = ("base", "final")
 
 
 class MultiLevelTrainer(Trainer):
