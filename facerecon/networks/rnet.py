@@ -9,11 +9,14 @@ predicts the corrective coefficients delta_g, delta_r of its corrective level
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import FLIP
+from facerecon.fitting.optimize import INITIAL_LIGHT_DIRECTION, INITIAL_SHININESS
 from facerecon.networks.corrective_head import CorrectiveLevel
 from facerecon.networks.resnet import IMAGENET_MEAN, IMAGENET_STD, ResNet
 from facerecon.render.shading import SH_CONSTANTS
@@ -33,12 +36,21 @@ class RNet(nn.Module):
     ``forward(images, final=False)`` asks for the base level only; ``forward(images, fields=True)``
     adds their per-vertex fields ``corrective_geometry_field`` and ``corrective_reflectance_field``
     (B, N, 3) (inside the forward, so DistributedDataParallel sees the bases used).
+
+    ``specular=True`` (paper 002) adds the Blinn-Phong unknowns of ``fit --shading blinn-phong``:
+    ``specular`` (B, K_spec) specular-albedo coefficients, ``light_direction`` (B, 3) towards the
+    light (camera frame), ``light_color`` (B, 3) and ``log_shininess`` (B, 1); a zero final layer
+    predicts the fit's starting light (mean specular albedo, white, a little above the camera,
+    shininess 16).
     """
 
-    def __init__(self, model: FaceModelTensors, architecture: str = "resnet50", correctives: dict | None = None):
+    def __init__(self, model: FaceModelTensors, architecture: str = "resnet50", correctives: dict | None = None,
+                 specular: bool = False):
         super().__init__()
         self.sizes = {"identity": model.n_identity, "expression": model.n_expression, "albedo": model.n_albedo,
                       "sh": 27, "angles": 3, "translation": 3}
+        if specular:  # after the base layout, so the first outputs keep their meaning
+            self.sizes |= {"specular": model.n_specular, "light_direction": 3, "light_color": 3, "log_shininess": 1}
         self.blendshapes = model.expression_kind == "blendshape"
         self.backbone = ResNet(architecture, num_classes=sum(self.sizes.values()))
         nn.init.zeros_(self.backbone.fc.weight)
@@ -54,7 +66,8 @@ class RNet(nn.Module):
                 support = torch.zeros(int(correctives["support_size"]), dtype=torch.int64)
             self.correctives = CorrectiveLevel(self.backbone.fc.in_features, model.n_vertices,
                                                torch.as_tensor(support, dtype=torch.int64),
-                                               int(correctives["geometry_modes"]), int(correctives["reflectance_modes"]))
+                                               int(correctives["geometry_modes"]),
+                                               int(correctives["reflectance_modes"]))
 
     def forward(self, images: torch.Tensor, final: bool = True, fields: bool = False) -> dict[str, torch.Tensor]:
         raw = self.backbone((images - self.mean) / self.std)
@@ -68,11 +81,20 @@ class RNet(nn.Module):
         sh[:, [0, 9, 18]] = sh[:, [0, 9, 18]] + 1.0 / SH_CONSTANTS[0]
         out["sh"] = sh
         out["translation"] = out["translation"] * TRANSLATION_SCALE_MM.to(raw) + self.base_translation
+        if "light_direction" in out:
+            out["light_direction"] = out["light_direction"] + torch.tensor(INITIAL_LIGHT_DIRECTION).to(raw)
+            out["light_color"] = out["light_color"] + 1.0
+            out["log_shininess"] = out["log_shininess"] + math.log(INITIAL_SHININESS)
         if final and self.correctives is not None:
             out.update(self.correctives(self.backbone.pooled))
             if fields:
                 out["corrective_geometry_field"], out["corrective_reflectance_field"] = self.correctives.fields(out)
         return out
+
+    @property
+    def specular(self) -> bool:
+        """True when the network predicts paper 002's Blinn-Phong unknowns."""
+        return "specular" in self.sizes
 
     @property
     def first_stage(self) -> torch.Tensor | None:
@@ -83,6 +105,7 @@ class RNet(nn.Module):
 def rnet_from_checkpoint(state: dict, model: FaceModelTensors) -> RNet:
     """The R-Net of a ``facerecon train`` checkpoint (``architecture``, ``network`` and, for a
     paper-004 network, ``correctives``: its corrective layout), with its weights, on the model's device."""
-    network = RNet(model, state["architecture"], correctives=state.get("correctives"))
+    network = RNet(model, state["architecture"], correctives=state.get("correctives"),
+                   specular="specular" in state.get("sizes", {}))
     network.load_state_dict(state["network"])
     return network.to(model.mean_shape.device)

@@ -14,6 +14,7 @@ from typing import Any
 from facerecon.errors import InputError
 from facerecon.losses.hybrid import PAPER000_WEIGHTS
 from facerecon.losses.multiview import PAPER001_WEIGHTS
+from facerecon.losses.specular import PAPER002_WEIGHTS
 from facerecon.networks.resnet import ARCHITECTURES
 from facerecon.training.augment import AugmentSettings
 
@@ -59,6 +60,11 @@ texture = 5.0
 dense = 20.0
 # Render size of the photometric term (pixels).
 render_size = 112
+# "lambert" (paper 000) or "blinn-phong" (paper 002): R-Net also predicts the specular albedo
+# coefficients, the light's direction and colour and the shininess, trained with paper 002's
+# losses (those of `fit --shading blinn-phong`). With "blinn-phong" the weights above default
+# to paper 002's (photo 1.92, landmark 1.8e-3, coefficients 5e-4) unless set here.
+shading = "lambert"
 
 [multiview]
 # Paper 001 (MGCNet) sec. 3.8 eq. 6 weights; used only when data.group_by is not "none".
@@ -236,6 +242,8 @@ class TrainConfig:
     dist_timeout_minutes: float = 60.0
     #: C-Net training settings (``[cnet] enabled``), None when training R-Net
     cnet: CNetSettings | None = None
+    #: "lambert" (paper 000) or "blinn-phong" (paper 002: R-Net predicts the specular unknowns)
+    shading: str = "lambert"
     #: paper 004 corrective-level settings (``[correctives] enabled``), None without
     correctives: CorrectiveTrainSettings | None = None
 
@@ -256,7 +264,7 @@ _SCHEMA: dict[str, dict[str, type | tuple]] = {
     "model": {"face_model": str},
     "network": {"architecture": str, "init": str},
     "loss": {"photo": _NUMBER, "landmark": _NUMBER, "coefficients": _NUMBER, "texture": _NUMBER,
-             "dense": _NUMBER, "render_size": int},
+             "dense": _NUMBER, "render_size": int, "shading": str},
     "multiview": {"weight": _NUMBER, "pixel": _NUMBER, "depth": _NUMBER, "epipolar": _NUMBER},
     "optim": {"learning_rate": _NUMBER, "batch_size": int, "steps": int, "seed": int, "amp": str,
               "channels_last": str},
@@ -276,6 +284,7 @@ _SCHEMA: dict[str, dict[str, type | tuple]] = {
 }
 
 GROUP_BY = ("none", "folder", "synth")
+SHADINGS = ("lambert", "blinn-phong")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 SWITCH = ("auto", "on", "off")
 BACKENDS = ("auto", "nccl", "gloo")
@@ -312,6 +321,12 @@ def _check_network(n: dict[str, Any], merged: dict[str, Any]) -> None:
 def _check_loss(loss: dict[str, Any], merged: dict[str, Any]) -> None:
     if loss["render_size"] < 16:
         raise ConfigError("loss.render_size must be at least 16")
+    _choice("loss", "shading", loss["shading"], SHADINGS)
+    if loss["shading"] != "lambert":
+        for section in ("cnet", "correctives"):
+            if merged[section]["enabled"]:
+                raise ConfigError(f"{section}.enabled needs loss.shading = 'lambert' (it trains with Lambertian "
+                                  "losses)")
 
 
 def _check_multiview(mv: dict[str, Any], merged: dict[str, Any]) -> None:
@@ -432,9 +447,11 @@ def parse_config(text: str, base: Path = Path(".")) -> TrainConfig:
 
     loss, mv = merged["loss"], merged["multiview"]
 
-    weights = dict(PAPER000_WEIGHTS)
-    weights.update({"photo": loss["photo"], "landmark": loss["landmark"], "coefficients": loss["coefficients"],
-                    "texture": loss["texture"]})
+    weights = dict(PAPER000_WEIGHTS if loss["shading"] == "lambert" else PAPER002_WEIGHTS)
+    # paper 002's weights stay unless [loss] names them (the defaults above are paper 000's)
+    given_loss = given.get("loss", {})
+    weights.update({k: loss[k] for k in ("photo", "landmark", "coefficients", "texture")
+                    if loss["shading"] == "lambert" or k in given_loss})
     c = merged["cnet"]
     cnet, learning_rate, batch_size, steps, views = None, o["learning_rate"], o["batch_size"], o["steps"], \
         d["views_per_identity"]
@@ -479,7 +496,7 @@ def parse_config(text: str, base: Path = Path(".")) -> TrainConfig:
                            "epipolar": float(mv["epipolar"])},
         amp=o["amp"], channels_last=o["channels_last"], dist_backend=merged["distributed"]["backend"],
         dist_timeout_minutes=float(merged["distributed"]["timeout_minutes"]), cnet=cnet,
-        correctives=correctives,
+        correctives=correctives, shading=loss["shading"],
     )
 
 

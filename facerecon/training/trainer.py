@@ -34,7 +34,7 @@ from facerecon.facemodel.embedding import face_oval_indices
 from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import camera_rotation, crop_intrinsics, model_to_camera
-from facerecon.fitting.optimize import FaceFitter, FaceTargets, lambert_settings
+from facerecon.fitting.optimize import SHADING_PRESETS, FaceFitter, FaceTargets
 from facerecon.io.atomic import atomic_path
 from facerecon.io.store import read_index
 from facerecon.losses import multiview
@@ -272,7 +272,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, device: torch.device, ctx: DistContext | None = None):
         self._setup_common(config, device, ctx)
         torch.manual_seed(config.seed)
-        self.network = RNet(self.tensors, config.architecture).to(device)
+        self.network = RNet(self.tensors, config.architecture, specular=config.shading == "blinn-phong").to(device)
         if self.channels_last:
             self.network = self.network.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
@@ -295,9 +295,10 @@ class Trainer:
             oval = face_oval_indices()
         # the paper's fixed weights: the adaptive landmark trust is a per-photo fitting aid,
         # not part of the training objective
-        # R-Net training: paper 000's Lambertian losses (the network predicts no specular unknowns)
-        settings = lambert_settings(dense_weight=config.dense_weight, weights=dict(config.weights),
-                                    landmark_trust_reference=0.0)
+        # loss.shading: paper 000's Lambertian losses, or paper 002's Blinn-Phong ones (the fit's
+        # --shading presets; the network then predicts the specular unknowns too)
+        settings = SHADING_PRESETS[config.shading](dense_weight=config.dense_weight, weights=dict(config.weights),
+                                                   landmark_trust_reference=0.0)
         self.loss = FaceFitter(self.tensors, self.face_model.regions, settings, oval_indices=oval,
                                perceptual=perceptual)
         self.amp_dtype = resolve_amp(config.amp, device)
@@ -331,7 +332,16 @@ class Trainer:
         if state.get("correctives") is not None:
             raise InputError(f"checkpoint {path} has a corrective level (paper 004); --resume it with "
                              "[correctives] enabled = true")
+        self._check_sizes(state, path)
         self.network.load_state_dict(state["network"])
+
+    def _check_sizes(self, state: dict, path: Path) -> None:
+        """InputError unless the checkpoint's network predicts what this one does (loss.shading)."""
+        sizes = state.get("sizes")
+        if sizes is not None and dict(sizes) != dict(self.network.sizes):
+            which = "with" if "specular" in sizes else "without"
+            raise InputError(f"checkpoint {path} is an R-Net {which} the specular unknowns of paper 002; "
+                             "loss.shading must match the run it resumes")
 
     def save(self, path: Path) -> None:
         """Write a checkpoint atomically: :meth:`network_state` plus optimiser, scaler, step, config."""
