@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from facerecon.errors import InputError
 from facerecon.fitting.adam import Adam, LambdaSchedule
 from facerecon.fitting.camera import crop_intrinsics, model_to_camera
-from facerecon.fitting.optimize import FaceFitter, FaceTargets
+from facerecon.fitting.optimize import FaceFitter, FaceTargets, _resize
 from facerecon.losses.correctives import (
     SPARSITY_BETA,
     SPARSITY_P,
@@ -53,7 +53,7 @@ from facerecon.losses.correctives import (
     vertex_degrees,
 )
 from facerecon.losses.hybrid import photometric_loss
-from facerecon.render.camera import project_points
+from facerecon.render.camera import project_points, scale_intrinsics
 from facerecon.render.shading import vertex_normals
 
 LEVELS = ("base", "final")
@@ -154,13 +154,14 @@ class _Batch:
     angles: torch.Tensor
     translation: torch.Tensor
     sh: torch.Tensor
-    intrinsics: torch.Tensor  # (B, 3, 3)
-    crops: torch.Tensor  # (B, S, S, 3)
-    pixel_weight: torch.Tensor  # (B, S, S) skin-weighted photometric weight
+    intrinsics: torch.Tensor  # (B, 3, 3) of the crop (landmarks are in crop pixels)
+    crops: torch.Tensor  # (B, R, R, 3) at the render size R (the crop size S in a fit)
+    pixel_weight: torch.Tensor  # (B, R, R) skin-weighted photometric weight
     landmarks68: torch.Tensor
     dense: torch.Tensor | None
     trust: torch.Tensor  # (B,)
     edge_weights: torch.Tensor  # (B, E) chromaticity weights of eq. 13
+    render_intrinsics: torch.Tensor | None = None  # (B, 3, 3) at the crops' size (None: intrinsics)
 
 
 class CorrectiveFitter:
@@ -210,35 +211,51 @@ class CorrectiveFitter:
         return "free" if self.space is None else "learned"
 
     # ------------------------------------------------------------------ fixed parts
-    def prepare(self, params: dict[str, torch.Tensor], targets: FaceTargets, trust: torch.Tensor) -> _Batch:
-        """The batch's fixed parts from base parameters (B, ...) and the targets (model dtype)."""
+    def prepare(self, params: dict[str, torch.Tensor], targets: FaceTargets, trust: torch.Tensor,
+                render_size: int | None = None, debias: bool = True) -> _Batch:
+        """The batch's fixed parts from base parameters (B, ...) and the targets (model dtype).
+
+        The base geometry, reflectance and light keep the parameters' gradients (R-Net training
+        backpropagates the final level into the base level); the pixel and edge weights are constants.
+
+        Args:
+            render_size: size (px) the final level is rendered and compared at (None: the crop size);
+                landmarks stay in crop pixels.
+            debias: use the base fit's detector-bias corrected landmark targets (the fit); training
+                compares with the raw detections, as its base-level loss does.
+        """
         m, cfg = self.model, self.settings
-        b, size = targets.crops.shape[0], targets.size
+        b, crop = targets.crops.shape[0], targets.size
+        size = crop if render_size is None else int(render_size)
+        verts = m.shape(params["identity"].expand(b, -1), params["expression"])
+        albedo = m.albedo(params["albedo"])
+        k = crop_intrinsics(crop, b, dtype=verts.dtype, device=verts.device)
+        k_render = k if size == crop else scale_intrinsics(k, size / crop)
+        crops = _resize(targets.crops, size)
         with torch.no_grad():
-            verts = m.shape(params["identity"].expand(b, -1), params["expression"])
-            albedo = m.albedo(params["albedo"])
-            cam = model_to_camera(verts, params["angles"], params["translation"])
-            k = crop_intrinsics(size, b, dtype=cam.dtype, device=cam.device)
+            cam = model_to_camera(verts.detach(), params["angles"].detach(), params["translation"].detach())
             # where the model expects skin, at the base geometry: weight pixels by the attention there
             renderer = self.base._renderer(size)
-            out = renderer.render(cam, self.base.photo_triangles, k, self.skin_indicator.expand(b, -1, -1), None)
+            out = renderer.render(cam, self.base.photo_triangles, k_render, self.skin_indicator.expand(b, -1, -1), None)
             expects_skin = out.image[..., 0].clamp(0.0, 1.0)
-            trusted = targets.attention.to(cam.dtype)
+            trusted = _resize(targets.attention[..., None], size)[..., 0].to(cam.dtype)
             if cfg.outlier_scale > 0:
-                base = renderer.render(cam, self.base.photo_triangles, k, albedo, params["sh"])
-                residual = (base.image - targets.crops).norm(dim=-1)
+                base = renderer.render(cam, self.base.photo_triangles, k_render, albedo.detach(),
+                                       params["sh"].detach())
+                residual = (base.image - crops).norm(dim=-1)
                 trusted = trusted * torch.exp(-(residual / cfg.outlier_scale) ** 2)
             pixel_weight = 1.0 - expects_skin * (1.0 - trusted)
             # eq. 13's chromaticity weights: the photo's colour at every vertex's projection (base level)
             uv = project_points(cam, k)[..., :2]
-            grid = (2.0 * uv + 1.0) / size - 1.0
+            grid = (2.0 * uv + 1.0) / crop - 1.0
             colors = F.grid_sample(targets.crops.permute(0, 3, 1, 2), grid[:, :, None], mode="bilinear",
                                    padding_mode="border", align_corners=False)[..., 0].transpose(1, 2)
             visible = out.vertex_visibility
             edge_weights = chromaticity_weights(colors, self.photo_edges, visible, cfg.beta)
-            targets = self._landmark_targets(targets, params["angles"])
-        return _Batch(verts, albedo, params["angles"], params["translation"], params["sh"], k, targets.crops,
-                      pixel_weight, targets.landmarks68, targets.dense, trust.to(cam.dtype), edge_weights)
+            if debias:
+                targets = self._landmark_targets(targets, params["angles"])
+        return _Batch(verts, albedo, params["angles"], params["translation"], params["sh"], k, crops,
+                      pixel_weight, targets.landmarks68, targets.dense, trust.to(verts.dtype), edge_weights, k_render)
 
     def _landmark_targets(self, targets: FaceTargets, angles: torch.Tensor) -> FaceTargets:
         """The landmark targets the base fit ended with: detector-bias corrected at its pose."""
@@ -278,7 +295,8 @@ class CorrectiveFitter:
                 cam, normals, batch.intrinsics, batch.dense)
         albedo = batch.albedo + reflectance
         size = batch.crops.shape[1]
-        out = base._renderer(size).render(cam, base.photo_triangles, batch.intrinsics, albedo, batch.sh)
+        k_render = batch.intrinsics if batch.render_intrinsics is None else batch.render_intrinsics
+        out = base._renderer(size).render(cam, base.photo_triangles, k_render, albedo, batch.sh)
         terms = {
             "photometric": photometric_loss(out.image, batch.crops, out.mask, batch.pixel_weight),
             "photometric_face": photometric_loss(out.image.detach(), batch.crops, out.mask),
@@ -319,7 +337,8 @@ class CorrectiveFitter:
         return {"geometry": cfg.coefficient_step, "reflectance": cfg.coefficient_step}
 
     def fit(self, targets: FaceTargets, parameters: dict[str, np.ndarray], trust: np.ndarray | None = None,
-            failed: np.ndarray | None = None, should_stop=None) -> CorrectiveResult:
+            failed: np.ndarray | None = None, should_stop=None,
+            start: dict[str, np.ndarray] | None = None) -> CorrectiveResult:
         """Fit the final level of every face of ``targets`` from its base ``parameters`` (B, ...).
 
         Args:
@@ -329,6 +348,8 @@ class CorrectiveFitter:
             failed: (B,) faces whose base fit failed: left at zero correction.
             should_stop: polled between steps; a stop ends the optimisation early (the best
                 correctives so far are returned).
+            start: a learned space's starting coefficients ``geometry`` (B, C_g) and ``reflectance``
+                (B, C_r) (a network's prediction; with ``settings.steps = 0`` the result); None: zero.
         """
         cfg, m = self.settings, self.model
         device, dtype = m.mean_shape.device, m.mean_shape.dtype
@@ -348,9 +369,15 @@ class CorrectiveFitter:
         params = {n: torch.where(frozen.view(-1, *[1] * (t.dim() - 1)), t[donor:donor + 1], t)
                   for n, t in params.items()}
         batch = self.prepare(params, targets, trust_t)
-        variables = {n: t.requires_grad_(True) for n, t in self._variables(b, dtype, device).items()}
-        with torch.no_grad():
-            start = self.terms(batch, *self.fields(variables), self._prior_of(variables))
+        variables = self._variables(b, dtype, device)
+        with torch.no_grad():  # the base level: zero correctives
+            base_terms = self.terms(batch, *self.fields(variables), self._prior_of(variables))
+        if start is not None:
+            if self.space is None:
+                raise InputError("starting coefficients need a learned corrective space")
+            variables = {n: torch.as_tensor(np.asarray(start[n]), dtype=dtype, device=device).reshape(t.shape).clone()
+                         for n, t in variables.items()}
+        variables = {n: t.requires_grad_(True) for n, t in variables.items()}
         stopped = [False]
         steps_done = self._optimise(batch, variables, frozen, cfg.steps, should_stop, stopped)
         with torch.no_grad():
@@ -360,11 +387,11 @@ class CorrectiveFitter:
             geometry = torch.where(bad[:, None, None], torch.zeros_like(geometry), geometry)
             reflectance = torch.where(bad[:, None, None], torch.zeros_like(reflectance), reflectance)
             errors = self._landmark_errors(batch, geometry, targets)
-        losses = {f"{name}_base": v for name, v in start.items() if name.startswith("photometric")}
+        losses = {f"{name}_base": v for name, v in base_terms.items() if name.startswith("photometric")}
         losses |= {f"{name}_final": torch.where(bad, torch.full_like(v, math.nan), v)
                    for name, v in final.items() if name.startswith("photometric")}
-        losses |= {"landmark_base": start["landmark"], "landmark_final": final["landmark"],
-                   "corrective_total_base": start["total"]}
+        losses |= {"landmark_base": base_terms["landmark"], "landmark_final": final["landmark"],
+                   "corrective_total_base": base_terms["total"]}
         losses |= {LOSS_NAMES[name]: v for name, v in final.items() if name in LOSS_NAMES}
         coefficients = {} if self.space is None else {
             n: torch.where(bad[:, None], torch.zeros_like(v), v).detach().cpu().numpy() for n, v in variables.items()}

@@ -27,7 +27,7 @@ from torch import nn
 
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.networks.resnet import ARCHITECTURES
-from facerecon.networks.rnet import RNet
+from facerecon.networks.rnet import RNet, rnet_from_checkpoint
 
 #: Parameters C-Net may aggregate, in the order their confidences are laid out.
 AGGREGATABLE = ("identity", "albedo")
@@ -142,8 +142,7 @@ def read_cnet_checkpoint(path: str | Path, device="cpu") -> dict:
 def networks_from_checkpoint(state: dict, tensors: FaceModelTensors) -> tuple[RNet, CNet, dict[str, int]]:
     """Frozen R-Net, C-Net and the confidence layout from a C-Net checkpoint's state."""
     device = tensors.mean_shape.device
-    rnet = RNet(tensors, state["architecture"]).to(device)
-    rnet.load_state_dict(state["network"])
+    rnet = rnet_from_checkpoint(state, tensors)
     rnet.eval().requires_grad_(False)
     layout = state["cnet_layout"]
     cnet = CNet(layout["stage_channels"], layout["pooled_dim"], layout["outputs"], layout.get("width", 256),

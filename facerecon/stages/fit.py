@@ -44,7 +44,7 @@ from facerecon.networks.recognition import load_recognition_network
 from facerecon.render.camera import project_points, scale_intrinsics
 from facerecon.render.renderer import MeshRenderer
 from facerecon.stages import detect as detect_stage
-from facerecon.training.network_fit import NetworkPredictor
+from facerecon.training.network_fit import NetworkPredictor, corrective_start
 
 KIND = "fits"
 ITEMS_GROUP = "images"
@@ -225,7 +225,7 @@ def fitter_settings(options: FitOptions) -> FitSettings:
     return replace(options.settings, coarse_steps=options.refine, fine_steps=0)
 
 
-def _settings(options: FitOptions, model: FaceModel) -> dict[str, Any]:
+def _settings(options: FitOptions, model: FaceModel, predictor: NetworkPredictor | None = None) -> dict[str, Any]:
     settings = {"method": options.method, "checkpoint": options.checkpoint or "", "refine": options.refine,
                 "model_id": model.model_id, "fit": options.settings.to_dict(),
                 "texture_size": options.texture_size, "format_version": FORMAT_VERSION,
@@ -233,12 +233,15 @@ def _settings(options: FitOptions, model: FaceModel) -> dict[str, Any]:
                 "detector_bias": _detector_bias_label(options, model)}
     if options.fit_level == "final":  # a base-level fit keeps the settings (and digest) it always had
         settings |= {"level": "final", "correctives": options.correctives.to_dict(),
-                     "corrective_space": corrective_space_label(model)}
+                     "corrective_space": corrective_space_label(model, predictor)}
     return settings
 
 
-def corrective_space_label(model: FaceModel) -> str:
-    """Which correctives a final-level fit with ``model`` solves: "free" or "learned:<digest>"."""
+def corrective_space_label(model: FaceModel, predictor: NetworkPredictor | None = None) -> str:
+    """Which correctives a final-level fit with ``model`` solves: "free", "learned:<digest>", or
+    "network:<checkpoint digest>" (predicted by a network with a corrective level)."""
+    if predictor is not None and predictor.has_correctives:
+        return f"network:{predictor.digest}"
     return "free" if model.correctives is None else f"learned:{model.correctives.digest()}"
 
 
@@ -793,6 +796,13 @@ def _build_corrective(model: FaceModel, fitter: FaceFitter, options: FitOptions,
     """The final level's fitter (None at the base level); notes which correctives it solves."""
     if options.fit_level != "final":
         return None
+    predictor = fitter.predictor
+    if predictor is not None and predictor.has_correctives:
+        # paper 004's network fit: the network's corrective coefficients in its own (learned) space
+        space = predictor.corrective_space()
+        summary.notes.append(f"final level: the network's corrective coefficients ({space.n_geometry} geometry + "
+                             f"{space.n_reflectance} reflectance modes of the checkpoint's space)")
+        return CorrectiveFitter(fitter, model.regions, replace(options.correctives, steps=0), space)
     space = model.correctives
     if space is None:
         summary.notes.append("final level: free-form correctives (the face model has no corrective space)")
@@ -808,7 +818,7 @@ def _fit_detections(detections: Path, model: FaceModel, fitter: FaceFitter, writ
     """Fit every face of ``detections`` not already stored with the same settings, in batches,
     into ``fits.h5`` beside the writer's output (a stop or Ctrl-C keeps what is stored)."""
     out_dir = writer.out_dir
-    settings = _settings(options, model)
+    settings = _settings(options, model, fitter.predictor)
     digest = _digest(settings)
     file_attrs = {"tool": "facerecon", "tool_version": __version__, "format_version": FORMAT_VERSION,
                   "model_id": model.model_id, "settings": settings, "detections": str(detections.resolve())}
@@ -1007,8 +1017,9 @@ def _process_batch(batch: list[list[_PendingFace]], fitter: FaceFitter, writer: 
     result = fitter.fit(targets, init=init, should_stop=should_stop)
     corrected = None
     if corrective is not None and not result.stopped:
+        start = corrective_start(init) if init is not None and "corrective_geometry" in init else None
         corrected = corrective.fit(targets, result.parameters, result.losses.get("landmark_trust"), result.failed,
-                                   should_stop=should_stop)
+                                   should_stop=should_stop, start=start)
     summary.fit_seconds += time.perf_counter() - t0
     if result.stopped or (corrected is not None and corrected.stopped):
         summary.interrupted = True  # a half-finished optimisation is not a result: redo it on resume

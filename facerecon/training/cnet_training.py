@@ -27,7 +27,7 @@ from facerecon.losses.perceptual import PerceptualLoss
 from facerecon.networks.cnet import (CHECKPOINT_KIND, aggregated_sizes, cnet_for, concat_coefficients,
     grouped_aggregate, rnet_with_features, split_coefficients)
 from facerecon.networks.iresnet import load_iresnet
-from facerecon.networks.rnet import RNet
+from facerecon.networks.rnet import RNet, rnet_from_checkpoint
 from facerecon.training.config import TrainConfig
 from facerecon.training.trainer import BatchPlan, FaceSet, TrainSummary, Trainer, render_preview, write_preview
 
@@ -99,8 +99,7 @@ class CNetTrainer(Trainer):
 
     def _build(self, rnet_state: dict) -> None:
         """Frozen R-Net from a checkpoint's ``network``/``architecture``, a fresh C-Net and its optimiser."""
-        self.rnet = RNet(self.tensors, rnet_state["architecture"]).to(self.device)
-        self.rnet.load_state_dict(rnet_state["network"])
+        self.rnet = rnet_from_checkpoint(rnet_state, self.tensors)
         self.rnet.eval().requires_grad_(False)
         self.sizes = aggregated_sizes(self.tensors, self.settings.aggregated)
         torch.manual_seed(self.config.seed)
@@ -125,6 +124,7 @@ class CNetTrainer(Trainer):
         # the frozen R-Net exactly as an R-Net checkpoint stores it, then the C-Net
         return {"network": self.rnet.state_dict(), "architecture": self.rnet.backbone.architecture,
                 "sizes": self.rnet.sizes, "rnet_source": self.rnet_source,
+                **({"correctives": self.rnet.correctives.layout} if self.rnet.correctives is not None else {}),
                 "cnet": self.cnet.state_dict(), "cnet_layout": {**self.cnet.layout, "aggregated": list(self.sizes)}}
 
     def restore_networks(self, state: dict, path: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from facerecon.errors import InputError
 from facerecon.losses.hybrid import PAPER000_WEIGHTS
 from facerecon.losses.multiview import PAPER001_WEIGHTS
+from facerecon.losses.specular import PAPER002_WEIGHTS
 from facerecon.networks.resnet import ARCHITECTURES
 from facerecon.training.augment import AugmentSettings
 
@@ -59,6 +60,11 @@ texture = 5.0
 dense = 20.0
 # Render size of the photometric term (pixels).
 render_size = 112
+# "lambert" (paper 000) or "blinn-phong" (paper 002): R-Net also predicts the specular albedo
+# coefficients, the light's direction and colour and the shininess, trained with paper 002's
+# losses (those of `fit --shading blinn-phong`). With "blinn-phong" the weights above default
+# to paper 002's (photo 1.92, landmark 1.8e-3, coefficients 5e-4) unless set here.
+shading = "lambert"
 
 [multiview]
 # Paper 001 (MGCNet) sec. 3.8 eq. 6 weights; used only when data.group_by is not "none".
@@ -150,6 +156,39 @@ flip_weight = 1.0
 landmark = 2e-3
 # Depth the depth decoder adds to: "mean_face" (the face model's mean face on the grid) or "flat".
 depth_template = "mean_face"
+[correctives]
+# Paper 004 (multi-level face model learning): R-Net also regresses the coefficients delta_g,
+# delta_r of a linear corrective level (per-vertex geometry and reflectance corrections on the
+# face model's rendered region). Schedule (paper sec. 7): `base_steps` of base-level
+# pre-training, then `steps` of fine-tuning with the multi-level loss (the base-level loss plus
+# the final level's photometric term and corrective regularisers, as `fit --level final`).
+# When enabled these replace optim.learning_rate and optim.steps (total = base_steps + steps).
+enabled = false
+# "learn": the corrective space Theta is trained with the network (paper), starting from the face
+# model's corrective space when it has one, else from smooth random fields with the sizes below;
+# "model": the face model's corrective space, fixed (the model needs one).
+space = "learn"
+geometry_modes = 500      # paper: C = 500 (used when the space is not the model's)
+reflectance_modes = 500
+base_steps = 200000       # paper: 200k iterations up to the base level
+steps = 190000            # paper: 190k iterations of fine-tuning
+# "adadelta" (paper; rho 0.95) or "adam". The learning rates are the paper's AdaDelta ones.
+optimizer = "adadelta"
+base_learning_rate = 0.01        # pre-training
+learning_rate = 0.001            # fine-tuning: the network up to the base level
+geometry_learning_rate = 0.005   # fine-tuning: geometry head and Theta_g
+reflectance_learning_rate = 0.01 # fine-tuning: reflectance head and Theta_r
+# A `facerecon train` R-Net checkpoint of the same face model to start from (e.g. paper 000
+# training as the base-level pre-training; then set base_steps = 0); "" starts from scratch.
+base_checkpoint = ""
+# The final level's weights (those of `fit --level final`, docs/fitting.md "Correctives"):
+# eq. 12 smoothness, eq. 15 stabilization, eq. 13 reflectance sparsity, eq. 14 skin constancy,
+# and the coefficient prior ||delta||^2 that fixes the scale between delta and Theta.
+smoothness = 0.01
+stabilization = 0.002
+sparsity = 0.1
+constancy = 1.0
+coefficient_prior = 1e-3
 
 [distributed]
 # Used when launched by torchrun (WORLD_SIZE > 1): "auto" (nccl on CUDA, gloo on CPU),
@@ -209,6 +248,21 @@ class LapTrainSettings:
         if step < self.aggregate_steps:
             return 1
         return 2 if step < self.aggregate_steps + self.personalise_steps else 3
+class CorrectiveTrainSettings:
+    """``[correctives]`` of an enabled run (paper 004). The run's ``steps`` in :class:`TrainConfig`
+    already hold ``base_steps + steps``; ``learning_rate`` the pre-training rate."""
+
+    space: str
+    geometry_modes: int
+    reflectance_modes: int
+    base_steps: int
+    optimizer: str
+    base_learning_rate: float
+    learning_rate: float
+    geometry_learning_rate: float
+    reflectance_learning_rate: float
+    base_checkpoint: Path | None
+    weights: dict[str, float]
 
 
 @dataclass
@@ -243,6 +297,10 @@ class TrainConfig:
     cnet: CNetSettings | None = None
     #: LAP training settings (``[lap] enabled``), None otherwise
     lap: LapTrainSettings | None = None
+    #: "lambert" (paper 000) or "blinn-phong" (paper 002: R-Net predicts the specular unknowns)
+    shading: str = "lambert"
+    #: paper 004 corrective-level settings (``[correctives] enabled``), None without
+    correctives: CorrectiveTrainSettings | None = None
 
     @property
     def grouped(self) -> bool:
@@ -261,7 +319,7 @@ _SCHEMA: dict[str, dict[str, type | tuple]] = {
     "model": {"face_model": str},
     "network": {"architecture": str, "init": str},
     "loss": {"photo": _NUMBER, "landmark": _NUMBER, "coefficients": _NUMBER, "texture": _NUMBER,
-             "dense": _NUMBER, "render_size": int},
+             "dense": _NUMBER, "render_size": int, "shading": str},
     "multiview": {"weight": _NUMBER, "pixel": _NUMBER, "depth": _NUMBER, "epipolar": _NUMBER},
     "optim": {"learning_rate": _NUMBER, "batch_size": int, "steps": int, "seed": int, "amp": str,
               "channels_last": str},
@@ -274,11 +332,18 @@ _SCHEMA: dict[str, dict[str, type | tuple]] = {
             "max_album_size": int, "aggregate_steps": int, "personalise_steps": int, "finetune_steps": int,
             "learning_rate": _NUMBER, "relaxed_weight": _NUMBER, "flip_weight": _NUMBER, "landmark": _NUMBER,
             "depth_template": str},
+    "correctives": {"enabled": bool, "space": str, "geometry_modes": int, "reflectance_modes": int,
+                    "base_steps": int, "steps": int, "optimizer": str, "base_learning_rate": _NUMBER,
+                    "learning_rate": _NUMBER, "geometry_learning_rate": _NUMBER,
+                    "reflectance_learning_rate": _NUMBER, "base_checkpoint": str, "smoothness": _NUMBER,
+                    "stabilization": _NUMBER, "sparsity": _NUMBER, "constancy": _NUMBER,
+                    "coefficient_prior": _NUMBER},
     "distributed": {"backend": str, "timeout_minutes": _NUMBER},
     "output": {"directory": str, "checkpoint_every": int, "preview_every": int, "validate_every": int},
 }
 
 GROUP_BY = ("none", "folder", "synth")
+SHADINGS = ("lambert", "blinn-phong")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 SWITCH = ("auto", "on", "off")
 BACKENDS = ("auto", "nccl", "gloo")
@@ -316,6 +381,12 @@ def _check_network(n: dict[str, Any], merged: dict[str, Any]) -> None:
 def _check_loss(loss: dict[str, Any], merged: dict[str, Any]) -> None:
     if loss["render_size"] < 16:
         raise ConfigError("loss.render_size must be at least 16")
+    _choice("loss", "shading", loss["shading"], SHADINGS)
+    if loss["shading"] != "lambert":
+        for section in ("cnet", "correctives"):
+            if merged[section]["enabled"]:
+                raise ConfigError(f"{section}.enabled needs loss.shading = 'lambert' (it trains with Lambertian "
+                                  "losses)")
 
 
 def _check_multiview(mv: dict[str, Any], merged: dict[str, Any]) -> None:
@@ -380,6 +451,31 @@ def _check_lap(c: dict[str, Any], merged: dict[str, Any]) -> None:
     for key in ("flip_weight", "landmark"):
         if c[key] < 0:
             raise ConfigError(f"lap.{key} must not be negative")
+CORRECTIVE_SPACES = ("learn", "model")
+OPTIMIZERS = ("adadelta", "adam")
+CORRECTIVE_WEIGHTS = ("smoothness", "stabilization", "sparsity", "constancy", "coefficient_prior")
+
+
+def _check_correctives(c: dict[str, Any], merged: dict[str, Any]) -> None:
+    if c["enabled"] and merged["cnet"]["enabled"]:
+        raise ConfigError("correctives.enabled and cnet.enabled exclude each other (C-Net trains over a frozen R-Net)")
+    if c["enabled"] and merged["lap"]["enabled"]:
+        raise ConfigError("correctives.enabled and lap.enabled are separate runs; enable one")
+    if c["base_checkpoint"] and merged["network"]["init"]:
+        raise ConfigError("correctives.base_checkpoint and network.init exclude each other (both set the weights)")
+    _choice("correctives", "space", c["space"], CORRECTIVE_SPACES)
+    _choice("correctives", "optimizer", c["optimizer"], OPTIMIZERS)
+    for key in ("geometry_modes", "reflectance_modes", "steps"):
+        if c[key] < 1:
+            raise ConfigError(f"correctives.{key} must be at least 1")
+    if c["base_steps"] < 0:
+        raise ConfigError("correctives.base_steps must not be negative")
+    for key in ("base_learning_rate", "learning_rate", "geometry_learning_rate", "reflectance_learning_rate"):
+        if c[key] <= 0:
+            raise ConfigError(f"correctives.{key} must be positive")
+    for key in CORRECTIVE_WEIGHTS:
+        if c[key] < 0:
+            raise ConfigError(f"correctives.{key} must not be negative")
 
 
 def _check_distributed(dist: dict[str, Any], merged: dict[str, Any]) -> None:
@@ -398,7 +494,7 @@ def _check_output(out: dict[str, Any], merged: dict[str, Any]) -> None:
 #: section adds its keys to _SCHEMA, its defaults to DEFAULT_CONFIG_TEXT and a check here).
 _CHECKS = {"data": _check_data, "network": _check_network, "loss": _check_loss, "multiview": _check_multiview,
            "optim": _check_optim, "augment": _check_augment, "cnet": _check_cnet, "lap": _check_lap,
-           "distributed": _check_distributed,
+           "correctives": _check_correctives, "distributed": _check_distributed,
            "output": _check_output}
 
 
@@ -436,9 +532,11 @@ def parse_config(text: str, base: Path = Path(".")) -> TrainConfig:
 
     loss, mv = merged["loss"], merged["multiview"]
 
-    weights = dict(PAPER000_WEIGHTS)
-    weights.update({"photo": loss["photo"], "landmark": loss["landmark"], "coefficients": loss["coefficients"],
-                    "texture": loss["texture"]})
+    weights = dict(PAPER000_WEIGHTS if loss["shading"] == "lambert" else PAPER002_WEIGHTS)
+    # paper 002's weights stay unless [loss] names them (the defaults above are paper 000's)
+    given_loss = given.get("loss", {})
+    weights.update({k: loss[k] for k in ("photo", "landmark", "coefficients", "texture")
+                    if loss["shading"] == "lambert" or k in given_loss})
     c = merged["cnet"]
     cnet, learning_rate, batch_size, steps, views = None, o["learning_rate"], o["batch_size"], o["steps"], \
         d["views_per_identity"]
@@ -467,6 +565,18 @@ def parse_config(text: str, base: Path = Path(".")) -> TrainConfig:
         learning_rate = la["learning_rate"]
         steps = la["aggregate_steps"] + la["personalise_steps"] + la["finetune_steps"]
         batch_size = la["identities_per_batch"] * la["max_album_size"]
+    corr = merged["correctives"]
+    correctives = None
+    if corr["enabled"]:
+        correctives = CorrectiveTrainSettings(
+            space=corr["space"], geometry_modes=int(corr["geometry_modes"]),
+            reflectance_modes=int(corr["reflectance_modes"]), base_steps=int(corr["base_steps"]),
+            optimizer=corr["optimizer"], base_learning_rate=float(corr["base_learning_rate"]),
+            learning_rate=float(corr["learning_rate"]), geometry_learning_rate=float(corr["geometry_learning_rate"]),
+            reflectance_learning_rate=float(corr["reflectance_learning_rate"]),
+            base_checkpoint=path(corr["base_checkpoint"]) if corr["base_checkpoint"] else None,
+            weights={k: float(corr[k]) for k in CORRECTIVE_WEIGHTS})
+        learning_rate, steps = corr["base_learning_rate"], corr["base_steps"] + corr["steps"]
     return TrainConfig(
         detections=[path(p) for p in d["detections"]], images=[path(p) for p in d["images"]],
         validation_fraction=float(d["validation_fraction"]), face_model=merged["model"]["face_model"],
@@ -482,6 +592,7 @@ def parse_config(text: str, base: Path = Path(".")) -> TrainConfig:
                            "epipolar": float(mv["epipolar"])},
         amp=o["amp"], channels_last=o["channels_last"], dist_backend=merged["distributed"]["backend"],
         dist_timeout_minutes=float(merged["distributed"]["timeout_minutes"]), cnet=cnet, lap=lap,
+        correctives=correctives, shading=loss["shading"],
     )
 
 

@@ -180,11 +180,13 @@ def shard(units: np.ndarray, ctx: DistContext) -> np.ndarray:
     return units[ctx.rank::ctx.world_size]
 
 
-def wrap(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
-    """``module`` in DistributedDataParallel when distributed (parameters start from rank 0's)."""
+def wrap(module: torch.nn.Module, ctx: DistContext, find_unused: bool = False) -> torch.nn.Module:
+    """``module`` in DistributedDataParallel when distributed (parameters start from rank 0's).
+    ``find_unused``: some parameters get no gradient in some steps (paper 004's pre-training)."""
     if not ctx.enabled:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None)
+    return DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None,
+                                   find_unused_parameters=find_unused)

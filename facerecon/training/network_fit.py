@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from facerecon.errors import InputError
+from facerecon.facemodel.corrective_space import CorrectiveSpace
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.optimize import FaceTargets
-from facerecon.networks.rnet import RNet
+from facerecon.networks.rnet import rnet_from_checkpoint
 
 
 class NetworkPredictor:
@@ -25,10 +28,29 @@ class NetworkPredictor:
         if state.get("model_id") != model_id:
             raise InputError(f"checkpoint {checkpoint} was trained with face model {state.get('model_id')!r}; "
                              f"this run uses {model_id!r} (pass --face-model)")
-        self.network = RNet(tensors, state["architecture"]).to(tensors.mean_shape.device)
-        self.network.load_state_dict(state["network"])
+        self.network = rnet_from_checkpoint(state, tensors)
         self.network.eval()
+        self.digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:16]
+
+    @property
+    def has_correctives(self) -> bool:
+        """True when the network predicts paper 004's corrective coefficients (a final level)."""
+        return self.network.correctives is not None
+
+    def corrective_space(self) -> CorrectiveSpace:
+        """The network's corrective space: geometry (C_g, N, 3), reflectance (C_r, N, 3)."""
+        geometry, reflectance = self.network.correctives.space_arrays()
+        return CorrectiveSpace(geometry, reflectance, description="R-Net checkpoint")
 
     @torch.no_grad()
     def __call__(self, targets: FaceTargets) -> dict[str, torch.Tensor]:
+        """Parameters (B, ...): the base level's, and with :attr:`has_correctives` also
+        ``corrective_geometry`` (B, C_g) and ``corrective_reflectance`` (B, C_r)."""
         return self.network(targets.crops.permute(0, 3, 1, 2))
+
+
+def corrective_start(prediction: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """A network's corrective coefficients as :meth:`CorrectiveFitter.fit`'s ``start``
+    (``geometry`` (B, C_g), ``reflectance`` (B, C_r))."""
+    return {"geometry": prediction["corrective_geometry"].detach().cpu().numpy(),
+            "reflectance": prediction["corrective_reflectance"].detach().cpu().numpy()}

@@ -1,4 +1,5 @@
-"""``facerecon train`` as one call: data preparation, split, then the R-Net, C-Net or LAP trainer.
+"""``facerecon train`` as one call: data preparation, split, then the R-Net (base or multi-level),
+C-Net or LAP trainer.
 
 Its own module so that :mod:`facerecon.training.trainer` (the R-Net trainer) and
 :mod:`facerecon.training.cnet_training` (built on it) do not import each other.
@@ -10,6 +11,7 @@ from facerecon.errors import InputError
 from facerecon.training import distributed
 from facerecon.training.cnet_training import CNetTrainer
 from facerecon.training.config import TrainConfig
+from facerecon.training.corrective_training import MultiLevelTrainer
 from facerecon.training.lap_training import LapTrainer
 from facerecon.training.trainer import Trainer, TrainSummary, load_faces, prepare_data, split_validation
 
@@ -35,6 +37,8 @@ def run_training(config: TrainConfig, device: str = "auto", resume: bool = False
             trainer = LapTrainer(config, ctx.device)
         elif config.cnet is not None:
             trainer = CNetTrainer(config, ctx.device)
+        elif config.correctives is not None:
+            trainer = MultiLevelTrainer(config, ctx.device, ctx)
         else:
             trainer = Trainer(config, ctx.device, ctx)
         summary = trainer.run(train_set, valid_set, resume, progress=progress if ctx.is_main else None,

@@ -34,7 +34,7 @@ from facerecon.facemodel.embedding import face_oval_indices
 from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
 from facerecon.fitting.camera import camera_rotation, crop_intrinsics, model_to_camera
-from facerecon.fitting.optimize import FaceFitter, FaceTargets, lambert_settings
+from facerecon.fitting.optimize import SHADING_PRESETS, FaceFitter, FaceTargets
 from facerecon.io.atomic import atomic_path
 from facerecon.io.store import read_index
 from facerecon.losses import multiview
@@ -264,11 +264,15 @@ class Trainer:
     checkpoint_kind = "rnet"
     #: the configuration key that sets :attr:`views` (named in messages)
     views_key = "data.views_per_identity"
+    #: DistributedDataParallel must expect parameters without gradients in some steps
+    find_unused_parameters = False
+    #: keyword arguments of every network forward of :meth:`predict`
+    forward_options: dict = {}
 
     def __init__(self, config: TrainConfig, device: torch.device, ctx: DistContext | None = None):
         self._setup_common(config, device, ctx)
         torch.manual_seed(config.seed)
-        self.network = RNet(self.tensors, config.architecture).to(device)
+        self.network = RNet(self.tensors, config.architecture, specular=config.shading == "blinn-phong").to(device)
         if self.channels_last:
             self.network = self.network.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
@@ -291,9 +295,10 @@ class Trainer:
             oval = face_oval_indices()
         # the paper's fixed weights: the adaptive landmark trust is a per-photo fitting aid,
         # not part of the training objective
-        # R-Net training: paper 000's Lambertian losses (the network predicts no specular unknowns)
-        settings = lambert_settings(dense_weight=config.dense_weight, weights=dict(config.weights),
-                                    landmark_trust_reference=0.0)
+        # loss.shading: paper 000's Lambertian losses, or paper 002's Blinn-Phong ones (the fit's
+        # --shading presets; the network then predicts the specular unknowns too)
+        settings = SHADING_PRESETS[config.shading](dense_weight=config.dense_weight, weights=dict(config.weights),
+                                                   landmark_trust_reference=0.0)
         self.loss = FaceFitter(self.tensors, self.face_model.regions, settings, oval_indices=oval,
                                perceptual=perceptual)
         self.amp_dtype = resolve_amp(config.amp, device)
@@ -316,12 +321,27 @@ class Trainer:
     # -------------------------------------------------------------- checkpoints
     def network_state(self) -> dict:
         """The checkpoint's network entries (a subclass stores its own networks here)."""
-        return {"network": self.network.state_dict(), "architecture": self.config.architecture,
-                "sizes": self.network.sizes}
+        state = {"network": self.network.state_dict(), "architecture": self.config.architecture,
+                 "sizes": self.network.sizes}
+        if getattr(self.network, "correctives", None) is not None:  # paper 004: the corrective layout
+            state["correctives"] = self.network.correctives.layout
+        return state
 
     def restore_networks(self, state: dict, path: Path) -> None:
         """Load :meth:`network_state`'s entries of a checkpoint read from ``path``."""
+        if state.get("correctives") is not None:
+            raise InputError(f"checkpoint {path} has a corrective level (paper 004); --resume it with "
+                             "[correctives] enabled = true")
+        self._check_sizes(state, path)
         self.network.load_state_dict(state["network"])
+
+    def _check_sizes(self, state: dict, path: Path) -> None:
+        """InputError unless the checkpoint's network predicts what this one does (loss.shading)."""
+        sizes = state.get("sizes")
+        if sizes is not None and dict(sizes) != dict(self.network.sizes):
+            which = "with" if "specular" in sizes else "without"
+            raise InputError(f"checkpoint {path} is an R-Net {which} the specular unknowns of paper 002; "
+                             "loss.shading must match the run it resumes")
 
     def save(self, path: Path) -> None:
         """Write a checkpoint atomically: :meth:`network_state` plus optimiser, scaler, step, config."""
@@ -362,9 +382,9 @@ class Trainer:
             images = images.contiguous(memory_format=torch.channels_last)
         module = self.network if module is None else module
         if self.amp_dtype is None:
-            return module(images)
+            return module(images, **self.forward_options)
         with torch.autocast(self.device.type, dtype=self.amp_dtype):
-            params = module(images)
+            params = module(images, **self.forward_options)
         return {k: v.float() for k, v in params.items()}
 
     def _float32(self):
@@ -398,14 +418,22 @@ class Trainer:
         """The step's scalar loss and the detached per-term means to log."""
         params = self.predict(batch.crops, self.model)
         with self._float32():
-            terms, rendered = self.loss.losses_and_render(params, batch, self.config.render_size)
-            loss = terms["total"].mean()
-            values = {k: v.detach().mean() for k, v in terms.items() if k != "total"}
-            if self.config.grouped:
-                mv = self.multiview_terms(params, batch, rendered.fragments)
-                loss = loss + multiview.combine(mv, self.config.multiview_weights)
-                values.update({f"multiview_{k}": v.detach().mean() for k, v in mv.items()})
+            return self.loss_of(params, batch)
+
+    def loss_of(self, params: dict[str, torch.Tensor], batch: FaceTargets
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`training_loss` of predicted parameters (float32, autocast off)."""
+        terms, rendered = self.loss.losses_and_render(params, batch, self.config.render_size)
+        loss = terms["total"].mean()
+        values = {k: v.detach().mean() for k, v in terms.items() if k != "total"}
+        if self.config.grouped:
+            mv = self.multiview_terms(params, batch, rendered.fragments)
+            loss = loss + multiview.combine(mv, self.config.multiview_weights)
+            values.update({f"multiview_{k}": v.detach().mean() for k, v in mv.items()})
         return loss, values
+
+    def before_step(self) -> None:
+        """Called before every training step (a schedule that depends on :attr:`step` goes here)."""
 
     def backward(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -471,7 +499,7 @@ class Trainer:
                     load_backbone_weights(self.network.backbone, cfg.init)
             summary.notes.append(f"backbone initialised from {cfg.init}")
         if ctx.enabled and self.model is self.network:
-            self.model = distributed.wrap(self.network, ctx)
+            self.model = distributed.wrap(self.network, ctx, find_unused=self.find_unused_parameters)
             summary.notes.append(f"{ctx.world_size} processes ({ctx.backend}), {cfg.batch_size // ctx.world_size} "
                                  "images per process and step")
 
@@ -508,6 +536,7 @@ class Trainer:
                 generator = torch.Generator().manual_seed(cfg.seed * 104729 + self.step + ctx.rank * 1_000_003)
                 batch = augment(train.targets(index, self.device), cfg.augment, generator, self.dense_mirror,
                                 group_size=views)
+                self.before_step()
                 loss, values = self.training_loss(batch)
                 logged = torch.stack([loss.detach(), *values.values()])
                 if ctx.enabled:  # the global batch's means, identical on every rank
