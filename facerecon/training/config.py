@@ -156,6 +156,7 @@ flip_weight = 1.0
 landmark = 2e-3
 # Depth the depth decoder adds to: "mean_face" (the face model's mean face on the grid) or "flat".
 depth_template = "mean_face"
+
 [correctives]
 # Paper 004 (multi-level face model learning): R-Net also regresses the coefficients delta_g,
 # delta_r of a linear corrective level (per-vertex geometry and reflectance corrections on the
@@ -248,6 +249,9 @@ class LapTrainSettings:
         if step < self.aggregate_steps:
             return 1
         return 2 if step < self.aggregate_steps + self.personalise_steps else 3
+
+
+@dataclass
 class CorrectiveTrainSettings:
     """``[correctives]`` of an enabled run (paper 004). The run's ``steps`` in :class:`TrainConfig`
     already hold ``base_steps + steps``; ``learning_rate`` the pre-training rate."""
@@ -451,6 +455,8 @@ def _check_lap(c: dict[str, Any], merged: dict[str, Any]) -> None:
     for key in ("flip_weight", "landmark"):
         if c[key] < 0:
             raise ConfigError(f"lap.{key} must not be negative")
+
+
 CORRECTIVE_SPACES = ("learn", "model")
 OPTIMIZERS = ("adadelta", "adam")
 CORRECTIVE_WEIGHTS = ("smoothness", "stabilization", "sparsity", "constancy", "coefficient_prior")
