@@ -436,14 +436,17 @@ class LapOptimiser:
         personal_albedo = ((albedo_c + delta_a).clamp(0, 1) * vmask[..., None]).detach()
         result = LapResult(self.grid, depth_c, albedo_c, valid, angles, translation, sh, log_sigma.detach().exp(),
                            log_sigma_flip.detach().exp(), personal_depth, personal_albedo, landmarks_xy.detach())
-        result.losses = self.scores(result, photos)
+        result.losses = self.scores(result, photos, (crops, face))
         return result
 
-    def scores(self, result: LapResult, photos: LapPhotos) -> dict[str, np.ndarray]:
+    def scores(self, result: LapResult, photos: LapPhotos, prepared: tuple | None = None) -> dict[str, np.ndarray]:
         """Per photo: ``photometric_canonical`` and ``photometric_personal``, the mean absolute RGB
         difference over the face pixels (attention-weighted) of the canonical and the
         personalised render."""
-        crops, _relaxed, face, _target = self._photo_tensors(photos)
+        if prepared is None:
+            crops, _relaxed, face, _target = self._photo_tensors(photos)
+        else:  # (crops, face) as run() already resized them
+            crops, face = prepared
         P = crops.shape[0]
         tris = result.triangles
         with torch.no_grad():

@@ -14,6 +14,7 @@ from facerecon.export.meshio import TexturedMesh
 from facerecon.fitting.camera import crop_intrinsics, model_to_camera
 from facerecon.io.atomic import atomic_path
 from facerecon.render.renderer import MeshRenderer
+from facerecon.synthetic import to_uint8
 
 #: 16-bit depth PNG: value = round((z + DEPTH_OFFSET_MM) * DEPTH_UNITS_PER_MM), 0 off the face
 DEPTH_OFFSET_MM = 100.0
@@ -64,25 +65,28 @@ def lap_mesh(grid: CanonicalGrid, depth: np.ndarray, albedo: np.ndarray, valid: 
     return TexturedMesh(verts.astype(np.float32), faces, grid.uv()[used], faces, colours, texture)
 
 
-def three_views(grid: CanonicalGrid, depth: torch.Tensor, albedo: torch.Tensor, valid: torch.Tensor,
-                size: int = 256) -> list[np.ndarray]:
-    """The canonical face (R, R) / (R, R, 3) rendered at yaw -40, 0, +40 degrees (RGB uint8)."""
-    dev = depth.device
+def three_views(vertices: torch.Tensor, triangles: torch.Tensor, albedo: torch.Tensor, size: int = 256
+                ) -> list[np.ndarray]:
+    """A face (N, 3) model frame, centred on its face, with albedo (N, 3) rendered at yaw -40, 0,
+    +40 degrees on white under a soft top-front light (RGB uint8, ``size`` px each)."""
+    dev = vertices.device
     angles = torch.deg2rad(torch.tensor([[0.0, -40.0, 0.0], [0.0, 0.0, 0.0], [0.0, 40.0, 0.0]], device=dev))
-    verts = grid_vertices(grid, depth[None]).expand(3, -1, -1) - torch.tensor([0.0, 0.0, 60.0], device=dev)
-    cam = model_to_camera(verts, angles, torch.tensor([0.0, 0.0, 1100.0], device=dev).expand(3, 3))
+    cam = model_to_camera(vertices[None].expand(3, -1, -1), angles,
+                          torch.tensor([0.0, 0.0, 1100.0], device=dev).expand(3, 3))
     sh = torch.zeros(3, 27, device=dev)
     sh[:, [0, 9, 18]] = 1.0
     sh[:, [3, 12, 21]] = -0.3
-    out = MeshRenderer(image_size=(size, size), backend="torch").render(
-        cam, grid_triangles(valid), crop_intrinsics(size, 3, device=dev), albedo.reshape(1, -1, 3).expand(3, -1, -1),
-        sh, background=torch.ones(3, size, size, 3, device=dev))
-    return list((out.image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
+    out = MeshRenderer(image_size=(size, size)).render(cam, triangles, crop_intrinsics(size, 3, device=dev),
+                                                       albedo[None].expand(3, -1, -1), sh,
+                                                       background=torch.ones(3, size, size, 3, device=dev))
+    return list(to_uint8(out.image))
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, H, W, 3) float in [0, 1] -> uint8 numpy."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+def canonical_views(grid: CanonicalGrid, depth: torch.Tensor, albedo: torch.Tensor, valid: torch.Tensor,
+                    size: int = 256) -> list[np.ndarray]:
+    """:func:`three_views` of a canonical face: depth (R, R) mm, albedo (R, R, 3), valid (R, R)."""
+    vertices = grid_vertices(grid, depth[None])[0] - torch.tensor([0.0, 0.0, 60.0], device=depth.device)
+    return three_views(vertices, grid_triangles(valid), albedo.reshape(-1, 3), size)
 
 
 def safe_stem(face: str) -> str:

@@ -48,6 +48,7 @@ from facerecon.aggregation.albums import Album, find_albums
 from facerecon.aggregation.identity import (albedo_distances, consistent_faces, embedding_distances, neutral_shapes,
                                             one_face_per_photo, recognition_check, robust_photo_weights,
                                             shape_distances, view_weights)
+from facerecon.aggregation.lap_export import three_views
 from facerecon.aggregation.recognition import SAME_PERSON_DISTANCE, photo_embeddings
 from facerecon.detection.align import invert_affine
 from facerecon.errors import InputError
@@ -489,24 +490,8 @@ def _neutral_mesh(model, tensors: FaceModelTensors, identity: np.ndarray, params
     vcol = np.where(hits.sum(0)[:, None] > 0, vcol, fallback)
     mesh = TexturedMesh(neutral.cpu().numpy(), model.triangles, model.uv, model.triangle_uv,
                         np.clip(vcol + 0.5, 0, 255).astype(np.uint8), np.clip(merged + 0.5, 0, 255).astype(np.uint8))
-    return mesh, _three_views(tensors, neutral, albedo_all.mean(0))
-
-
-def _three_views(tensors: FaceModelTensors, neutral: torch.Tensor, albedo: torch.Tensor) -> list[np.ndarray]:
-    """The neutral face rendered at yaw -40, 0, +40 degrees (RGB uint8, 256 px)."""
-    dev = neutral.device
     centre = tensors.landmark_points(neutral[None])[0].mean(0)
-    angles = torch.deg2rad(torch.tensor([[0.0, -40.0, 0.0], [0.0, 0.0, 0.0], [0.0, 40.0, 0.0]], device=dev))
-    verts = (neutral - centre)[None].expand(3, -1, -1)
-    translation = torch.tensor([0.0, 0.0, 1100.0], device=dev).expand(3, 3)
-    cam = model_to_camera(verts, angles, translation)
-    sh = torch.zeros(3, 27, device=dev)
-    sh[:, [0, 9, 18]] = 1.0
-    sh[:, [3, 12, 21]] = -0.3
-    out = MeshRenderer(image_size=(256, 256)).render(cam, tensors.triangles, crop_intrinsics(256, 3, device=dev),
-                                                     albedo[None].expand(3, -1, -1), sh,
-                                                     background=torch.ones(3, 256, 256, 3, device=dev))
-    return list((out.image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
+    return mesh, three_views(neutral - centre, tensors.triangles, albedo_all.mean(0))
 
 
 def _store_album(store: ResultStore, album: Album, outcome: AlbumOutcome, identity: np.ndarray,

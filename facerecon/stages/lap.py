@@ -25,8 +25,7 @@ import numpy as np
 import torch
 
 from facerecon.aggregation.lap import LapOptimiser, LapPhotos, LapSettings
-from facerecon.aggregation.lap_export import (depth_png, lap_mesh, normal_png, safe_stem, three_views, to_uint8,
-                                              write_png16)
+from facerecon.aggregation.lap_export import canonical_views, depth_png, lap_mesh, normal_png, safe_stem, write_png16
 from facerecon.evaluation.identity import composite_similarity
 from facerecon.evaluation.lap_metrics import ssim
 from facerecon.export.meshio import write_mesh, write_png
@@ -35,6 +34,7 @@ from facerecon.fitting.camera import crop_intrinsics, model_to_camera
 from facerecon.losses.perceptual import PerceptualLoss
 from facerecon.render.renderer import MeshRenderer
 from facerecon.stages.fit import _targets
+from facerecon.synthetic import to_uint8
 
 
 def lap_album(name: str, folder: Path, tensors, model, params: dict[str, np.ndarray], identity: np.ndarray,
@@ -88,7 +88,7 @@ def lap_album(name: str, folder: Path, tensors, model, params: dict[str, np.ndar
         tiles += [(pending.face.crop, stem), (to_uint8(canonical[i:i + 1])[0], f"{stem} canonical"),
                   (to_uint8(personal[i:i + 1])[0], f"{stem} personalised")]
     tiles += [(r, f"canonical {label}") for r, label in
-              zip(three_views(grid, result.depth, result.albedo, result.valid), ("left", "front", "right"))]
+              zip(canonical_views(grid, result.depth, result.albedo, result.valid), ("left", "front", "right"))]
     sheet = folder / "lap_sheet.png"
     write_png(sheet, contact_sheet(tiles, columns=3))
     files.append(sheet)
