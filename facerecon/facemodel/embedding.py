@@ -13,7 +13,9 @@ triangle's frame, which moves and turns with the face.
 
 Face-oval landmarks are not fixed points of the face: on a turned face they slide along the
 silhouette (cf. paper 004's sliding contour landmarks). They are back-projected onto the
-surface from the frontal view only, with no offset.
+surface from the frontal view only, with no offset, after a step onto the occluding surface:
+the pixel under a detected outline point is often the neck or ear behind the edge
+(:func:`outline_points`).
 """
 
 from __future__ import annotations
@@ -144,6 +146,40 @@ def _backproject(points_xy: np.ndarray, triangle_id: np.ndarray, screen: np.ndar
     return out
 
 
+def _pixel_depth(points_xy: np.ndarray, triangle_id: np.ndarray, screen: np.ndarray, model: FaceModel) -> np.ndarray:
+    """Camera depth (...) of the surface at image points (..., 2), in mm: the mean depth of the triangle
+    drawn at the nearest pixel; +inf on background."""
+    h, w = triangle_id.shape
+    cols = np.clip(np.round(points_xy[..., 0]).astype(int), 0, w - 1)
+    rows = np.clip(np.round(points_xy[..., 1]).astype(int), 0, h - 1)
+    tri = triangle_id[rows, cols]
+    depth = screen[model.triangles[np.maximum(tri, 0)], 2].mean(axis=-1)
+    return np.where(tri >= 0, depth, np.inf)
+
+
+def outline_points(points_xy: np.ndarray, centre: np.ndarray, triangle_id: np.ndarray, screen: np.ndarray,
+                   model: FaceModel, search: int = 4, jump_mm: float = 20.0) -> np.ndarray:
+    """Face-outline points (P, 2) moved onto the occluding surface.
+
+    A detected outline point sits on the edge of the face in the image, and the pixel under
+    it is as often the surface behind the edge (neck under the jaw, ear beside the cheek) or
+    background as the face itself, so back-projecting it as it is lands some outline points
+    tens of millimetres behind their neighbours. Each point walks up to ``search`` pixels
+    towards ``centre`` (2,) and stops after the last depth step larger than ``jump_mm``
+    (a depth discontinuity, not a surface at a grazing angle); without one it stays.
+    """
+    direction = centre[None] - points_xy
+    direction /= np.maximum(np.linalg.norm(direction, axis=1, keepdims=True), 1e-9)
+    steps = np.arange(search + 1, dtype=np.float64)
+    samples = points_xy[:, None] + steps[None, :, None] * direction[:, None]  # (P, K+1, 2)
+    depth = _pixel_depth(samples, triangle_id, screen, model)
+    with np.errstate(invalid="ignore"):
+        jump = depth[:, :-1] - depth[:, 1:]  # inf - inf = nan: background both sides, no step
+    big = np.nan_to_num(jump, nan=0.0, posinf=np.inf) > jump_mm
+    last = np.where(big.any(axis=1), search - 1 - np.argmax(big[:, ::-1], axis=1), -1)
+    return points_xy + (last + 1)[:, None] * direction
+
+
 def triangulate(points_xy: np.ndarray, projections: np.ndarray, outlier_factor: float = 3.0) -> np.ndarray:
     """Least-squares 3D points from their projections in several views.
 
@@ -226,7 +262,10 @@ def embed_dense_landmarks(model: FaceModel, yaws: tuple[float, ...] = DEFAULT_YA
                     continue
                 detected[n] = faces[0].landmarks478[:N_DENSE, :2]
                 if v == frontal and j == 0:
-                    on_surface = _backproject(detected[n].astype(np.float64), triangle_id, screen, model)
+                    points_xy = detected[n].astype(np.float64)
+                    points_xy[oval] = outline_points(points_xy[oval], points_xy.mean(axis=0), triangle_id, screen,
+                                                     model)
+                    on_surface = _backproject(points_xy, triangle_id, screen, model)
     finally:
         if own:
             analyzer.close()
