@@ -175,7 +175,7 @@ def test_calibration_measures_the_detector_on_renders(ict_embedded_model, tmp_pa
 
     path = save_face_model(ict_embedded_model, tmp_path / "m.h5")
     result = CliRunner().invoke(main, ["model", "calibrate", str(path), "--yaws", "0,30", "--pitches", "0",
-                                       "--faces-per-cell", "1", "--json"])
+                                       "--faces-per-cell", "1", "--no-embed", "--json"])
     assert result.exit_code == 0, result.output
     stored = load_face_model(path).detector_bias
     assert stored is not None and json.loads(result.output.strip().splitlines()[-1])["samples"] == stored.n_samples

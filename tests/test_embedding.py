@@ -114,3 +114,46 @@ def test_numpy_landmark_helper_matches_the_fit_definition(embedded):
     vertices = embedded.mean_shape + 3.0 * embedded.identity_basis[0]
     expected = FaceModelTensors(embedded).double().landmark_points(torch.as_tensor(vertices, dtype=torch.float64)[None])
     np.testing.assert_allclose(landmark_points68(embedded, vertices), expected[0].numpy(), atol=1e-6)
+
+
+def test_outline_points_step_off_the_surface_behind_an_edge():
+    """A point whose pixel shows the surface behind the face (a 40 mm depth step) moves onto the
+    face; one on a smoothly receding surface, or with the face under it already, stays."""
+    from types import SimpleNamespace
+
+    from facerecon.facemodel.embedding import outline_points
+
+    # one triangle per pixel column band: columns < 10 the face (depth 100 - 2 x col, receding
+    # slowly towards the edge at col 9), columns 10..11 a neck 40 mm further back, then background
+    h, w = 8, 16
+    triangle_id = np.full((h, w), -1)
+    triangle_id[:, :12] = np.arange(12)[None]
+    depth = np.where(np.arange(12) < 10, 100.0 + 2.0 * np.arange(12), 160.0)
+    screen = np.zeros((36, 3))
+    screen[:, 2] = np.repeat(depth, 3)
+    model = SimpleNamespace(triangles=np.arange(36).reshape(12, 3))
+    points = np.array([[11.0, 4.0],  # on the neck: two pixels from the face
+                       [8.0, 4.0],  # on the face near its edge
+                       [13.0, 4.0]])  # on background, the neck within reach, the face beyond it
+    moved = outline_points(points, np.array([0.0, 4.0]), triangle_id, screen, model, search=4, jump_mm=20.0)
+    np.testing.assert_allclose(moved[0], [9.0, 4.0])
+    np.testing.assert_allclose(moved[1], [8.0, 4.0])
+    np.testing.assert_allclose(moved[2], [9.0, 4.0])
+
+
+def test_jaw_outline_lies_on_the_front_of_the_face(embedded):
+    """Mirror-image jaw points sit at similar depths (the outline is not back-projected onto the
+    neck or the ears behind the edge), and the embedding records its method's version."""
+    from facerecon.evaluation.landmarks import landmark_points68
+    from facerecon.facemodel.embedding import EMBEDDING_VERSION, embedding_outdated
+
+    jaw = landmark_points68(embedded, embedded.mean_shape)[:17]
+    depth_gap = np.abs(jaw[:, 2] - jaw[::-1, 2])
+    assert depth_gap.max() < 12.0, np.round(jaw[:, 2], 1)
+    # the outline's depth changes smoothly from the chin to the ears: no point 20 mm behind both neighbours
+    behind = np.minimum(jaw[:-2, 2], jaw[2:, 2]) - jaw[1:-1, 2]
+    assert behind.max() < 20.0, np.round(jaw[:, 2], 1)
+    assert embedded.attributes["dense_embedding"] == str(EMBEDDING_VERSION) and not embedding_outdated(embedded)
+    import dataclasses
+
+    assert embedding_outdated(dataclasses.replace(embedded, attributes={}))

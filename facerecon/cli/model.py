@@ -151,9 +151,11 @@ def _angle_grid(text: str, option: str) -> tuple[float, ...]:
               help="Random faces rendered per (yaw, pitch) cell of the grid.")
 @click.option("--seed", default=11, show_default=True, type=int, help="Seed of the random faces.")
 @click.option("--remove", is_flag=True, help="Delete the model's table instead (fits then use raw detections).")
+@click.option("--embed/--no-embed", default=True, show_default=True,
+              help="Recompute the dense (468-point) landmark embedding first; it is measured with the detector too.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def calibrate_cmd(reference: str | None, yaws: str, pitches: str, faces_per_cell: int, seed: int, remove: bool,
-                  as_json: bool) -> None:
+                  embed: bool, as_json: bool) -> None:
     """Measure the landmark detector's bias by head pose and store it in a face model.
 
     \b
@@ -161,9 +163,12 @@ def calibrate_cmd(reference: str | None, yaws: str, pitches: str, faces_per_cell
     of the model at yaw -90..90 and pitch -30..30 (every 15 degrees), detects them like
     `facerecon detect`, and stores the mean offset of every landmark from its true position
     by pose. `fit`, `aggregate` and `evaluate` subtract the offset expected at the pose they
-    find (see docs/fitting.md). `model import` and `model fetch` run this already; run it
-    again after upgrading mediapipe. REFERENCE is an installed NAME or a model PATH
-    (default: the model commands would use); the file is rewritten atomically.
+    find (see docs/fitting.md). It first recomputes the dense landmark embedding (where each
+    of the detector's 468 points lies on the model; --no-embed keeps the stored one).
+    `model import` and `model fetch` run both already; run this again after upgrading
+    mediapipe or facerecon (a fit notes when the embedding is out of date). REFERENCE is an
+    installed NAME or a model PATH (default: the model commands would use); the file is
+    rewritten atomically.
 
     \b
     example:  facerecon model calibrate ict
@@ -176,6 +181,11 @@ def calibrate_cmd(reference: str | None, yaws: str, pitches: str, faces_per_cell
     grid = {"yaws": _angle_grid(yaws, "--yaws"), "pitches": _angle_grid(pitches, "--pitches")}
     try:
         path, face_model = _load(reference)
+        if embed and not remove:
+            from facerecon.facemodel.embedding import embed_dense_landmarks
+
+            click.echo("measuring the dense landmark embedding", err=True)
+            face_model = embed_dense_landmarks(face_model)
         if remove:
             bias = None
         else:
@@ -186,7 +196,9 @@ def calibrate_cmd(reference: str | None, yaws: str, pitches: str, faces_per_cell
     except FaceModelError as exc:
         _fail(str(exc))
     result = {"path": str(path), "samples": 0 if bias is None else bias.n_samples,
-              "detector": None if bias is None else bias.detector}
+              "detector": None if bias is None else bias.detector,
+              "dense_embedding": face_model.attributes.get("dense_embedding") if face_model.dense_triangle is not None
+              else None}
     if as_json:
         click.echo(json.dumps(result))
     elif bias is None:

@@ -36,6 +36,16 @@ from facerecon.render.shading import SH_CONSTANTS
 from facerecon.synthetic import eyeballs, textured_backgrounds
 
 N_DENSE = 468
+#: version of the embedding method, stored in the model's attributes (``dense_embedding``);
+#: 2: face-outline points stepped onto the occluding surface (:func:`outline_points`)
+EMBEDDING_VERSION = 2
+
+
+def embedding_outdated(model: FaceModel) -> bool:
+    """Whether ``model`` has a dense embedding made by an older method (refresh it with
+    ``facerecon model calibrate``)."""
+    return model.dense_triangle is not None and \
+        model.attributes.get("dense_embedding", "1") != str(EMBEDDING_VERSION)
 DEFAULT_YAWS = (-45.0, -30.0, -15.0, 0.0, 15.0, 30.0, 45.0)
 DEFAULT_PITCHES = (-15.0, 0.0, 15.0)
 #: canonical frame (+y up, +z towards the camera) -> OpenCV camera frame (y down, z forward)
@@ -284,5 +294,6 @@ def embed_dense_landmarks(model: FaceModel, yaws: tuple[float, ...] = DEFAULT_YA
     closest = (corners * bary[:, :, None]).sum(axis=1)
     frames = triangle_frames(torch.as_tensor(corners)).numpy()  # (L, 3, 3)
     offset = np.einsum("lij,lj->li", frames, points - closest)
-    return dataclasses.replace(model, dense_triangle=triangle.astype(np.int32),
+    return dataclasses.replace(model, attributes={**model.attributes, "dense_embedding": str(EMBEDDING_VERSION)},
+                               dense_triangle=triangle.astype(np.int32),
                                dense_barycentric=bary.astype(np.float32), dense_offset=offset.astype(np.float32))

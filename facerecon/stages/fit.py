@@ -784,6 +784,9 @@ def _build_fitter(model: FaceModel, tensors: FaceModelTensors, options: FitOptio
                              (f", {options.refine} refinement steps" if options.refine else ""))
     if model.dense_triangle is None and options.settings.use_dense_landmarks:
         summary.notes.append("face model has no dense landmark embedding: fitting with the 68 landmarks only")
+    elif options.settings.use_dense_landmarks and embedding_outdated(model):
+        summary.notes.append("the face model's dense landmark embedding predates this version's (face-outline points "
+                             "can sit behind the face): refresh it with `facerecon model calibrate`")
     if options.settings.detector_bias_iterations > 0:
         summary.notes.append(
             f"detector-bias correction on ({_detector_bias_label(options, model)})" if model.detector_bias is not None
