@@ -26,6 +26,7 @@ import warnings
 import numpy as np
 import torch
 
+from facerecon.detection.landmarks import LIPS_INNER
 from facerecon.detection.mediapipe_backend import FaceAnalyzer
 from facerecon.facemodel.geometry import closest_points_on_mesh
 from facerecon.facemodel.model import FaceModel, FaceModelError
@@ -37,8 +38,12 @@ from facerecon.synthetic import eyeballs, textured_backgrounds
 
 N_DENSE = 468
 #: version of the embedding method, stored in the model's attributes (``dense_embedding``);
-#: 2: face-outline points stepped onto the occluding surface (:func:`outline_points`)
-EMBEDDING_VERSION = 2
+#: 2: face-outline points stepped onto the occluding surface (:func:`outline_points`);
+#: 3: inner-lip points attached to their own lip (:func:`_attach_inner_lips`)
+EMBEDDING_VERSION = 3
+#: mediapipe's inner-lip contour between the corners (78, 308): upper lip, lower lip
+LIPS_INNER_UPPER = LIPS_INNER[1:10]
+LIPS_INNER_LOWER = LIPS_INNER[11:]
 
 
 def embedding_outdated(model: FaceModel) -> bool:
@@ -190,6 +195,24 @@ def outline_points(points_xy: np.ndarray, centre: np.ndarray, triangle_id: np.nd
     return points_xy + (last + 1)[:, None] * direction
 
 
+def _attach_inner_lips(points: np.ndarray, shape: np.ndarray, triangles: np.ndarray, triangle: np.ndarray,
+                       bary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Closest surface points (``triangle`` (L,), ``bary`` (L, 3)) of the inner-lip landmarks
+    redone on their own lip: upper inner-lip points (P, 3 ``points`` of all L landmarks) on
+    triangles that face down (the underside of the upper lip), lower ones on triangles that
+    face up. On a closed mouth both lips meet at the inner lip line, and a point there is as
+    close to one lip as to the other; glued to the wrong one it follows the jaw when the mouth
+    opens, and the inner-mouth polygon folds over. Canonical frame: +y up."""
+    corners = shape[triangles]
+    normal_y = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])[:, 1]
+    triangle, bary = triangle.copy(), bary.copy()
+    for side, facing in ((list(LIPS_INNER_UPPER), normal_y < 0), (list(LIPS_INNER_LOWER), normal_y > 0)):
+        allowed = np.nonzero(facing)[0]
+        found, weights, _ = closest_points_on_mesh(points[side], shape, triangles[allowed])
+        triangle[side], bary[side] = allowed[found], weights
+    return triangle, bary
+
+
 def triangulate(points_xy: np.ndarray, projections: np.ndarray, outlier_factor: float = 3.0) -> np.ndarray:
     """Least-squares 3D points from their projections in several views.
 
@@ -290,6 +313,7 @@ def embed_dense_landmarks(model: FaceModel, yaws: tuple[float, ...] = DEFAULT_YA
         raise FaceModelError(f"{int(missing.sum())} dense landmarks could not be placed on the surface")
     shape = model.mean_shape.astype(np.float64)
     triangle, bary, _ = closest_points_on_mesh(points, shape, model.triangles)
+    triangle, bary = _attach_inner_lips(points, shape, model.triangles, triangle, bary)
     corners = shape[model.triangles[triangle]]  # (L, 3, 3)
     closest = (corners * bary[:, :, None]).sum(axis=1)
     frames = triangle_frames(torch.as_tensor(corners)).numpy()  # (L, 3, 3)
