@@ -157,3 +157,19 @@ def test_jaw_outline_lies_on_the_front_of_the_face(embedded):
     import dataclasses
 
     assert embedding_outdated(dataclasses.replace(embedded, attributes={}))
+
+
+def test_inner_lip_points_stay_on_their_own_lip(embedded):
+    """Opening the jaw moves the lower inner-lip points down with the jaw and leaves the upper
+    ones nearly in place: no upper point is glued to the lower lip (they meet on a closed mouth)."""
+    from facerecon.detection.landmarks import LIPS_INNER
+    from facerecon.facemodel.embedding import LIPS_INNER_LOWER, LIPS_INNER_UPPER
+
+    assert set(LIPS_INNER_UPPER) | set(LIPS_INNER_LOWER) | {78, 308} == set(LIPS_INNER)
+    tensors = FaceModelTensors(embedded).double()
+    jaw_open = embedded.expression_names.index("jawOpen")
+    closed = torch.as_tensor(embedded.mean_shape, dtype=torch.float64)[None]
+    opened = closed + 0.5 * torch.as_tensor(embedded.expression_basis[jaw_open], dtype=torch.float64)[None]
+    drop = (tensors.dense_points(closed) - tensors.dense_points(opened))[0, :, 1].numpy()  # mm, +y up
+    upper, lower = drop[list(LIPS_INNER_UPPER)], drop[list(LIPS_INNER_LOWER)]
+    assert upper.max() < 0.6 * lower.min(), (np.round(upper, 1), np.round(lower, 1))

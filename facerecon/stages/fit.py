@@ -28,7 +28,7 @@ from facerecon.export.meshio import TexturedMesh, write_mesh, write_png
 from facerecon.export.overlay import blend, contact_sheet, decomposition_strip, draw_landmarks, render_strip
 from facerecon.export.material import specular_material
 from facerecon.export.texture import rasterize_uv_layout_in_background, unwrap_texture
-from facerecon.facemodel.embedding import face_oval_indices
+from facerecon.facemodel.embedding import embedding_outdated, face_oval_indices
 from facerecon.facemodel.model import FaceModel
 from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
