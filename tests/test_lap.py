@@ -166,6 +166,23 @@ def test_lap_recovers_a_bump_the_3dmm_start_lacks(ict_embedded_model):
     assert result.personal_depth.shape == (3, 48, 48) and result.personal_albedo.shape == (3, 48, 48, 3)
 
 
+def test_fewer_photos_give_a_smoother_face(ict_embedded_model):
+    """The priors are set for an album of ``prior_photos``: one photo's face gets the stronger
+    smoothing (its evidence is one photo, not the mean of many)."""
+    from facerecon.facemodel.tensors import FaceModelTensors
+
+    tensors = FaceModelTensors(ict_embedded_model)
+    energies = {}
+    for prior_photos in (0.0, 8.0):
+        torch.manual_seed(0)
+        opt, photos, _, valid, _ = _synthetic_album(ict_embedded_model, tensors, 6.0, [20.0])
+        opt.settings.aggregate_steps, opt.settings.personal_steps, opt.settings.prior_photos = 40, 0, prior_photos
+        result = opt.run(photos, torch.zeros(tensors.identity_basis.shape[0]),
+                         torch.zeros(tensors.albedo_basis.shape[0]))
+        energies[prior_photos] = float(thin_plate(result.depth[None], result.valid & valid))
+    assert energies[8.0] < 0.9 * energies[0.0], energies
+
+
 def _album(realdata, tmp_path, count=2):
     source = sorted((realdata / "albums" / "id03").glob("*.jpg"))[:count]
     album = tmp_path / "people" / "id03"

@@ -138,6 +138,10 @@ class LapSettings:
     landmark_weight: float = 2e-3  #: per squared pixel (at 128 px) of the inner landmarks
     smooth_weight: float = 0.2  #: thin-plate smoothness of the depth (per mm^2 of second difference)
     albedo_tv_weight: float = 0.02
+    #: the album size the smoothness and total-variation weights are set for: the photo terms
+    #: are averaged over the album, so with P photos the two priors weigh prior_photos / P times
+    #: as much (the evidence of a sum over photos; fewer photos, smoother face). 0 = fixed weights
+    prior_photos: float = 8.0
     personal_l1_weight: float = 0.05  #: sparsity of the personal residuals (per mm of depth, per unit of albedo)
     confidence_cells: int = 16  #: side of the (image-space) confidence maps, bilinearly upsampled
     min_sigma: float = 0.01
@@ -385,6 +389,7 @@ class LapOptimiser:
             {"params": [angles], "lr": st.lr_pose}, {"params": [translation], "lr": st.lr_translation},
             {"params": [sh], "lr": st.lr_light}, {"params": [log_sigma, log_sigma_flip], "lr": st.lr_sigma}])
         vmask = valid.float()
+        prior_scale = st.prior_photos / P if st.prior_photos > 0 else 1.0
         for _step in range(st.aggregate_steps):
             if should_stop is not None and should_stop():
                 break
@@ -401,8 +406,8 @@ class LapOptimiser:
             loss = nll[:P].mean() + st.flip_weight * nll[P:].mean()
             loss = loss + st.landmark_weight * self._landmark_loss(d.expand(P, -1, -1), landmarks_xy, angles,
                                                                     translation, target).mean()
-            loss = loss + st.smooth_weight * thin_plate(d, valid).sum() + \
-                st.albedo_tv_weight * total_variation(a, valid).sum()
+            loss = loss + prior_scale * (st.smooth_weight * thin_plate(d, valid).sum() +
+                                         st.albedo_tv_weight * total_variation(a, valid).sum())
             loss.backward()
             optimiser.step()
         depth_c = (depth * vmask).detach()[0]

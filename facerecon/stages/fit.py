@@ -231,6 +231,9 @@ def _settings(options: FitOptions, model: FaceModel, predictor: NetworkPredictor
                 "texture_size": options.texture_size, "format_version": FORMAT_VERSION,
                 "perceptual": _recognition_label(options.recognition_weights),
                 "detector_bias": _detector_bias_label(options, model)}
+    if model.dense_triangle is not None and "dense_embedding" in model.attributes:
+        # a refreshed embedding (`model calibrate`) redoes the fits; models without the record keep their digest
+        settings["dense_embedding"] = model.attributes["dense_embedding"]
     if options.fit_level == "final":  # a base-level fit keeps the settings (and digest) it always had
         settings |= {"level": "final", "correctives": options.correctives.to_dict(),
                      "corrective_space": corrective_space_label(model, predictor)}
