@@ -238,14 +238,16 @@ def test_evaluate_lap_scores_depth_on_scan_renders(ict_embedded_model_file, real
 
     scans = realdata / "scans"
     args = ["evaluate", "lap", "--scan", str(scans / "flame_scan.obj"), "--scan-landmarks",
-            str(scans / "flame_scan_lmks.npy"), "--sizes", "1", "--lap-steps", "10", "3", "--steps", "30", "4", "0", "--out", str(tmp_path / "e"),
+            str(scans / "flame_scan_lmks.npy"), "--sizes", "1,2", "--lap-steps", "10", "3", "--steps", "30", "4", "0", "--out", str(tmp_path / "e"),
             "--face-model", str(ict_embedded_model_file), "--json", "-q"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    table = {r["prediction"]: r for r in data["depth_summary"]}
-    assert set(table) == {"joint", "canonical", "personal"}
-    assert table["joint"]["views"] == 8 and table["personal"]["views"] == 1
+    # two album sizes in one fresh folder (the second album is copied after the first is scored)
+    table = {(r["size"], r["prediction"]): r for r in data["depth_summary"]}
+    assert set(table) == {(n, p) for n in (1, 2) for p in ("joint", "canonical", "personal")}
+    assert table[(1, "joint")]["views"] == 8 and table[(1, "personal")]["views"] == 1
+    assert table[(2, "personal")]["views"] == 2
     for row in table.values():
         assert 0 < row["side_x100"] < 5 and 0 < row["mad_deg"] < 45 and 0 < row["mesh_mm"] < 10
     assert (tmp_path / "e" / "lap_results.csv").is_file() and (tmp_path / "e" / "lap_depth_by_size.png").is_file()

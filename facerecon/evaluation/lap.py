@@ -196,10 +196,10 @@ def run_depth(options: LapEvalOptions, out_dir: Path, model, progress=None, shou
         # every prediction is scored on the pixels that the scan, the 3DMM face and the canonical
         # LAP face all cover in that view (the same pixels for all)
         common = {v: truth_renders[v][2] & rendered[0][1][v][2] & rendered[1][1][v][2] for v in names}
-        for label, renders, mesh_mm, own in rendered:
+        for label, view_renders, mesh_mm, own in rendered:
             for v in own:
                 d_true, n_true, _ = truth_renders[v]
-                d_pred, n_pred, m_pred = renders[v]
+                d_pred, n_pred, m_pred = view_renders[v]
                 mask = (common[v] & m_pred)[None]
                 rows.append({"size": n, "prediction": label, "status": "ok", "mesh_mm": mesh_mm, "view": v,
                              "side": float(side(d_pred[None], d_true[None], mask)[0]) * 100,
