@@ -45,7 +45,6 @@ from facerecon.losses.specular import (
     inner_mouth_loss,
     landmark_weights_68_paper002,
     light_chroma,
-    mouth_opening,
     skin_confidence,
 )
 from facerecon.render.camera import project_points, scale_intrinsics, scale_pixels
@@ -895,18 +894,8 @@ class FaceFitter:
         dense = targets.dense
         if dense is not None and offsets_dense is not None:
             dense = dense - offsets_dense
-        return self._mouth_from_landmarks(FaceTargets(targets.crops, targets.landmarks68 - offsets68, dense,
-                                                      targets.attention, targets.gaze, targets.inner_mouth))
-
-    def _mouth_from_landmarks(self, targets: FaceTargets) -> FaceTargets:
-        """``targets`` with the inner-mouth target redrawn from its dense inner-lip points (the
-        points the dense term aligns, detector bias removed when it is), so eq. 11 and the
-        landmark terms agree; unchanged without dense points or an inner-mouth target."""
-        if targets.inner_mouth is None or targets.dense is None or self.settings.inner_mouth_weight <= 0:
-            return targets
-        opening = mouth_opening(targets.dense[:, self.inner_lip_ring], targets.size)
-        return FaceTargets(targets.crops, targets.landmarks68, targets.dense, targets.attention, targets.gaze,
-                           opening.to(targets.inner_mouth.dtype))
+        return FaceTargets(targets.crops, targets.landmarks68 - offsets68, dense, targets.attention, targets.gaze,
+                           targets.inner_mouth)
 
     def fit(self, targets: FaceTargets, shared_identity: bool = False,
             init: dict[str, torch.Tensor] | None = None, face_weights: torch.Tensor | None = None,
@@ -929,7 +918,6 @@ class FaceFitter:
         cfg = self.settings
         # the fit runs in the model's dtype (float64 model: float64 fit)
         targets, invalid = _sanitize(targets.to(dtype=self.model.mean_shape.dtype))
-        targets = self._mouth_from_landmarks(targets)
         b = targets.crops.shape[0]
         start = initial_parameters(self.model, targets, specular=self.specular)
         if init is not None:

@@ -84,28 +84,6 @@ def soft_polygon_mask(polygon: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor,
     return torch.sigmoid(sharpness * signed).reshape(b, len(ys), len(xs))
 
 
-def mouth_opening(ring: torch.Tensor, size: int, margin: int = 3) -> torch.Tensor:
-    """The mouth opening (B, S, S) drawn from detected inner-lip points ``ring`` (B, K, 2) (crop
-    pixels) with :func:`soft_polygon_mask`, the same soft edge as the projected polygon it is
-    compared with in :func:`inner_mouth_loss`: a closed mouth has ~0 area on both sides (a hard
-    fill that counts every pixel the contour touches gives it about half its perimeter).
-    Computed on the rings' window only; not differentiated."""
-    b = ring.shape[0]
-    out = ring.new_zeros(b, size, size)
-    with torch.no_grad():
-        finite = torch.isfinite(ring).all()
-        if b == 0 or not finite:
-            return out
-        x0, y0 = (int(v) for v in (ring.amin(dim=(0, 1)).floor() - margin).clamp(0, size - 1))
-        x1, y1 = (int(v) for v in (ring.amax(dim=(0, 1)).ceil() + margin + 1).clamp(1, size))
-        if x1 <= x0 or y1 <= y0:
-            return out
-        xs = torch.arange(x0, x1, dtype=ring.dtype, device=ring.device)
-        ys = torch.arange(y0, y1, dtype=ring.dtype, device=ring.device)
-        out[:, y0:y1, x0:x1] = soft_polygon_mask(ring, xs, ys)
-    return out
-
-
 def inner_mouth_loss(ring: torch.Tensor, detected: torch.Tensor, margin: int = 3) -> torch.Tensor:
     """Paper 002 eq. 11: ``||A - A^p||_1``, the detected inner-mouth area against the projected one.
 
