@@ -173,3 +173,18 @@ def test_inner_lip_points_stay_on_their_own_lip(embedded):
     drop = (tensors.dense_points(closed) - tensors.dense_points(opened))[0, :, 1].numpy()  # mm, +y up
     upper, lower = drop[list(LIPS_INNER_UPPER)], drop[list(LIPS_INNER_LOWER)]
     assert upper.max() < 0.6 * lower.min(), (np.round(upper, 1), np.round(lower, 1))
+
+
+def test_fit_settings_record_the_embedding_version():
+    """A model refreshed by `model calibrate` redoes its fits (the version is in the settings digest);
+    a model file without the record keeps the digest its fits always had."""
+    from types import SimpleNamespace
+
+    from facerecon.stages.fit import FitOptions, _settings
+
+    def model(**attributes):
+        return SimpleNamespace(model_id="m", detector_bias=None, correctives=None,
+                               dense_triangle=np.zeros(468, dtype=np.int32), attributes=attributes)
+
+    assert _settings(FitOptions(), model(dense_embedding="3"))["dense_embedding"] == "3"
+    assert "dense_embedding" not in _settings(FitOptions(), model())

@@ -231,9 +231,10 @@ def _settings(options: FitOptions, model: FaceModel, predictor: NetworkPredictor
                 "texture_size": options.texture_size, "format_version": FORMAT_VERSION,
                 "perceptual": _recognition_label(options.recognition_weights),
                 "detector_bias": _detector_bias_label(options, model)}
-    if model.dense_triangle is not None and "dense_embedding" in model.attributes:
+    embedding = getattr(model, "attributes", {}).get("dense_embedding")
+    if getattr(model, "dense_triangle", None) is not None and embedding is not None:
         # a refreshed embedding (`model calibrate`) redoes the fits; models without the record keep their digest
-        settings["dense_embedding"] = model.attributes["dense_embedding"]
+        settings["dense_embedding"] = embedding
     if options.fit_level == "final":  # a base-level fit keeps the settings (and digest) it always had
         settings |= {"level": "final", "correctives": options.correctives.to_dict(),
                      "corrective_space": corrective_space_label(model, predictor)}
