@@ -175,6 +175,7 @@ def calibrate_cmd(reference: str | None, yaws: str, pitches: str, faces_per_cell
     """
     import dataclasses
 
+    from facerecon.facemodel.embedding import embed_dense_landmarks, embedding_version
     from facerecon.facemodel.model import save_face_model
     from facerecon.stages.calibrate import calibrate_detector_bias
 
@@ -182,8 +183,6 @@ def calibrate_cmd(reference: str | None, yaws: str, pitches: str, faces_per_cell
     try:
         path, face_model = _load(reference)
         if embed and not remove:
-            from facerecon.facemodel.embedding import embed_dense_landmarks
-
             click.echo("measuring the dense landmark embedding", err=True)
             face_model = embed_dense_landmarks(face_model)
         if remove:
@@ -197,8 +196,7 @@ def calibrate_cmd(reference: str | None, yaws: str, pitches: str, faces_per_cell
         _fail(str(exc))
     result = {"path": str(path), "samples": 0 if bias is None else bias.n_samples,
               "detector": None if bias is None else bias.detector,
-              "dense_embedding": face_model.attributes.get("dense_embedding") if face_model.dense_triangle is not None
-              else None}
+              "dense_embedding": embedding_version(face_model)}
     if as_json:
         click.echo(json.dumps(result))
     elif bias is None:

@@ -85,7 +85,6 @@ class LapEvalResult:
 
 
 def _view_camera(size: int, zoom: float = 0.6):
-
     k = crop_intrinsics(size, 1)
     k[:, 0, 0] *= zoom
     k[:, 1, 1] *= zoom
@@ -128,7 +127,6 @@ def _lap_meshes(group, grid: CanonicalGrid) -> dict[str, Any]:
 def _aligned_views(vertices, triangles, landmarks68, truth, tip_index, views, centre, size):
     """A prediction aligned to the scan (landmarks + ICP), rendered in each view: {view: (depth,
     normals, mask)}, and its scan-to-mesh mean distance (mm)."""
-
     aligned = align_to_scan(vertices, landmarks68, truth, tip_index).apply(vertices)
     renders = {name: render_geometry(aligned, triangles, centre, *views[name], size) for name in views}
     return renders, score_mesh(vertices, triangles, landmarks68, truth, tip_index)["mean_mm"]
@@ -228,7 +226,6 @@ def summarise_depth(rows: list[dict]) -> list[dict]:
 
 def run_albums(options: LapEvalOptions, out_dir: Path, progress=None, should_stop=None) -> list[dict]:
     """The albums part (module docstring); one row per photo."""
-
     agg_dir = out_dir / "albums_aggregate"
     summary = run_aggregate([str(options.albums)], agg_dir, AggregateOptions(
         face_model=options.face_model, device=options.device, method="lap", formats=["obj"], texture_size=256,

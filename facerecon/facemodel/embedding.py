@@ -44,17 +44,24 @@ EMBEDDING_VERSION = 3
 #: mediapipe's inner-lip contour between the corners (78, 308): upper lip, lower lip
 LIPS_INNER_UPPER = LIPS_INNER[1:10]
 LIPS_INNER_LOWER = LIPS_INNER[11:]
+DEFAULT_YAWS = (-45.0, -30.0, -15.0, 0.0, 15.0, 30.0, 45.0)
+DEFAULT_PITCHES = (-15.0, 0.0, 15.0)
+#: canonical frame (+y up, +z towards the camera) -> OpenCV camera frame (y down, z forward)
+CANONICAL_TO_CAMERA = np.diag([1.0, -1.0, -1.0])
+
+
+def embedding_version(model: FaceModel) -> str | None:
+    """The embedding method's version recorded in ``model`` (``EMBEDDING_VERSION`` when made
+    now); None without an embedding or without a record (made before versions were recorded)."""
+    if getattr(model, "dense_triangle", None) is None:
+        return None
+    return getattr(model, "attributes", {}).get("dense_embedding")
 
 
 def embedding_outdated(model: FaceModel) -> bool:
     """Whether ``model`` has a dense embedding made by an older method (refresh it with
     ``facerecon model calibrate``)."""
-    return model.dense_triangle is not None and \
-        model.attributes.get("dense_embedding", "1") != str(EMBEDDING_VERSION)
-DEFAULT_YAWS = (-45.0, -30.0, -15.0, 0.0, 15.0, 30.0, 45.0)
-DEFAULT_PITCHES = (-15.0, 0.0, 15.0)
-#: canonical frame (+y up, +z towards the camera) -> OpenCV camera frame (y down, z forward)
-CANONICAL_TO_CAMERA = np.diag([1.0, -1.0, -1.0])
+    return model.dense_triangle is not None and embedding_version(model) != str(EMBEDDING_VERSION)
 
 
 def face_oval_indices() -> np.ndarray:
@@ -136,9 +143,7 @@ def _backproject(points_xy: np.ndarray, triangle_id: np.ndarray, screen: np.ndar
     """3D mean-shape points (P, 3) under image points (P, 2); NaN where no triangle is hit."""
     from scipy.ndimage import distance_transform_edt
 
-    h, w = triangle_id.shape
-    cols = np.clip(np.round(points_xy[:, 0]).astype(int), 0, w - 1)
-    rows = np.clip(np.round(points_xy[:, 1]).astype(int), 0, h - 1)
+    rows, cols = _nearest_pixels(points_xy, triangle_id.shape)
     # Landmarks on a hole's rim (the eye openings have no eyeball) can fall on background:
     # take the nearest covered pixel's triangle, within a few pixels.
     distance, (near_rows, near_cols) = distance_transform_edt(triangle_id < 0, return_indices=True)
@@ -161,13 +166,17 @@ def _backproject(points_xy: np.ndarray, triangle_id: np.ndarray, screen: np.ndar
     return out
 
 
+def _nearest_pixels(points_xy: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices (...) of the pixels nearest image points (..., 2), inside an image of ``shape``."""
+    h, w = shape
+    return (np.clip(np.round(points_xy[..., 1]).astype(int), 0, h - 1),
+            np.clip(np.round(points_xy[..., 0]).astype(int), 0, w - 1))
+
+
 def _pixel_depth(points_xy: np.ndarray, triangle_id: np.ndarray, screen: np.ndarray, model: FaceModel) -> np.ndarray:
     """Camera depth (...) of the surface at image points (..., 2), in mm: the mean depth of the triangle
     drawn at the nearest pixel; +inf on background."""
-    h, w = triangle_id.shape
-    cols = np.clip(np.round(points_xy[..., 0]).astype(int), 0, w - 1)
-    rows = np.clip(np.round(points_xy[..., 1]).astype(int), 0, h - 1)
-    tri = triangle_id[rows, cols]
+    tri = triangle_id[_nearest_pixels(points_xy, triangle_id.shape)]
     depth = screen[model.triangles[np.maximum(tri, 0)], 2].mean(axis=-1)
     return np.where(tri >= 0, depth, np.inf)
 
@@ -202,7 +211,7 @@ def _attach_inner_lips(points: np.ndarray, shape: np.ndarray, triangles: np.ndar
     triangles that face down (the underside of the upper lip), lower ones on triangles that
     face up. On a closed mouth both lips meet at the inner lip line, and a point there is as
     close to one lip as to the other; glued to the wrong one it follows the jaw when the mouth
-    opens, and the inner-mouth polygon folds over. Canonical frame: +y up."""
+    opens and drags the upper inner-lip contour down with it. Canonical frame: +y up."""
     corners = shape[triangles]
     normal_y = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])[:, 1]
     triangle, bary = triangle.copy(), bary.copy()

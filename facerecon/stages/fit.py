@@ -28,7 +28,7 @@ from facerecon.export.meshio import TexturedMesh, write_mesh, write_png
 from facerecon.export.overlay import blend, contact_sheet, decomposition_strip, draw_landmarks, render_strip
 from facerecon.export.material import specular_material
 from facerecon.export.texture import rasterize_uv_layout_in_background, unwrap_texture
-from facerecon.facemodel.embedding import embedding_outdated, face_oval_indices
+from facerecon.facemodel.embedding import embedding_outdated, embedding_version, face_oval_indices
 from facerecon.facemodel.model import FaceModel
 from facerecon.facemodel.resolve import resolve_face_model
 from facerecon.facemodel.tensors import FaceModelTensors
@@ -231,9 +231,8 @@ def _settings(options: FitOptions, model: FaceModel, predictor: NetworkPredictor
                 "texture_size": options.texture_size, "format_version": FORMAT_VERSION,
                 "perceptual": _recognition_label(options.recognition_weights),
                 "detector_bias": _detector_bias_label(options, model)}
-    embedding = getattr(model, "attributes", {}).get("dense_embedding")
-    if getattr(model, "dense_triangle", None) is not None and embedding is not None:
-        # a refreshed embedding (`model calibrate`) redoes the fits; models without the record keep their digest
+    embedding = embedding_version(model)
+    if embedding is not None:  # a refreshed embedding (`model calibrate`) redoes the fits; unrecorded ones keep the digest
         settings["dense_embedding"] = embedding
     if options.fit_level == "final":  # a base-level fit keeps the settings (and digest) it always had
         settings |= {"level": "final", "correctives": options.correctives.to_dict(),
